@@ -1,0 +1,1 @@
+"""overlapd.daemon: the process around the pipeline (CLI, socket server, systemd glue)."""

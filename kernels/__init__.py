@@ -1,0 +1,1 @@
+"""overlapd.kernels: native pieces (shared-memory ring, pinned handoffs) and their Python faces."""

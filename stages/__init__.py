@@ -1,0 +1,1 @@
+"""overlapd.stages: the four pipeline stages and the engine they drive."""
