@@ -1,0 +1,28 @@
+"""Engine settings: what model, which runtime, and how big every bounded buffer is."""
+
+from __future__ import annotations
+
+import msgspec
+
+# The embedded default model: created deterministically by the project, needs
+# no download (stages/model/tiny.py).
+TINY_MODEL = "tiny"
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    # "tiny" (embedded default), a Hugging Face checkpoint directory, or, with
+    # load_format="dummy", a shape name such as "llama-3.2-1b".
+    model: str = TINY_MODEL
+    load_format: str = "auto"  # "auto" (read weights) | "dummy" (random weights in the model's shape)
+    runtime: str = "paddle"  # "paddle" | "torch"
+    device: str = "cpu"  # "cpu" | "gpu"
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    seed: int = 0  # seeds dummy weights and the seeds given to unseeded requests
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 0  # KV blocks; 0 = enough for max_num_seqs full-length requests, capped by kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30  # upper bound on the KV cache when num_blocks = 0
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings, capped at 4096
+    max_num_seqs: int = 64  # requests in one step (rows)
+    max_num_batched_tokens: int = 512  # tokens in one step: the per-step token budget
+    enable_chunked_prefill: bool = True
