@@ -1,0 +1,5 @@
+import sys
+
+from overlapd.daemon.cli import main
+
+sys.exit(main())

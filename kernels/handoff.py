@@ -1,0 +1,103 @@
+"""Handing a step's results from the execute thread (or the device) to the event loop.
+
+Two pieces, the same API on every machine:
+
+- `CompletionQueue`: steps finish in launch order (one stream, one execute
+  thread), so one eventfd in counter mode is enough. Whoever finishes a step
+  (the execute thread on the CPU; a host function queued behind the step on
+  the device stream, on a GPU) adds 1; the loop wakes through `add_reader`,
+  reads the count and resolves that many waiters in FIFO order. No polling,
+  no thread parked on the loop.
+- `BufferPool`: a bounded set of reusable output buffers. Its size is the
+  number of steps that may be in flight; acquiring waits when all are out,
+  which is the pipeline's backpressure between execute and postprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class CompletionQueue:
+    """FIFO completion signals from any thread to one asyncio loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._ready = 0  # completions that arrived before anyone waited
+        loop.add_reader(self._fd, self._on_readable)
+
+    @property
+    def fd(self) -> int:
+        """The eventfd a native host callback writes to (cudaLaunchHostFunc on a GPU)."""
+        return self._fd
+
+    def signal(self) -> None:
+        """Mark the oldest outstanding step done. Safe from any thread."""
+        os.eventfd_write(self._fd, 1)
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future for the next completion in launch order."""
+        fut = self._loop.create_future()
+        if self._ready:
+            self._ready -= 1
+            fut.set_result(None)
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    def _on_readable(self) -> None:
+        try:
+            count = os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return
+        for _ in range(count):
+            while self._waiters and self._waiters[0].cancelled():
+                self._waiters.popleft()
+            if self._waiters:
+                self._waiters.popleft().set_result(None)
+            else:
+                self._ready += 1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class BufferPool(Generic[T]):
+    """A bounded pool of preallocated buffers; `acquire` waits while all are lent out."""
+
+    def __init__(self, buffers: list[T]) -> None:
+        if not buffers:
+            raise ValueError("a BufferPool needs at least one buffer")
+        self._free: collections.deque[T] = collections.deque(buffers)
+        self._size = len(buffers)
+        self._available = asyncio.Condition()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def in_use(self) -> int:
+        return self._size - len(self._free)
+
+    async def acquire(self) -> T:
+        async with self._available:
+            await self._available.wait_for(lambda: bool(self._free))
+            return self._free.popleft()
+
+    async def release(self, buf: T) -> None:
+        async with self._available:
+            if len(self._free) >= self._size:
+                raise RuntimeError("BufferPool.release: more buffers returned than were lent")
+            self._free.append(buf)
+            self._available.notify()
