@@ -1,0 +1,152 @@
+"""The boundary between the socket server and the pipeline.
+
+The server turns a validated `generate` frame into `GenerateParams`, hands it
+to `Engine.submit` together with a `RequestSink`, and the pipeline's emit
+stage reports back through that sink. Nothing here knows about sockets; the
+pipeline knows nothing about connections or client ids.
+
+Contract (the server enforces its half, the engine must keep its own):
+
+* `submit` runs on the event loop thread, returns the u64 `request_id` that
+  the ring uses (SPEC 1.3), or raises `EngineError`. It must not call the sink
+  before returning; the server nevertheless holds early calls until the
+  `accepted` frame is out, so a slip cannot reorder frames.
+* The sink is called on the event loop thread only (from the emit stage), never
+  from the device thread: use `loop.call_soon_threadsafe` to cross over.
+* Every submitted request ends with exactly one `on_done` or `on_error`. The
+  server ignores every call after the first terminal one, so an engine that
+  reports twice cannot put two ends on the wire, but one that never reports
+  leaves a client waiting until the daemon closes.
+* `abort` is idempotent and may name a request that already finished; the
+  request then ends with `on_done("aborted", ...)` unless it had already ended.
+* `stats` returns flat counters (str -> int | float); they are merged into
+  the `stats` frame. The names in `SERVER_COUNTER_NAMES` belong to the server.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Protocol, runtime_checkable
+
+import msgspec
+
+from .protocol import GenerateFrame, TokenLogprob
+
+__all__ = [
+    "ENGINE_ERROR_CODES",
+    "SERVER_COUNTER_NAMES",
+    "Engine",
+    "EngineError",
+    "GenerateParams",
+    "RequestSink",
+    "TokenLogprob",
+    "params_from_frame",
+]
+
+ENGINE_ERROR_CODES: Final = frozenset({"invalid_request", "overloaded", "shutting_down", "internal"})
+
+SERVER_COUNTER_NAMES: Final = frozenset(
+    {
+        "connections",
+        "connections_total",
+        "connections_refused",
+        "frames_in",
+        "frames_out",
+        "errors",
+        "live_requests",
+        "requests_accepted",
+        "requests_rejected",
+        "disconnect_aborts",
+        "slow_client_disconnects",
+        "uptime_s",
+    }
+)
+
+
+class GenerateParams(msgspec.Struct, kw_only=True):
+    """A validated generate request (SPEC 2.2 without the connection-local `id`).
+
+    Exactly one of `prompt` / `prompt_ids` is set; token ids are in [0, 2^31);
+    `seed` is None or in [0, 2^64); ranges are as SPEC 2.2 and `validate.py`.
+    """
+
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int = 0
+
+
+def params_from_frame(frame: GenerateFrame) -> GenerateParams:
+    return GenerateParams(
+        prompt=frame.prompt,
+        prompt_ids=frame.prompt_ids,
+        max_tokens=frame.max_tokens,
+        temperature=frame.temperature,
+        top_p=frame.top_p,
+        top_k=frame.top_k,
+        seed=frame.seed,
+        stop=frame.stop,
+        stop_token_ids=frame.stop_token_ids,
+        ignore_eos=frame.ignore_eos,
+        logprobs=frame.logprobs,
+    )
+
+
+@runtime_checkable
+class RequestSink(Protocol):
+    """One per accepted request; called on the event loop thread by the emit stage."""
+
+    def on_tokens(self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None) -> None:
+        """New tokens and the text they completed (never half a UTF-8 character)."""
+        ...
+
+    def on_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Terminal: finish_reason is one of eos, stop, length, aborted, error."""
+        ...
+
+    def on_error(self, code: str, message: str) -> None:
+        """Terminal: code is one of ENGINE_ERROR_CODES; message is a sentence a person can act on."""
+        ...
+
+
+class EngineError(Exception):
+    """Raised by `Engine.submit` to refuse a request; becomes one `error` frame.
+
+    code: 'invalid_request' (name the field in the message, e.g. "`prompt_ids`
+    holds 9000 tokens but the context is 4096"), 'overloaded' (bounded queues
+    full), 'shutting_down' (draining) or 'internal'.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in ENGINE_ERROR_CODES:
+            raise ValueError(f"EngineError code must be one of {sorted(ENGINE_ERROR_CODES)}, not {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@runtime_checkable
+class Engine(Protocol):
+    model_name: str
+
+    def submit(self, params: GenerateParams, sink: RequestSink) -> int:
+        """Admit a request; return its u64 request_id or raise EngineError."""
+        ...
+
+    def abort(self, request_id: int) -> None:
+        """Idempotent; the pipeline later calls sink.on_done('aborted', ...) once."""
+        ...
+
+    def stats(self) -> dict[str, int | float]:
+        ...
+
+    @property
+    def draining(self) -> bool:
+        """True once the engine admits nothing new (SIGTERM)."""
+        ...
