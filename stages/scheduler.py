@@ -1,0 +1,407 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each.
+
+Every step has a token budget (`max_num_batched_tokens`) and a row budget
+(`max_num_seqs`, also the bound on running requests: each holds a persistent
+row in the runner). A step is filled in three passes, always in arrival
+order within a pass so that decisions never depend on dict or set order:
+
+1. running requests that need one token (decodes),
+2. running requests still in their prompt (chunked prefill continues),
+3. waiting requests, first come first served; admission stops at the first
+   one that does not fit and never happens in a step that preempted.
+
+KV blocks are taken on demand. When a request cannot get even one position,
+the latest-arrived running request is preempted (its blocks freed, its state
+reset, back into the waiting queue by arrival) and recomputes prompt +
+outputs when it is admitted again.
+
+Overlap: schedule() may run before the previous step's outputs are known.
+Each sampling row leaves a placeholder output on its request (its KV position
+advances), so the next schedule() can decode it with `from_prev_step=True`.
+update() turns placeholders into tokens in step order and applies the
+token-level stop conditions. Sync mode runs the same code with update()
+between schedules, so both modes make the same decisions wherever the
+outputs they know are the same.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .block_manager import BlockManager
+from .engine_config import EngineConfig
+from .request import U64_MAX, InvalidRequest, Request, RequestStatus, validate_request
+from .step_types import FinishReason, SamplingParams, ScheduledRow, SchedulerOutput, StepOutput
+
+
+class SchedulerFull(RuntimeError):
+    """The waiting queue is at its bound; the caller should answer `overloaded`."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    num_waiting: int
+    num_running: int
+    num_blocks_used: int
+    num_blocks_free: int
+    num_preemptions: int
+    num_steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """One output token that update() accepted (discarded ones never appear)."""
+
+    req_id: int
+    row_index: int  # row in the SchedulerOutput / StepOutput it came from
+    token_id: int
+    output_index: int
+    finish_reason: FinishReason | None  # set when this token ended the request
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        *,
+        num_blocks: int,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: Iterable[int] = (),
+        max_waiting: int = 4096,
+    ) -> None:
+        if cfg.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
+        # Every running request must be able to decode in every step, or a
+        # request with an output in flight could be skipped and its
+        # placeholder would no longer come from the previous step.
+        if cfg.max_num_batched_tokens < cfg.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= max_num_seqs ({cfg.max_num_seqs})"
+            )
+        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({cfg.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({max_model_len}), or a long prompt could never run"
+            )
+        self.cfg = cfg
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_waiting = max_waiting
+        self.block_manager = BlockManager(num_blocks, cfg.block_size)
+        self._seed_rng = random.Random(cfg.seed)
+        self.waiting: deque[Request] = deque()  # sorted by arrival
+        self.running: list[Request] = []  # sorted by arrival
+        # Live requests, plus finished ones whose outputs are still in flight
+        # (their rows must be recognised and discarded in update()).
+        self._requests: dict[int, Request] = {}
+        # Left the running set since the last non-empty schedule. A request
+        # preempted during an empty schedule() can be admitted again before
+        # this is handed out: it is then both freed and in the rows, and the
+        # runner, which applies freed_req_ids first, gives it a fresh row.
+        self._freed: list[int] = []
+        self._next_arrival = 0
+        self._step_id = 0
+        self._last_updated_step = 0
+        self.num_preemptions = 0
+
+    # ---- admission and removal ------------------------------------------
+
+    def add_request(self, req_id: int, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+        if not 0 <= req_id <= U64_MAX:
+            raise InvalidRequest("request_id", f"must be a u64, got {req_id}")
+        if req_id in self._requests:
+            raise InvalidRequest("request_id", f"request {req_id} is already live")
+        validate_request(prompt_ids, params, self.vocab_size, self.max_model_len)
+        self._check_fits_cache(len(prompt_ids), params.max_tokens)
+        if len(self.waiting) >= self.max_waiting:
+            raise SchedulerFull(f"{len(self.waiting)} requests are already waiting (the bound)")
+        # Drawn only for admitted requests, in admission order: the same
+        # stream of requests gets the same seeds whatever the mode.
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
+        req = Request(req_id, prompt_ids, params, seed, self._next_arrival)
+        self._next_arrival += 1
+        self.waiting.append(req)
+        self._requests[req_id] = req
+        return req
+
+    def _check_fits_cache(self, num_prompt: int, max_tokens: int) -> None:
+        # A request larger than the whole cache would preempt everyone and
+        # then itself, forever.
+        bm = self.block_manager
+        capacity = bm.num_blocks * bm.block_size
+        if num_prompt > capacity:
+            raise InvalidRequest("prompt", f"the prompt has {num_prompt} tokens but the KV cache holds {capacity}")
+        # The last output's KV is never computed: prompt + max_tokens - 1 positions.
+        if num_prompt + max_tokens - 1 > capacity:
+            raise InvalidRequest(
+                "max_tokens",
+                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) needs more KV than the cache "
+                f"holds ({capacity} tokens); use max_tokens <= {capacity - num_prompt + 1}",
+            )
+
+    def abort(self, req_id: int) -> bool:
+        """Finish a request now and free its blocks; False if it is unknown or already finished."""
+        req = self._requests.get(req_id)
+        if req is None or req.is_finished:
+            return False
+        self._finish(req, FinishReason.ABORTED)
+        return True
+
+    def finish_request(self, req_id: int, reason: FinishReason) -> bool:
+        """Finish a request for a reason found after update() (a stop string)."""
+        req = self._requests.get(req_id)
+        if req is None or req.is_finished:
+            return False
+        self._finish(req, reason)
+        return True
+
+    def get_request(self, req_id: int) -> Request | None:
+        return self._requests.get(req_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_waiting=len(self.waiting),
+            num_running=len(self.running),
+            num_blocks_used=bm.num_used_blocks,
+            num_blocks_free=bm.num_free_blocks,
+            num_preemptions=self.num_preemptions,
+            num_steps=self._step_id,
+        )
+
+    # ---- scheduling ------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """The next step. Empty (step_id 0, no rows) when nothing can run now.
+
+        An empty output is not a step: it takes no step id and hands out no
+        freed ids; those wait for the next step that has rows.
+        """
+        cfg = self.cfg
+        step_id = self._step_id + 1
+        budget = cfg.max_num_batched_tokens
+        rows: list[ScheduledRow] = []
+        scheduled: set[int] = set()
+        preempted = False
+
+        # Pass 1: decodes. Preemption victims come from the end of `running`,
+        # which pass 1 has not reached yet, so no scheduled row is undone.
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            if req.num_tokens_to_compute != 1 or req.num_outputs >= req.params.max_tokens:
+                i += 1  # a prefill (pass 2), or its last output is already in flight
+                continue
+            n, did_preempt = self._make_room(req, 1, scheduled, allow_self=True)
+            preempted |= did_preempt
+            if req.status is not RequestStatus.RUNNING:
+                continue  # it preempted itself (it was the latest); index i now holds the next one
+            rows.append(self._row(req, n, step_id))
+            scheduled.add(req.req_id)
+            budget -= n
+            i += 1
+
+        # Pass 2: prompts already started continue (chunked prefill).
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.req_id in scheduled or req.status is not RequestStatus.RUNNING:
+                continue
+            if req.num_tokens_to_compute <= 1:
+                continue
+            n, did_preempt = self._make_room(req, min(req.num_tokens_to_compute, budget), scheduled, allow_self=False)
+            preempted |= did_preempt
+            if n == 0:
+                continue
+            rows.append(self._row(req, n, step_id))
+            scheduled.add(req.req_id)
+            budget -= n
+
+        # Pass 3: admission, first come first served.
+        if not preempted:
+            budget = self._admit(rows, budget, step_id)
+
+        if not rows:
+            return SchedulerOutput(step_id=0, rows=[])
+        self._step_id = step_id
+        freed, self._freed = self._freed, []
+        return SchedulerOutput(step_id=step_id, rows=rows, freed_req_ids=freed)
+
+    def _admit(self, rows: list[ScheduledRow], budget: int, step_id: int) -> int:
+        chunked = self.cfg.enable_chunked_prefill
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            # Its last output is still in flight (preempted in overlap mode):
+            # the sequence to recompute is not known yet.
+            if req.num_placeholders:
+                break
+            want = min(req.num_tokens_to_compute, budget)
+            n = min(want, bm.tokens_that_fit(req.block_ids, 0))
+            if n == 0 or (not chunked and n < req.num_tokens_to_compute):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self._insert_by_arrival(self.running, req)
+            bm.grow(req.block_ids, n)
+            rows.append(self._row(req, n, step_id))
+            budget -= n
+        return budget
+
+    def _make_room(
+        self, req: Request, want: int, scheduled: set[int], *, allow_self: bool
+    ) -> tuple[int, bool]:
+        """Allocate blocks for up to `want` new positions of `req`; (positions got, preempted?).
+
+        Preempts only when not a single position fits: a request whose last
+        output is in flight, else one that arrived later than `req` and is not
+        in this step (or `req` itself, for a decode, when it is the latest).
+        """
+        bm = self.block_manager
+        preempted = False
+        while bm.tokens_that_fit(req.block_ids, req.num_computed_tokens) == 0:
+            victim = self._pick_victim(req, scheduled, allow_self)
+            if victim is None:
+                return 0, preempted
+            self._preempt(victim)
+            preempted = True
+            if victim is req:
+                return 0, preempted
+        n = min(want, bm.tokens_that_fit(req.block_ids, req.num_computed_tokens))
+        bm.grow(req.block_ids, req.num_computed_tokens + n)
+        return n, preempted
+
+    def _pick_victim(self, req: Request, scheduled: set[int], allow_self: bool) -> Request | None:
+        # First a request whose every remaining output is already in flight
+        # (overlap mode): it leaves at its next update anyway, so preempting
+        # it costs no recompute and sync mode would not have had it at all.
+        for r in reversed(self.running):
+            if r is not req and r.req_id not in scheduled and r.num_outputs >= r.params.max_tokens:
+                return r
+        for r in reversed(self.running):
+            if r is req:
+                return r if allow_self else None
+            if r.req_id not in scheduled:
+                return r
+        return None
+
+    def _row(self, req: Request, n: int, step_id: int) -> ScheduledRow:
+        start = req.num_computed_tokens
+        token_ids = req.token_ids_slice(start, start + n)
+        sample = start + n == req.num_tokens
+        from_prev = token_ids[-1] == -1
+        if from_prev:
+            # Only the newest token can be in flight, and only from the step
+            # just before: that is where the runner reads it from.
+            if n != 1 or req.last_sample_step != step_id - 1:
+                raise RuntimeError(f"{req}: in-flight input token not from the previous step")
+        output_index = req.num_outputs if sample else -1
+        req.num_computed_tokens += n
+        if sample:
+            req.num_placeholders += 1
+            req.last_sample_step = step_id
+        return ScheduledRow(
+            req_id=req.req_id,
+            token_ids=token_ids,
+            start_pos=start,
+            from_prev_step=from_prev,
+            sample=sample,
+            output_index=output_index,
+            block_ids=list(req.block_ids),  # a snapshot: later steps grow the request's table
+            params=req.params,
+            seed=req.seed,
+        )
+
+    # ---- outputs ---------------------------------------------------------
+
+    def update(self, so: SchedulerOutput, out: StepOutput) -> list[SampledToken]:
+        """Apply one step's sampled tokens, in step order; returns the accepted ones."""
+        if so.step_id != self._last_updated_step + 1:
+            raise RuntimeError(f"update for step {so.step_id} but step {self._last_updated_step + 1} is next")
+        if out.step_id != so.step_id or len(out.sampled) != len(so.rows):
+            raise ValueError(f"step output {out.step_id} ({len(out.sampled)} rows) does not match step {so.step_id}")
+        self._last_updated_step = so.step_id
+        accepted: list[SampledToken] = []
+        for i, row in enumerate(so.rows):
+            if not row.sample:
+                continue
+            req = self._requests.get(row.req_id)
+            if req is None:
+                raise RuntimeError(f"step {so.step_id} row {i}: request {row.req_id} is unknown")
+            req.num_placeholders -= 1
+            if req.is_finished:
+                # Finished (or aborted) after this step was scheduled: its
+                # output is never emitted.
+                if req.num_placeholders == 0:
+                    del self._requests[req.req_id]
+                continue
+            if row.output_index != len(req.output_token_ids):
+                raise RuntimeError(f"{req}: output {row.output_index} arrived out of order")
+            # A preempted request still takes this output (FastDeploy #6176)
+            # and recomputes it with the rest when it runs again.
+            token = int(out.sampled[i])
+            req.output_token_ids.append(token)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+            accepted.append(SampledToken(req.req_id, i, token, row.output_index, reason))
+        return accepted
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return FinishReason.EOS
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if len(req.output_token_ids) >= p.max_tokens:
+            return FinishReason.LENGTH
+        if req.num_prompt_tokens + len(req.output_token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    # ---- state changes ---------------------------------------------------
+
+    def _leave_running(self, req: Request) -> None:
+        self.running.remove(req)
+        self._freed.append(req.req_id)
+
+    def _release_blocks(self, req: Request) -> None:
+        self.block_manager.free(req.block_ids)
+        req.block_ids = []  # a new list: rows handed out keep their snapshots
+        req.num_computed_tokens = 0
+
+    def _preempt(self, req: Request) -> None:
+        self._leave_running(req)
+        self._release_blocks(req)
+        # Placeholders stay: the step in flight still delivers those outputs.
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._insert_by_arrival(self.waiting, req)
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self._leave_running(req)
+        else:
+            self.waiting.remove(req)
+        self._release_blocks(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        if req.num_placeholders == 0:
+            del self._requests[req.req_id]
+
+    @staticmethod
+    def _insert_by_arrival(queue: deque[Request] | list[Request], req: Request) -> None:
+        # Both queues stay sorted by arrival, so "latest arrived" is the end
+        # and a preempted request goes back in front of newer ones.
+        bisect.insort(queue, req, key=lambda r: r.arrival)
