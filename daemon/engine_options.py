@@ -1,0 +1,46 @@
+"""Command-line flags shared by `serve` and `generate` for the engine's settings."""
+
+from __future__ import annotations
+
+import argparse
+
+from overlapd.stages.engine_config import EngineConfig
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None, help='"tiny" (embedded default), a checkpoint directory, or a shape name with --load-format dummy')
+    g.add_argument("--load-format", choices=["auto", "dummy"], default=None)
+    g.add_argument("--runtime", choices=["paddle", "torch"], default=None)
+    g.add_argument("--device", choices=["cpu", "gpu"], default=None)
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--num-blocks", type=int, default=None)
+    g.add_argument("--no-overlap", action="store_true", help="run stages strictly in order (for comparison and debugging)")
+
+
+ENGINE_FLAGS = (
+    "model",
+    "load_format",
+    "runtime",
+    "device",
+    "dtype",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "num_blocks",
+)
+
+
+def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
+    """`base` (from a config file, or the defaults) with the flags given on the command line applied."""
+    import msgspec
+
+    fields = msgspec.structs.asdict(base or EngineConfig())
+    for name in ENGINE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    return EngineConfig(**fields)

@@ -1,0 +1,110 @@
+"""`overlapd generate`: one prompt, streamed to stdout.
+
+Without `--socket` it starts the pipeline in this process (same stages, same
+model code as the daemon, no ring); with `--socket` it asks a running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from overlapd.daemon.engine_options import add_engine_arguments, engine_config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--socket", metavar="PATH", help="send the request to a running daemon at PATH")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    add_engine_arguments(parser)
+
+
+def _request_fields(args: argparse.Namespace) -> dict:
+    return dict(
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=list(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+class PrintSink:
+    """Streams text to stdout; resolves when the request ends."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.finished: asyncio.Future[tuple[str, str]] = loop.create_future()
+
+    def on_tokens(self, token_ids: list[int], text: str, logprobs: object) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def on_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if not self.finished.done():
+            self.finished.set_result(("done", f"{finish_reason}: {prompt_tokens} prompt + {completion_tokens} generated tokens"))
+
+    def on_error(self, code: str, message: str) -> None:
+        if not self.finished.done():
+            self.finished.set_result(("error", f"{code}: {message}"))
+
+
+async def _in_process(args: argparse.Namespace) -> int:
+    from overlapd.daemon.engine_api import EngineError, GenerateParams
+    from overlapd.stages.pipeline import Pipeline
+    from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
+
+    pipeline = Pipeline(engine_config_from_args(args), PipelineConfig(overlap=not args.no_overlap), RingConfig(enabled=False))
+    await pipeline.start()
+    sink = PrintSink(asyncio.get_running_loop())
+    try:
+        pipeline.submit(GenerateParams(**_request_fields(args)), sink)
+        kind, summary = await sink.finished
+    except EngineError as exc:
+        kind, summary = "error", f"{exc.code}: {exc.message}"
+    finally:
+        await pipeline.drain(timeout=0)
+    print(file=sys.stdout)
+    print(f"[{summary}]", file=sys.stderr)
+    return 0 if kind == "done" else 1
+
+
+def _via_socket(args: argparse.Namespace) -> int:
+    from overlapd.daemon.client import Client, ClientError
+
+    try:
+        with Client(args.socket) as client:
+            for event in client.generate(**_request_fields(args)):
+                kind = type(event).__name__
+                if kind == "Tokens":
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                elif kind == "Done":
+                    print()
+                    print(f"[{event.finish_reason}: {event.usage}]", file=sys.stderr)
+                    return 0
+                elif kind == "Error":
+                    print()
+                    print(f"overlapd generate: {event.code}: {event.message}", file=sys.stderr)
+                    return 1
+    except (ClientError, OSError) as exc:
+        print(f"overlapd generate: {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.socket:
+        return _via_socket(args)
+    import uvloop
+
+    return uvloop.run(_in_process(args))

@@ -1,0 +1,261 @@
+"""The pipeline: four asyncio stages joined by bounded queues.
+
+    submit -> [preprocess] -q_prepared-> [execute] -q_launched-> [postprocess] -q_processed-> [emit]
+                  ^                                                    |
+                  +---------------- finished / freed ------------------+
+
+`Pipeline` is also what the socket server calls (the daemon's Engine
+protocol): `submit`, `abort`, `stats`, `draining`. Everything runs on one
+event loop except the device work, which runs on the execute stage's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from overlapd.daemon.engine_api import EngineError, GenerateParams, RequestSink, TokenLogprob
+from overlapd.kernels.handoff import CompletionQueue
+from overlapd.kernels.ring import RingWriter
+from overlapd.stages.emit import emit_loop
+from overlapd.stages.engine import LLMEngine
+from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.execute import Executor
+from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
+from overlapd.stages.postprocess import postprocess_loop
+from overlapd.stages.preprocess import preprocess_loop
+from overlapd.stages.request import InvalidRequest, validate_request
+from overlapd.stages.stage_times import StageTimes
+from overlapd.stages.step_types import FinishReason, SamplingParams
+
+log = structlog.get_logger("overlapd.pipeline")
+
+
+@dataclass(slots=True)
+class LiveRequest:
+    sink: RequestSink
+    prompt_ids: list[int]
+    params: SamplingParams
+    completion_tokens: int = 0
+
+
+class Pipeline:
+    def __init__(self, engine_cfg: EngineConfig, cfg: PipelineConfig, ring_cfg: RingConfig) -> None:
+        self.cfg = cfg
+        self.ring_cfg = ring_cfg
+        self.engine = LLMEngine(engine_cfg)
+        self.model_name = engine_cfg.model
+        self.times = StageTimes()
+        self._ids = itertools.count(1)
+        self._live: dict[int, LiveRequest] = {}
+        self._admission: collections.deque[int] = collections.deque()
+        self._draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.monotonic()
+        self.ring: RingWriter | None = None
+        self.ring_records = 0
+        self.ring_evicted = 0
+        self.counters = collections.Counter[str]()
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        depth = self.cfg.queue_depth
+        self.q_prepared: asyncio.Queue[Any] = asyncio.Queue(depth)
+        self.q_launched: asyncio.Queue[Any] = asyncio.Queue(depth)
+        self.q_processed: asyncio.Queue[Any] = asyncio.Queue(depth)
+        self.inflight = asyncio.Semaphore(self.cfg.max_inflight)
+        self.work_available = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.completions = CompletionQueue(loop)
+        self.executor = Executor(self)
+        if self.ring_cfg.enabled:
+            self.ring = RingWriter(
+                self.ring_cfg.path,
+                capacity=self.ring_cfg.capacity,
+                max_slots=self.engine.max_num_seqs,
+                vocab_size=self.engine.vocab_size,
+                model_name=self.model_name[-255:],
+                mode=self.ring_cfg.mode,
+                backpressure=self.ring_cfg.backpressure,
+            )
+        for name, coro in (
+            ("preprocess", preprocess_loop(self)),
+            ("execute", self.executor.run()),
+            ("postprocess", postprocess_loop(self)),
+            ("emit", emit_loop(self)),
+            ("heartbeat", self._heartbeat()),
+        ):
+            task = loop.create_task(coro, name=f"overlapd-{name}")
+            task.add_done_callback(self._stage_died)
+            self._tasks.append(task)
+
+    def _stage_died(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stage_failed", stage=task.get_name(), error=repr(task.exception()))
+            self.failed = task.exception()
+
+    failed: BaseException | None = None
+
+    async def _heartbeat(self) -> None:
+        while True:
+            if self.ring is not None:
+                self.ring.heartbeat()
+                self.ring_evicted += self.ring.evict_dead_readers()
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop admitting, let live requests finish (abort what is left at the
+        timeout), then close the ring with a negated last step id."""
+        self._draining = True
+        timeout = self.cfg.drain_timeout_s if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain_timeout", aborting=len(self._live))
+        for req_id in list(self._live):
+            self.abort(req_id)
+        await self.close()
+
+    async def close(self) -> None:
+        # Let steps already launched finish and be emitted: the device must be
+        # idle and every record out before the ring says "closed".
+        for _ in range(self.cfg.max_inflight):
+            await self.inflight.acquire()
+        await self.q_processed.join()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.executor.shutdown()
+        self.completions.close()
+        if self.ring is not None:
+            last = -(self.engine.scheduler.last_step_id + 1)
+            for _ in range(1000):  # a backpressure reader gets a moment to make room
+                if self.ring.publish_step(step_id=last, request_id=[], finish=[], tokens=[]) is not None:
+                    break
+                self.ring.evict_dead_readers()
+                await asyncio.sleep(0.001)
+            self.ring.close(clean=True)
+
+    # ------------------------------------------------------------ Engine protocol
+    def submit(self, params: GenerateParams, sink: RequestSink) -> int:
+        if self._draining:
+            raise EngineError("shutting_down", "the daemon is shutting down and takes no new requests")
+        if len(self._admission) + self.engine.scheduler.num_waiting >= self.cfg.max_waiting:
+            self.counters["overloaded"] += 1
+            raise EngineError("overloaded", f"{self.cfg.max_waiting} requests are already waiting; retry later")
+        prompt_ids = list(params.prompt_ids) if params.prompt_ids is not None else self.engine.tokenizer.encode(params.prompt)
+        sp = SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+            stop=tuple(params.stop),
+            stop_token_ids=tuple(params.stop_token_ids),
+            ignore_eos=params.ignore_eos,
+            logprobs=params.logprobs,
+        )
+        try:
+            validate_request(prompt_ids, sp, self.engine.vocab_size, self.engine.max_model_len)
+        except InvalidRequest as exc:
+            raise EngineError("invalid_request", str(exc)) from None
+        req_id = next(self._ids)
+        self._live[req_id] = LiveRequest(sink, prompt_ids, sp)
+        self._admission.append(req_id)
+        self.idle.clear()
+        self.counters["requests"] += 1
+        self.work_available.set()
+        return req_id
+
+    def admit_waiting(self) -> None:
+        """Hand admitted requests to the scheduler (preprocess stage, on the loop)."""
+        while self._admission:
+            req_id = self._admission.popleft()
+            live = self._live.get(req_id)
+            if live is not None:
+                self.engine.scheduler.add_request(req_id, live.prompt_ids, live.params)
+
+    def abort(self, request_id: int) -> None:
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return
+        if request_id in self._admission:
+            self._admission.remove(request_id)
+        else:
+            self.engine.abort(request_id)  # frees its KV blocks now
+        self.counters["aborted"] += 1
+        live.sink.on_done(FinishReason.ABORTED.wire_name, len(live.prompt_ids), live.completion_tokens)
+        self._maybe_idle()
+        self.work_available.set()
+
+    def deliver(self, outputs: list[Any]) -> None:
+        """Per-request frames for one step (emit stage)."""
+        for out in outputs:
+            live = self._live.get(out.req_id)
+            if live is None:
+                continue  # aborted or disconnected meanwhile
+            if out.new_token_ids:
+                live.completion_tokens += len(out.new_token_ids)
+                self.counters["tokens"] += len(out.new_token_ids)
+                logprobs = None
+                if out.logprobs:
+                    logprobs = [TokenLogprob(lp.token_id, lp.logprob, lp.rank, list(lp.top)) for lp in out.logprobs]
+                live.sink.on_tokens(list(out.new_token_ids), out.text_delta, logprobs)
+            if out.finish_reason is not None:
+                del self._live[out.req_id]
+                if out.finish_reason == FinishReason.ERROR:
+                    live.sink.on_error("internal", "the request failed inside the engine; see the daemon log")
+                else:
+                    live.sink.on_done(out.finish_reason.wire_name, len(live.prompt_ids), live.completion_tokens)
+        self._maybe_idle()
+
+    def fail_step(self, so: Any, exc: BaseException) -> list[Any]:
+        """A step raised: end every request in it with an `internal` error, keep serving."""
+        for row in so.rows:
+            live = self._live.pop(row.req_id, None)
+            self.engine.abort(row.req_id)
+            if live is not None:
+                live.sink.on_error("internal", f"the engine failed on this request's step: {exc}")
+        self.counters["failed_steps"] += 1
+        self._maybe_idle()
+        return []
+
+    def _maybe_idle(self) -> None:
+        if not self._live:
+            self.idle.set()
+
+    def stats(self) -> dict[str, int | float]:
+        sched = self.engine.scheduler
+        out: dict[str, int | float] = {
+            "requests": self.counters["requests"],
+            "tokens": self.counters["tokens"],
+            "aborted": self.counters["aborted"],
+            "overloaded": self.counters["overloaded"],
+            "steps": self.times.steps,
+            "live_requests": len(self._live),
+            "queue_admission": len(self._admission),
+            "queue_waiting": sched.num_waiting,
+            "queue_running": sched.num_running,
+            "queue_prepared": self.q_prepared.qsize(),
+            "queue_launched": self.q_launched.qsize(),
+            "queue_processed": self.q_processed.qsize(),
+            "kv_blocks_used": sched.num_used_blocks,
+            "kv_blocks_free": sched.num_free_blocks,
+            "ring_records": self.ring_records,
+            "ring_readers_evicted": self.ring_evicted,
+            "uptime_s": time.monotonic() - self._started,
+        }
+        out.update(self.times.snapshot())
+        return out
