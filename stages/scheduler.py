@@ -56,6 +56,7 @@ class SchedulerStats:
 class SampledToken:
     """One output token that update() accepted (discarded ones never appear)."""
 
+    request: Request
     req_id: int
     row_index: int  # row in the SchedulerOutput / StepOutput it came from
     token_id: int
@@ -166,6 +167,27 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.block_manager.num_used_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def last_step_id(self) -> int:
+        """The id of the last step handed out (0 before the first)."""
+        return self._step_id
 
     @property
     def stats(self) -> SchedulerStats:
@@ -305,7 +327,10 @@ class Scheduler:
             # just before: that is where the runner reads it from.
             if n != 1 or req.last_sample_step != step_id - 1:
                 raise RuntimeError(f"{req}: in-flight input token not from the previous step")
-        output_index = req.num_outputs if sample else -1
+        # For a prefill chunk that does not sample, the index its request's
+        # next sample will have: the runner seeds a new row's sampling stream
+        # from (seed, output_index), also when it resumes after preemption.
+        output_index = req.num_outputs
         req.num_computed_tokens += n
         if sample:
             req.num_placeholders += 1
@@ -354,7 +379,7 @@ class Scheduler:
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self._finish(req, reason)
-            accepted.append(SampledToken(req.req_id, i, token, row.output_index, reason))
+            accepted.append(SampledToken(req, req.req_id, i, token, row.output_index, reason))
         return accepted
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
