@@ -18,9 +18,12 @@ Contract (the server enforces its half, the engine must keep its own):
   reports twice cannot put two ends on the wire, but one that never reports
   leaves a client waiting until the daemon closes.
 * `abort` is idempotent and may name a request that already finished; the
-  request then ends with `on_done("aborted", ...)` unless it had already ended.
+  request then ends with `on_done("aborted", ...)`, during the call or later,
+  unless it had already ended.
 * `stats` returns flat counters (str -> int | float); they are merged into
-  the `stats` frame. The names in `SERVER_COUNTER_NAMES` belong to the server.
+  the `stats` frame. The names in `SERVER_COUNTER_NAMES` belong to the server
+  (an engine value under one of them is replaced); `live_requests` and
+  `uptime_s` are the engine's when it reports them.
 """
 
 from __future__ import annotations
@@ -52,12 +55,11 @@ SERVER_COUNTER_NAMES: Final = frozenset(
         "frames_in",
         "frames_out",
         "errors",
-        "live_requests",
         "requests_accepted",
         "requests_rejected",
         "disconnect_aborts",
         "slow_client_disconnects",
-        "uptime_s",
+        "server_live_requests",
     }
 )
 
