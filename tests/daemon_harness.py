@@ -1,0 +1,164 @@
+"""Run the protocol test daemon (overlapd.daemon.echo_engine) as a real
+subprocess on a real socket, and talk to it with raw frames."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgspec
+
+from overlapd.daemon.client import Client, ClientError
+from overlapd.daemon.protocol import DaemonFrame, FrameDecoder, decode_daemon_frame, encode_frame, encode_raw_frame
+
+START_TIMEOUT_S = 10.0
+
+
+class EchoDaemon:
+    def __init__(self, socket_path: Path, *flags: str, listen_sock: socket.socket | None = None) -> None:
+        self.socket_path = socket_path
+        argv = [sys.executable, "-m", "overlapd.daemon.echo_engine", *flags]
+        if listen_sock is None:
+            argv[3:3] = ["--socket", str(socket_path)]
+        self.log_path = socket_path.with_suffix(".log")
+        self._log = self.log_path.open("wb")
+        if listen_sock is None:
+            self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+        else:
+            self.proc = spawn_activated(listen_sock, argv, name="overlapd", stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()}")
+            try:
+                with Client(self.socket_path, timeout=2) as c:
+                    if c.health().status == "ok":
+                        return
+            except ClientError:
+                time.sleep(0.02)
+        raise TimeoutError(f"daemon not ready in {START_TIMEOUT_S}s: {self.log()}")
+
+    def client(self, timeout: float = 10) -> Client:
+        return Client(self.socket_path, timeout=timeout)
+
+    def raw(self) -> RawConn:
+        return RawConn(self.socket_path)
+
+    def stats(self) -> dict[str, int | float]:
+        with self.client() as c:
+            return c.stats()
+
+    def wait_stats(self, predicate, timeout: float = 10.0) -> dict[str, int | float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if predicate(s) or time.monotonic() > deadline:
+                return s
+            time.sleep(0.02)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-2000:]
+
+
+def spawn_activated(listener: socket.socket, argv: list[str], *, name: str, **popen: object) -> subprocess.Popen:
+    """Start argv the way systemd starts a socket-activated service: the socket
+    on fd 3, LISTEN_PID set (after fork, before exec) to the pid that execs."""
+    fd = listener.fileno()
+    trampoline = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES=sys.argv[2]); "
+        "os.execv(sys.argv[3], sys.argv[3:])"
+    )
+    return subprocess.Popen([sys.executable, "-c", trampoline, str(fd), name, *argv], pass_fds=(fd,), **popen)
+
+
+@contextmanager
+def echo_daemon(socket_path: Path, *flags: str, **kw: object) -> Iterator[EchoDaemon]:
+    d = EchoDaemon(socket_path, *flags, **kw)  # type: ignore[arg-type]
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.kill()
+
+
+class RawConn:
+    """A bare socket speaking frames by hand, for what a good client never sends."""
+
+    def __init__(self, path: Path | str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(os.fspath(path))
+        self._dec = FrameDecoder(16 << 20)
+        self._frames: list[DaemonFrame] = []
+
+    def send(self, frame: msgspec.Struct | dict) -> None:
+        if isinstance(frame, dict):
+            self.sock.sendall(encode_raw_frame(msgspec.msgpack.encode(frame)))
+        else:
+            self.sock.sendall(encode_frame(frame))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> DaemonFrame | None:
+        """The next frame, or None once the daemon closed the connection."""
+        while not self._frames:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self._frames = [decode_daemon_frame(b) for b in self._dec.feed(data)]
+        return self._frames.pop(0)
+
+    def recv_until(self, predicate) -> list[DaemonFrame]:
+        """Frames up to and including the first one `predicate` accepts."""
+        out: list[DaemonFrame] = []
+        while True:
+            frame = self.recv()
+            assert frame is not None, f"connection closed early; got {out[-5:]}"
+            out.append(frame)
+            if predicate(frame):
+                return out
+
+    def recv_until_end(self, id: str) -> list[DaemonFrame]:
+        """Frames up to and including request `id`'s done/error (others kept too)."""
+        out: list[DaemonFrame] = []
+        while True:
+            frame = self.recv()
+            assert frame is not None, f"connection closed before {id!r} ended; got {out}"
+            out.append(frame)
+            if getattr(frame, "id", None) == id and type(frame).__name__ in ("DoneFrame", "ErrorFrame"):
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
