@@ -5,30 +5,15 @@ from __future__ import annotations
 import random
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from overlapd.stages.detokenizer import REPLACEMENT, IncrementalDetokenizer
-
-CORPUS = [
-    "héllo wörld 日本語 🎉",
-    "hello world, hello there",
-    "the quick brown fox jumps over the lazy dog",
-    "naïve café déjà vu — über straße",
-    "日本語のテキストと絵文字 🎉🎊 ok",
-    "stop here. STOP there. end of text",
-]
+from tiny_bpe import CORPUS, tiny_bpe
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
-    )
-    t.train_from_iterator(CORPUS * 3, trainer)
-    return t
+    return tiny_bpe()
 
 
 def ids_of(tok: Tokenizer, text: str) -> list[int]:
