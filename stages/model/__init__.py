@@ -1,0 +1,1 @@
+"""The Llama model, its configuration, loading and tokenizers (execute side)."""

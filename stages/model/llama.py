@@ -1,0 +1,120 @@
+"""The Llama model, written once against the ops layer.
+
+One batched forward serves a mixed step: prefill chunks and decodes are
+flattened into one token axis, attention reads every row's keys from the paged
+KV cache (after this step's keys were written), and logits are computed only
+for each row's last token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..runtime.ops import FLOAT32, AttentionMetadata, Ops, Tensor
+from .config import LlamaConfig
+from .rope import cos_sin_tables
+
+HFSource = tuple[str, tuple[int, ...]]  # (Hugging Face tensor name, its shape)
+
+
+def param_layout(config: LlamaConfig) -> dict[str, list[HFSource]]:
+    """Every model parameter and the HF tensors concatenated (along axis 0) to form it.
+
+    q/k/v and gate/up are fused into one matrix each so a layer runs two
+    matmuls fewer; the loader checks each HF tensor's shape against this.
+    """
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    layout: dict[str, list[HFSource]] = {"embed_tokens": [("model.embed_tokens.weight", (v, h))]}
+    for n in range(config.num_hidden_layers):
+        hf = f"model.layers.{n}."
+        layout[f"layers.{n}.input_layernorm"] = [(hf + "input_layernorm.weight", (h,))]
+        layout[f"layers.{n}.qkv_proj"] = [
+            (hf + "self_attn.q_proj.weight", (config.q_size, h)),
+            (hf + "self_attn.k_proj.weight", (config.kv_size, h)),
+            (hf + "self_attn.v_proj.weight", (config.kv_size, h)),
+        ]
+        layout[f"layers.{n}.o_proj"] = [(hf + "self_attn.o_proj.weight", (h, config.q_size))]
+        layout[f"layers.{n}.post_attention_layernorm"] = [(hf + "post_attention_layernorm.weight", (h,))]
+        layout[f"layers.{n}.gate_up_proj"] = [
+            (hf + "mlp.gate_proj.weight", (i, h)),
+            (hf + "mlp.up_proj.weight", (i, h)),
+        ]
+        layout[f"layers.{n}.down_proj"] = [(hf + "mlp.down_proj.weight", (h, i))]
+    layout["norm"] = [("model.norm.weight", (h,))]
+    if not config.tie_word_embeddings:
+        layout["lm_head"] = [("lm_head.weight", (v, h))]
+    return layout
+
+
+@dataclass(slots=True)
+class _Layer:
+    input_layernorm: Tensor
+    qkv_proj: Tensor
+    o_proj: Tensor
+    post_attention_layernorm: Tensor
+    gate_up_proj: Tensor
+    down_proj: Tensor
+
+
+class LlamaModel:
+    def __init__(self, config: LlamaConfig, ops: Ops, params: dict[str, Tensor], max_positions: int) -> None:
+        missing = set(param_layout(config)) - set(params)
+        if missing:
+            raise ValueError(f"model parameters missing: {sorted(missing)}")
+        self.config = config
+        self.ops = ops
+        self.params = params
+        self.embed_tokens = params["embed_tokens"]
+        self.norm = params["norm"]
+        self.lm_head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+        self.layers = [
+            _Layer(**{f: params[f"layers.{n}.{f}"] for f in _Layer.__slots__})
+            for n in range(config.num_hidden_layers)
+        ]
+        self.dtype = ops.dtype_of(self.embed_tokens)
+        self.max_positions = max_positions
+        cos, sin = cos_sin_tables(config, max_positions)
+        self.cos, self.sin = ops.from_numpy(cos), ops.from_numpy(sin)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def allocate_kv_caches(self, num_blocks: int, block_size: int) -> list[Any]:
+        c = self.config
+        return [
+            self.ops.allocate_kv_cache(num_blocks, block_size, c.num_key_value_heads, c.head_dim, self.dtype)
+            for _ in range(c.num_hidden_layers)
+        ]
+
+    def forward(self, input_ids: Tensor, meta: AttentionMetadata, kv_caches: list[Any]) -> Tensor:
+        """Hidden states [T, hidden] (before the final norm) for the step's tokens."""
+        ops = self.ops
+        plan = ops.attention_plan(meta)
+        h = ops.embedding(input_ids, self.embed_tokens)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = ops.rms_norm(h, layer.input_layernorm, self.config.rms_norm_eps)
+            h = ops.add(h, self._attention(x, layer, cache, meta, plan))
+            x = ops.rms_norm(h, layer.post_attention_layernorm, self.config.rms_norm_eps)
+            h = ops.add(h, self._mlp(x, layer))
+        return h
+
+    def compute_logits(self, hidden: Tensor, logits_indices: Tensor) -> Tensor:
+        """float32 logits [R, vocab] of the tokens at `logits_indices` (each row's last)."""
+        ops = self.ops
+        x = ops.rms_norm(ops.index_select(hidden, logits_indices), self.norm, self.config.rms_norm_eps)
+        return ops.cast(ops.linear(x, self.lm_head), FLOAT32)
+
+    def _attention(self, x: Tensor, layer: _Layer, cache: Any, meta: AttentionMetadata, plan: Any) -> Tensor:
+        ops, c = self.ops, self.config
+        t = x.shape[0]
+        q, k, v = ops.split(ops.linear(x, layer.qkv_proj), [c.q_size, c.kv_size, c.kv_size], axis=-1)
+        q = ops.reshape(q, [t, c.num_attention_heads, c.head_dim])
+        k = ops.reshape(k, [t, c.num_key_value_heads, c.head_dim])
+        v = ops.reshape(v, [t, c.num_key_value_heads, c.head_dim])
+        q, k = ops.rotary_embedding(meta.positions, q, k, self.cos, self.sin)
+        ops.write_kv_cache_(cache, k, v, meta.slot_mapping)
+        return ops.linear(ops.paged_attention(q, cache, plan, self.scale), layer.o_proj)
+
+    def _mlp(self, x: Tensor, layer: _Layer) -> Tensor:
+        ops = self.ops
+        return ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up_proj)), layer.down_proj)
