@@ -1,0 +1,41 @@
+"""Random Llama weights in a real shape: the tiny model's and `load_format="dummy"`.
+
+Each tensor is drawn from its own generator seeded by (seed, tensor name), so a
+tensor can be made alone, in any order, and always comes out the same: the
+loader creates a 1B-parameter model one tensor at a time without holding all
+of it twice.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from .config import LlamaConfig
+
+
+def random_weight(config: LlamaConfig, name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """One float32 HF tensor, scaled so that every sublayer matters.
+
+    Projections have std 1/sqrt(fan_in): activations stay unit-scale, so
+    attention and the MLP move the residual stream as much as the embedding.
+    Norm weights are near 1 but not exactly, so a missing scale shows. The
+    output head gives logits of std ~3 (the embedding too when tied), and
+    its rows for bos and eos are zero: their logit is exactly 0, far below
+    the largest random logit, so greedy decoding of a random model never
+    stops on eos at once (see tiny.py).
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
+    h = config.hidden_size
+    if name.endswith("norm.weight"):
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    is_head = name == "lm_head.weight" or (name == "model.embed_tokens.weight" and config.tie_word_embeddings)
+    if name == "model.embed_tokens.weight" and not is_head:
+        return rng.standard_normal(shape, dtype=np.float32)
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= np.float32((3.0 if is_head else 1.0) / np.sqrt(shape[1] if len(shape) == 2 else h))
+    if is_head:
+        specials = [i for i in (config.bos_token_id, *config.eos_token_ids) if i is not None and 0 <= i < shape[0]]
+        w[specials] = 0.0
+    return w
