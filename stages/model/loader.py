@@ -1,0 +1,201 @@
+"""Turning EngineConfig.model into a runnable model: config, weights, tokenizer.
+
+Sources, in the order they are tried:
+- "tiny": the embedded default, created once under the user's cache as an HF
+  directory and then loaded like any other (tiny.py);
+- a directory: a Hugging Face checkpoint (config.json, *.safetensors or a
+  sharded model.safetensors.index.json, tokenizer.json);
+- with load_format="dummy": a named shape (config.NAMED_SHAPES) or any of the
+  above, with seeded random weights (random_weights.py).
+A model without tokenizer.json gets the byte-level fallback (tokenizer.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from ..engine_config import TINY_MODEL, EngineConfig
+from ..runtime.ops import FLOAT_DTYPES, Ops, Tensor
+from ..sizing import DEFAULT_MAX_MODEL_LEN_CAP, resolve_max_model_len
+from .config import NAMED_SHAPES, LlamaConfig, ModelConfigError
+from .llama import LlamaModel, param_layout
+from .random_weights import random_weight
+from .safetensors_io import CheckpointFiles
+from .tiny import ensure_tiny_checkpoint
+from .tokenizer import ByteTokenizer, Tokenizer, TokenizerLike
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+class _WeightSource(Protocol):
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+    def get(self, name: str) -> np.ndarray: ...
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message names the file, field or tensor."""
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str  # what EngineConfig.model said
+    path: Path | None  # the checkpoint directory, None for a named dummy shape
+    config: LlamaConfig
+    model: LlamaModel
+    tokenizer: TokenizerLike
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    dtype: str
+
+
+def load_model(cfg: EngineConfig, ops: Ops) -> LoadedModel:
+    if cfg.load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"load_format must be one of {LOAD_FORMATS}, got {cfg.load_format!r}")
+    if cfg.dtype not in FLOAT_DTYPES:
+        raise ModelLoadError(f"dtype must be one of {FLOAT_DTYPES}, got {cfg.dtype!r}")
+    path, config = _resolve(cfg)
+    try:
+        max_len = resolve_max_model_len(cfg, config)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if cfg.load_format == "dummy":
+        params = _load_params(config, _RandomWeights(config, cfg.seed), ops, cfg.dtype)
+    else:
+        assert path is not None
+        params = _load_params(config, _CheckpointWeights(path), ops, cfg.dtype)
+    eos = _eos_ids(path, config)
+    tokenizer = _tokenizer(path, config, eos)
+    model = LlamaModel(config, ops, params, max_len)
+    return LoadedModel(cfg.model, path, config, model, tokenizer, eos, max_len, cfg.dtype)
+
+
+def build_model(config: LlamaConfig, weights: dict[str, np.ndarray], ops: Ops, dtype: str = "float32",
+                max_model_len: int | None = None) -> LlamaModel:
+    """A model from HF-named arrays already in memory (tests, conversions)."""
+    source = _DictWeights(weights)
+    params = _load_params(config, source, ops, dtype)
+    return LlamaModel(config, ops, params, max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP))
+
+
+def _resolve(cfg: EngineConfig) -> tuple[Path | None, LlamaConfig]:
+    if cfg.model == TINY_MODEL:
+        path = ensure_tiny_checkpoint()
+    elif cfg.model in NAMED_SHAPES:
+        if cfg.load_format != "dummy":
+            raise ModelLoadError(
+                f"model {cfg.model!r} is a named shape without weights; use load_format='dummy'")
+        return None, NAMED_SHAPES[cfg.model]
+    else:
+        path = Path(cfg.model).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"model {cfg.model!r}: no such directory. Expected {TINY_MODEL!r}, a Hugging Face "
+                f"checkpoint directory, or with load_format='dummy' one of {sorted(NAMED_SHAPES)}")
+    try:
+        return path, LlamaConfig.from_dir(path)
+    except ModelConfigError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+class _CheckpointWeights:
+    def __init__(self, path: Path) -> None:
+        try:
+            self._files = CheckpointFiles.open(path)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._files.shapes()
+
+    def get(self, name: str) -> np.ndarray:
+        return self._files.get(name)
+
+
+class _DictWeights:
+    def __init__(self, weights: dict[str, np.ndarray]) -> None:
+        self._w = weights
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self._w.items()}
+
+    def get(self, name: str) -> np.ndarray:
+        return self._w[name]
+
+
+class _RandomWeights:
+    def __init__(self, config: LlamaConfig, seed: int) -> None:
+        self._config, self._seed = config, seed
+        self._shapes = {n: s for src in param_layout(config).values() for n, s in src}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._shapes
+
+    def get(self, name: str) -> np.ndarray:
+        return random_weight(self._config, name, self._shapes[name], self._seed)
+
+
+def _check_shapes(config: LlamaConfig, available: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the config implies must be present with the shape it implies."""
+    problems: list[str] = []
+    missing: list[str] = []
+    for sources in param_layout(config).values():
+        for name, shape in sources:
+            if name not in available:
+                missing.append(name)
+            elif tuple(available[name]) != shape:
+                problems.append(f"tensor {name} has shape {list(available[name])}, "
+                                f"but config.json implies {list(shape)}")
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        problems.insert(0, f"checkpoint lacks {len(missing)} tensors: {', '.join(missing[:5])}{more}")
+    if problems:
+        raise ModelLoadError("; ".join(problems[:6]))
+
+
+def _load_params(config: LlamaConfig, source: _WeightSource, ops: Ops,
+                 dtype: str) -> dict[str, Tensor]:
+    _check_shapes(config, source.shapes())
+    params: dict[str, Tensor] = {}
+    for name, arrays in _fused_arrays(config, source):
+        params[name] = ops.from_numpy(arrays, dtype)
+    return params
+
+
+def _fused_arrays(config: LlamaConfig, source: _WeightSource) -> Iterator[tuple[str, np.ndarray]]:
+    """One model parameter at a time (q/k/v and gate/up concatenated), float32."""
+    for name, sources in param_layout(config).items():
+        parts = [np.asarray(source.get(hf), dtype=np.float32) for hf, _ in sources]
+        yield name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _eos_ids(path: Path | None, config: LlamaConfig) -> tuple[int, ...]:
+    """config.json's eos ids plus generation_config.json's (chat models list more there)."""
+    ids = list(config.eos_token_ids)
+    gen = path / "generation_config.json" if path is not None else None
+    if gen is not None and gen.is_file():
+        try:
+            extra = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ModelLoadError(f"{gen} is not a valid JSON object: {e}") from None
+        for i in extra if isinstance(extra, list) else ([extra] if extra is not None else []):
+            if int(i) not in ids:
+                ids.append(int(i))
+    return tuple(ids)
+
+
+def _tokenizer(path: Path | None, config: LlamaConfig, eos: tuple[int, ...]) -> TokenizerLike:
+    file = path / "tokenizer.json" if path is not None else None
+    if file is not None and file.is_file():
+        try:
+            return Tokenizer.from_file(file, config.bos_token_id, eos)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+    return ByteTokenizer(config.vocab_size, config.bos_token_id, eos)
+
+
+__all__ = ["LOAD_FORMATS", "LoadedModel", "ModelLoadError", "build_model", "load_model"]
