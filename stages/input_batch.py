@@ -1,0 +1,170 @@
+"""Persistent step inputs: host staging buffers and address-stable device buffers.
+
+Every buffer here is allocated once at its maximum size (max_num_batched_tokens,
+max_num_seqs, max blocks per sequence) and filled in place each step; device
+buffers never change address, so a CUDA graph captured over them stays valid.
+
+Requests keep a persistent row ("slot") while they run. Per-slot state lives on
+the device and is written only when it changes: the block table row when the
+request's block list changes, the sampling parameters and seed state when the
+request enters a slot. Everything else is per step and small.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .runtime.ops import BOOL, FLOAT32, INT64, Ops, Tensor
+from .sampler import PersistentSamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_tokens: int  # max_num_batched_tokens
+    max_rows: int  # max_num_seqs (also the number of persistent slots)
+    max_blocks: int  # blocks one sequence of max_model_len tokens needs
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+    vocab_size: int
+
+
+class StagingBuffer:
+    """Host arrays a step is prepared into; reused through a bounded pool."""
+
+    def __init__(self, lim: BatchLimits) -> None:
+        t, r, b = lim.max_tokens, lim.max_rows, lim.max_blocks
+        self.input_ids = np.zeros(t, np.int64)
+        self.prev_rows = np.full(t, -1, np.int64)  # row of the previous step's output, -1: host token
+        self.query_start_loc = np.zeros(r + 1, np.int64)
+        self.start_pos = np.zeros(r, np.int64)
+        self.seq_lens = np.zeros(r, np.int64)
+        self.row_slots = np.zeros(r, np.int64)
+        self.sample_mask = np.zeros(r, np.bool_)
+        # requests entering a slot this step
+        self.new_slots = np.zeros(r, np.int64)
+        self.new_temperature = np.zeros(r, np.float32)
+        self.new_top_p = np.ones(r, np.float32)
+        self.new_top_k = np.zeros(r, np.int64)
+        self.new_seed_state = np.zeros(r, np.int64)
+        # block-table rows that changed this step
+        self.table_slots = np.zeros(r, np.int64)
+        self.table_rows = np.zeros((r, b), np.int64)
+
+
+class StagingPool:
+    """A fixed number of staging buffers: the bound on steps prepared but not collected."""
+
+    def __init__(self, lim: BatchLimits, depth: int) -> None:
+        if depth < 1:
+            raise ValueError(f"staging depth must be >= 1, got {depth}")
+        self._free = [StagingBuffer(lim) for _ in range(depth)]
+        self._lock = threading.Lock()  # prepare and collect may run on different threads
+        self.depth = depth
+
+    def acquire(self) -> StagingBuffer:
+        with self._lock:
+            if not self._free:
+                raise RuntimeError(
+                    f"all {self.depth} staging buffers are in flight: collect a step before preparing "
+                    f"another (the pipeline must not have more than {self.depth} steps prepared)")
+            return self._free.pop()
+
+    def release(self, buf: StagingBuffer) -> None:
+        with self._lock:
+            if len(self._free) >= self.depth:
+                raise RuntimeError("staging buffer released twice")
+            self._free.append(buf)
+
+    @property
+    def available(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+
+@dataclass(slots=True)
+class StagedCounts:
+    """How much of a staging buffer one step uses (host facts, no device reads)."""
+
+    num_tokens: int
+    num_rows: int
+    num_new: int
+    num_tables: int
+    any_prev: bool  # some input token comes from the previous step's device output
+    query_lens: np.ndarray = field(repr=False)  # int64 [num_rows]
+    seq_lens: np.ndarray = field(repr=False)  # int64 [num_rows]
+
+
+class DeviceInputs:
+    """The persistent device side of the batch."""
+
+    def __init__(self, ops: Ops, lim: BatchLimits) -> None:
+        t, r, b = lim.max_tokens, lim.max_rows, lim.max_blocks
+        self.ops = ops
+        self.input_ids = ops.zeros([t], INT64)
+        self.prev_rows = ops.zeros([t], INT64)
+        self.query_start_loc = ops.zeros([r + 1], INT64)
+        self.start_pos = ops.zeros([r], INT64)
+        self.seq_lens = ops.zeros([r], INT64)
+        self.row_slots = ops.zeros([r], INT64)
+        self.sample_mask = ops.zeros([r], BOOL)
+        self.block_tables = ops.zeros([r, b], INT64)  # by slot
+        self.sampling = PersistentSamplingParams(ops, r)  # by slot
+        self.prev_sampled = ops.zeros([r], INT64)  # the last step's sampled ids, by its row
+        # landing areas for the per-slot updates, scattered into place from here
+        self._new_slots = ops.zeros([r], INT64)
+        self._new_f32 = ops.zeros([r], FLOAT32)
+        self._new_i64 = ops.zeros([r], INT64)
+        self._table_slots = ops.zeros([r], INT64)
+        self._table_rows = ops.zeros([r, b], INT64)
+
+    def persistent_tensors(self) -> dict[str, Tensor]:
+        """Every buffer whose address must never change (tests check it)."""
+        s = self.sampling
+        return {
+            "input_ids": self.input_ids, "prev_rows": self.prev_rows, "query_start_loc": self.query_start_loc,
+            "start_pos": self.start_pos, "seq_lens": self.seq_lens, "row_slots": self.row_slots,
+            "sample_mask": self.sample_mask, "block_tables": self.block_tables,
+            "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed_state": s.seed_state,
+            "prev_sampled": self.prev_sampled,
+        }
+
+    def load(self, buf: StagingBuffer, n: StagedCounts) -> None:
+        """Copies a staged step in place: per-step arrays, then the changed slots."""
+        ops = self.ops
+        t, r = n.num_tokens, n.num_rows
+        ops.copy_from_host_(self.input_ids, buf.input_ids[:t])
+        ops.copy_from_host_(self.query_start_loc, buf.query_start_loc[: r + 1])
+        ops.copy_from_host_(self.start_pos, buf.start_pos[:r])
+        ops.copy_from_host_(self.seq_lens, buf.seq_lens[:r])
+        ops.copy_from_host_(self.row_slots, buf.row_slots[:r])
+        ops.copy_from_host_(self.sample_mask, buf.sample_mask[:r])
+        if n.any_prev:
+            # decode inputs sampled by the previous launch, taken on the device
+            ops.copy_from_host_(self.prev_rows, buf.prev_rows[:t])
+            prev = self.prev_rows[:t]
+            taken = ops.index_select(self.prev_sampled, ops.maximum(prev, 0))
+            ops.copy_(self.input_ids, ops.where(ops.ge(prev, 0), taken, self.input_ids[:t]))
+        if n.num_tables:
+            k = n.num_tables
+            ops.copy_from_host_(self._table_slots, buf.table_slots[:k])
+            ops.copy_from_host_(self._table_rows, buf.table_rows[:k])
+            ops.scatter_rows_(self.block_tables, self._table_slots[:k], self._table_rows[:k])
+        if n.num_new:
+            self._load_new_slots(buf, n.num_new)
+
+    def _load_new_slots(self, buf: StagingBuffer, k: int) -> None:
+        ops, s = self.ops, self.sampling
+        ops.copy_from_host_(self._new_slots, buf.new_slots[:k])
+        slots = self._new_slots[:k]
+        for dst, src, landing in (
+            (s.temperature, buf.new_temperature, self._new_f32),
+            (s.top_p, buf.new_top_p, self._new_f32),
+            (s.top_k, buf.new_top_k, self._new_i64),
+            (s.seed_state, buf.new_seed_state, self._new_i64),
+        ):
+            ops.copy_from_host_(landing, src[:k])
+            ops.scatter_rows_(dst, slots, landing[:k])

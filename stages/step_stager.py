@@ -1,0 +1,163 @@
+"""Host side of a step: SchedulerOutput -> a filled staging buffer, no device work.
+
+Keeps the host's view of the persistent batch: which slot each running request
+holds, a mirror of every slot's block table (to copy only the rows that
+changed), and which output row each request had in the previously staged step
+(where a decode's `from_prev_step` input token will be found on the device).
+Steps must be launched in the order they are staged; the runner checks that.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+
+from .input_batch import BatchLimits, StagedCounts, StagingBuffer
+from .sampler import seed_state
+from .step_types import MAX_LOGPROBS, ScheduledRow, SchedulerOutput
+
+
+class StepStager:
+    def __init__(self, lim: BatchLimits) -> None:
+        self.lim = lim
+        self.slots: dict[int, int] = {}  # req_id -> persistent slot
+        self._free = list(range(lim.max_rows))  # a heap: lowest free slot first, deterministic
+        self._tables = np.zeros((lim.max_rows, lim.max_blocks), np.int64)  # mirror of the device tables
+        self._table_lens = np.zeros(lim.max_rows, np.int64)
+        self._prev_rows: dict[int, int] = {}  # req_id -> its row in the last staged step (rows that sampled)
+
+    def stage(self, so: SchedulerOutput, buf: StagingBuffer) -> StagedCounts:
+        self._validate(so)
+        for req_id in so.freed_req_ids:
+            self._release(req_id)
+        num_new = num_tables = token = 0
+        any_prev = False
+        qlens = np.empty(len(so.rows), np.int64)
+        for i, row in enumerate(so.rows):
+            slot, new = self._slot_for(row.req_id)
+            n = row.num_tokens
+            if row.from_prev_step:
+                buf.input_ids[token] = 0  # placeholder, replaced on the device
+                buf.prev_rows[token] = self._prev_rows[row.req_id]
+                any_prev = True
+            else:
+                buf.input_ids[token: token + n] = row.token_ids
+                buf.prev_rows[token: token + n] = -1
+            buf.query_start_loc[i] = token
+            buf.start_pos[i] = row.start_pos
+            buf.seq_lens[i] = row.start_pos + n
+            buf.row_slots[i] = slot
+            buf.sample_mask[i] = row.sample
+            qlens[i] = n
+            token += n
+            if new:
+                self._stage_params(buf, num_new, slot, row)
+                num_new += 1
+            if new or self._table_changed(slot, row.block_ids):
+                self._stage_table(buf, num_tables, slot, row.block_ids)
+                num_tables += 1
+        buf.query_start_loc[len(so.rows)] = token
+        self._prev_rows = {row.req_id: i for i, row in enumerate(so.rows) if row.sample}
+        r = len(so.rows)
+        return StagedCounts(token, r, num_new, num_tables, any_prev, qlens, buf.seq_lens[:r].copy())
+
+    def stage_empty(self, so: SchedulerOutput) -> StagedCounts:
+        """A step without rows still frees the rows of requests that left."""
+        for req_id in so.freed_req_ids:
+            self._release(req_id)
+        empty = np.zeros(0, np.int64)
+        return StagedCounts(0, 0, 0, 0, False, empty, empty)
+
+    # --- slots ----------------------------------------------------------------
+    def _slot_for(self, req_id: int) -> tuple[int, bool]:
+        slot = self.slots.get(req_id)
+        if slot is not None:
+            return slot, False
+        if not self._free:
+            raise RuntimeError(
+                f"no free persistent row for request {req_id}: {self.lim.max_rows} requests (max_num_seqs) "
+                "hold one; list finished, aborted and preempted requests in freed_req_ids")
+        slot = heapq.heappop(self._free)
+        self.slots[req_id] = slot
+        return slot, True
+
+    def _release(self, req_id: int) -> None:
+        slot = self.slots.pop(req_id, None)
+        if slot is not None:
+            self._table_lens[slot] = 0
+            heapq.heappush(self._free, slot)
+
+    def _table_changed(self, slot: int, block_ids: list[int]) -> bool:
+        n = len(block_ids)
+        return n != self._table_lens[slot] or not np.array_equal(self._tables[slot, :n], block_ids)
+
+    def _stage_table(self, buf: StagingBuffer, k: int, slot: int, block_ids: list[int]) -> None:
+        n = len(block_ids)
+        self._tables[slot, :n] = block_ids
+        self._tables[slot, n:] = 0  # unused entries point at block 0, never read past seq_len
+        self._table_lens[slot] = n
+        buf.table_slots[k] = slot
+        buf.table_rows[k] = self._tables[slot]
+
+    @staticmethod
+    def _stage_params(buf: StagingBuffer, k: int, slot: int, row: ScheduledRow) -> None:
+        p = row.params
+        buf.new_slots[k] = slot
+        buf.new_temperature[k] = p.temperature
+        buf.new_top_p[k] = p.top_p
+        buf.new_top_k[k] = p.top_k
+        # (seed, output_index): a request re-entering after preemption resumes its stream
+        buf.new_seed_state[k] = seed_state(row.seed, row.output_index)
+
+    # --- validation (before any state changes) -----------------------------------
+    def _validate(self, so: SchedulerOutput) -> None:
+        lim = self.lim
+        if len(so.rows) > lim.max_rows:
+            raise ValueError(f"SchedulerOutput has {len(so.rows)} rows; max_num_seqs is {lim.max_rows}")
+        total = so.num_tokens
+        if total > lim.max_tokens:
+            raise ValueError(f"SchedulerOutput has {total} tokens; max_num_batched_tokens is {lim.max_tokens}")
+        seen: set[int] = set()
+        freed = set(so.freed_req_ids)
+        for row in so.rows:
+            if row.req_id in seen:
+                raise ValueError(f"request {row.req_id} appears twice in one step")
+            seen.add(row.req_id)
+            self._validate_row(row, freed)
+
+    def _validate_row(self, row: ScheduledRow, freed: set[int]) -> None:
+        lim, rid, n = self.lim, row.req_id, row.num_tokens
+        if n < 1:
+            raise ValueError(f"request {rid}: token_ids is empty")
+        if row.start_pos < 0:
+            raise ValueError(f"request {rid}: start_pos must be >= 0, got {row.start_pos}")
+        if row.start_pos + n > lim.max_model_len:
+            raise ValueError(f"request {rid}: start_pos {row.start_pos} + {n} tokens exceeds "
+                             f"max_model_len {lim.max_model_len}")
+        need = -(-(row.start_pos + n) // lim.block_size)
+        if len(row.block_ids) < need:
+            raise ValueError(f"request {rid}: block_ids has {len(row.block_ids)} blocks, positions up to "
+                             f"{row.start_pos + n} need {need}")
+        if len(row.block_ids) > lim.max_blocks:
+            raise ValueError(f"request {rid}: block_ids has {len(row.block_ids)} blocks; at most "
+                             f"{lim.max_blocks} fit max_model_len")
+        if row.block_ids and (min(row.block_ids) < 0 or max(row.block_ids) >= lim.num_blocks):
+            raise ValueError(f"request {rid}: block_ids must lie in [0, {lim.num_blocks})")
+        if row.from_prev_step:
+            if n != 1:
+                raise ValueError(f"request {rid}: from_prev_step rows carry one placeholder token, got {n}")
+            if rid not in self._prev_rows or rid in freed or rid not in self.slots:
+                raise ValueError(f"request {rid}: from_prev_step, but it did not sample in the previous step")
+        elif min(row.token_ids) < 0 or max(row.token_ids) >= lim.vocab_size:
+            raise ValueError(f"request {rid}: token_ids must lie in [0, {lim.vocab_size})")
+        p = row.params
+        if not (math.isfinite(p.temperature) and p.temperature >= 0):
+            raise ValueError(f"request {rid}: temperature must be a finite number >= 0, got {p.temperature}")
+        if not (0.0 < p.top_p <= 1.0):
+            raise ValueError(f"request {rid}: top_p must lie in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise ValueError(f"request {rid}: top_k must be >= 0 (0 = off), got {p.top_k}")
+        if not (0 <= p.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"request {rid}: logprobs must lie in 0..{MAX_LOGPROBS}, got {p.logprobs}")
