@@ -610,14 +610,14 @@ def test_killed_producer_is_reported_gone(tmp_path, children):
     p = str(tmp_path / "ring")
     wc = children(role="writer", path=p, records=3)
     wc.line()
-    r = RingReader(p, from_head=True, stale_after_ms=500)
+    r = RingReader(p, from_head=True, stale_after_ms=1000)
     assert [r.next(500)[1] for _ in range(3)] == [0, 1, 2]
-    assert r.next(700) == ("timeout",), "a heartbeating idle producer is not gone"
+    assert r.next(1200) == ("timeout",), "a heartbeating idle producer is not gone"
     wc.kill()
     t0 = time.monotonic()
     assert r.next(5000) == ("gone",)
-    assert time.monotonic() - t0 < 1.5
-    assert not r.closed_cleanly and r.heartbeat_age_ns > 5e8
+    assert time.monotonic() - t0 < 2.5
+    assert not r.closed_cleanly and r.heartbeat_age_ns > 1e9
     assert r.next(300) == ("timeout",), "gone is reported once"
     w = RingWriter(p, CAP)  # the dead producer's ring is taken over
     assert r.next(500) == ("epoch", w.epoch)

@@ -465,11 +465,14 @@ static inline void ovl__publish_cursor(ovl_reader *r)
 }
 
 /* Claims a free slot (CAS active 0 -> 1, then cursor, then pid). The
- * producer ignores a slot whose pid is still 0 and uses its own tail in its
- * place, so after publishing pid we fence and re-read tail: either the
- * producer saw our pid, or we see a tail at least as new as the one it used
- * (Dekker). The caller then sets the real cursor from positions read after
- * this returns. */
+ * cursor starts at head, the most the producer can still be asked to keep,
+ * and the caller moves it to where reading really starts. The producer
+ * ignores a slot whose pid is still 0 and uses its own tail in its place;
+ * the seq_cst store and fence pair with the producer's fence before its
+ * scan (Dekker), so either it sees our pid or we position ourselves after
+ * reading a tail at least as new as the one it used. A from-head reader may
+ * therefore still lose records written before its slot became visible; the
+ * loss is reported like any other. */
 static inline int ovl__claim_slot(ovl_reader *r)
 {
     const uint32_t pid = (uint32_t)getpid();
@@ -480,7 +483,7 @@ static inline int ovl__claim_slot(ovl_reader *r)
         if (__atomic_compare_exchange_n(ovl__u32(s, OVL_SLOT_OFF_ACTIVE), &expect, 1u, 0,
                                         __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
             __atomic_store_n(ovl__u64(s, OVL_SLOT_OFF_CURSOR),
-                             __atomic_load_n(ovl__u64(r->base, OVL_OFF_TAIL), __ATOMIC_ACQUIRE),
+                             __atomic_load_n(ovl__u64(r->base, OVL_OFF_HEAD), __ATOMIC_ACQUIRE),
                              __ATOMIC_RELAXED);
             __atomic_store_n(ovl__u32(s, OVL_SLOT_OFF_PID), pid, __ATOMIC_SEQ_CST);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
