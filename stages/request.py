@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Sequence
+from typing import AbstractSet, Sequence
 
 from .step_types import MAX_LOGPROBS, FinishReason, SamplingParams
 
@@ -168,3 +168,36 @@ def validate_request(
     _check_token_ids("stop_token_ids", p.stop_token_ids, vocab_size)
     if p.seed is not None and (isinstance(p.seed, bool) or not 0 <= p.seed <= U64_MAX):
         raise InvalidRequest("seed", f"must be in 0..2**64-1 or null, got {p.seed!r}")
+
+
+def validate_fits_cache(num_prompt: int, max_tokens: int, cache_tokens: int) -> None:
+    """Refuse a request larger than the whole KV cache: it would preempt
+    everyone and then itself, forever."""
+    if num_prompt > cache_tokens:
+        raise InvalidRequest("prompt", f"the prompt has {num_prompt} tokens but the KV cache holds {cache_tokens}")
+    # The last output's KV is never computed: prompt + max_tokens - 1 positions.
+    if num_prompt + max_tokens - 1 > cache_tokens:
+        raise InvalidRequest(
+            "max_tokens",
+            f"prompt ({num_prompt}) + max_tokens ({max_tokens}) needs more KV than the cache "
+            f"holds ({cache_tokens} tokens); use max_tokens <= {cache_tokens - num_prompt + 1}",
+        )
+
+
+def token_stop_reason(
+    req: Request, token: int, eos_token_ids: AbstractSet[int], max_model_len: int
+) -> FinishReason | None:
+    """The token-level stop conditions, checked after `token` was appended.
+
+    Stop strings are text-level: the output processor checks those.
+    """
+    p = req.params
+    if not p.ignore_eos and token in eos_token_ids:
+        return FinishReason.EOS
+    if token in p.stop_token_ids:
+        return FinishReason.STOP
+    if len(req.output_token_ids) >= p.max_tokens:
+        return FinishReason.LENGTH
+    if req.num_prompt_tokens + len(req.output_token_ids) >= max_model_len:
+        return FinishReason.LENGTH
+    return None

@@ -34,7 +34,15 @@ from typing import Iterable, Sequence
 
 from .block_manager import BlockManager
 from .engine_config import EngineConfig
-from .request import U64_MAX, InvalidRequest, Request, RequestStatus, validate_request
+from .request import (
+    U64_MAX,
+    InvalidRequest,
+    Request,
+    RequestStatus,
+    token_stop_reason,
+    validate_fits_cache,
+    validate_request,
+)
 from .step_types import FinishReason, SamplingParams, ScheduledRow, SchedulerOutput, StepOutput
 
 
@@ -119,7 +127,8 @@ class Scheduler:
         if req_id in self._requests:
             raise InvalidRequest("request_id", f"request {req_id} is already live")
         validate_request(prompt_ids, params, self.vocab_size, self.max_model_len)
-        self._check_fits_cache(len(prompt_ids), params.max_tokens)
+        bm = self.block_manager
+        validate_fits_cache(len(prompt_ids), params.max_tokens, bm.num_blocks * bm.block_size)
         if len(self.waiting) >= self.max_waiting:
             raise SchedulerFull(f"{len(self.waiting)} requests are already waiting (the bound)")
         # Drawn only for admitted requests, in admission order: the same
@@ -130,21 +139,6 @@ class Scheduler:
         self.waiting.append(req)
         self._requests[req_id] = req
         return req
-
-    def _check_fits_cache(self, num_prompt: int, max_tokens: int) -> None:
-        # A request larger than the whole cache would preempt everyone and
-        # then itself, forever.
-        bm = self.block_manager
-        capacity = bm.num_blocks * bm.block_size
-        if num_prompt > capacity:
-            raise InvalidRequest("prompt", f"the prompt has {num_prompt} tokens but the KV cache holds {capacity}")
-        # The last output's KV is never computed: prompt + max_tokens - 1 positions.
-        if num_prompt + max_tokens - 1 > capacity:
-            raise InvalidRequest(
-                "max_tokens",
-                f"prompt ({num_prompt}) + max_tokens ({max_tokens}) needs more KV than the cache "
-                f"holds ({capacity} tokens); use max_tokens <= {capacity - num_prompt + 1}",
-            )
 
     def abort(self, req_id: int) -> bool:
         """Finish a request now and free its blocks; False if it is unknown or already finished."""
@@ -216,22 +210,21 @@ class Scheduler:
         scheduled: set[int] = set()
         preempted = False
 
-        # Pass 1: decodes. Preemption victims come from the end of `running`,
-        # which pass 1 has not reached yet, so no scheduled row is undone.
-        i = 0
-        while i < len(self.running):
-            req = self.running[i]
+        # Pass 1: decodes. A victim is never a row already in this step: it
+        # is a request whose last output is in flight, or one later in
+        # arrival order, which this pass has not reached yet.
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted for an earlier decode
             if req.num_tokens_to_compute != 1 or req.num_outputs >= req.params.max_tokens:
-                i += 1  # a prefill (pass 2), or its last output is already in flight
-                continue
+                continue  # a prefill (pass 2), or its last output is already in flight
             n, did_preempt = self._make_room(req, 1, scheduled, allow_self=True)
             preempted |= did_preempt
             if req.status is not RequestStatus.RUNNING:
-                continue  # it preempted itself (it was the latest); index i now holds the next one
+                continue  # it preempted itself: it was the latest
             rows.append(self._row(req, n, step_id))
             scheduled.add(req.req_id)
             budget -= n
-            i += 1
 
         # Pass 2: prompts already started continue (chunked prefill).
         for req in list(self.running):
@@ -376,23 +369,11 @@ class Scheduler:
             # and recomputes it with the rest when it runs again.
             token = int(out.sampled[i])
             req.output_token_ids.append(token)
-            reason = self._stop_reason(req, token)
+            reason = token_stop_reason(req, token, self.eos_token_ids, self.max_model_len)
             if reason is not None:
                 self._finish(req, reason)
             accepted.append(SampledToken(req, req.req_id, i, token, row.output_index, reason))
         return accepted
-
-    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
-        p = req.params
-        if not p.ignore_eos and token in self.eos_token_ids:
-            return FinishReason.EOS
-        if token in p.stop_token_ids:
-            return FinishReason.STOP
-        if len(req.output_token_ids) >= p.max_tokens:
-            return FinishReason.LENGTH
-        if req.num_prompt_tokens + len(req.output_token_ids) >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
 
     # ---- state changes ---------------------------------------------------
 

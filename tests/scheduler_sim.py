@@ -117,6 +117,10 @@ def check_step(sched: Scheduler, so: SchedulerOutput) -> None:
     for r in so.rows:  # freed and scheduled again only as a fresh start (runner frees first)
         assert r.req_id not in so.freed_req_ids or r.start_pos == 0
     assert len(sched.running) <= cfg.max_num_seqs
+    in_rows = {r.req_id for r in so.rows}
+    for r in sched.running:  # decodes first: only prefills and finished-in-flight ones may wait
+        if r.req_id not in in_rows:
+            assert r.num_tokens_to_compute > 1 or r.num_outputs >= r.params.max_tokens, f"decode skipped: {r}"
     for r in so.rows:
         assert r.num_tokens >= 1
         assert len(r.block_ids) * cfg.block_size >= r.start_pos + r.num_tokens
