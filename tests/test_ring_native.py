@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from overlapd.kernels._native import RingError, RingReader, RingWriter
 
@@ -442,6 +444,45 @@ def test_reader_starting_at_tail_learns_the_next_seq(tmp_path):
     w.close()
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.one_of(st.tuples(st.just("pub"), st.integers(0, 20000)),
+                              st.tuples(st.just("read"), st.integers(1, 50))), max_size=120))
+def test_any_interleaving_delivers_intact_bodies_and_exact_losses(tmp_path, ops):
+    p = str(tmp_path / "ring")
+    w = RingWriter(p, CAP)
+    r = RingReader(p)
+    bodies, seqs, lost = {}, [], []
+
+    def handle(ev):
+        if ev[0] == "record":
+            body = bodies[ev[1]]
+            assert ev[4] == body + bytes(-len(body) % 8)
+            seqs.append(ev[1])
+        else:
+            assert ev[0] == "lost" and (not seqs or ev[1] > seqs[-1])
+            lost.append(ev[1:])
+
+    for op, n in ops:
+        if op == "pub":
+            seq = w.next_seq
+            bodies[seq] = seq.to_bytes(8, "little") * (n // 8) + b"z" * (n % 8)
+            assert w.publish(bodies[seq]) == seq
+        else:
+            for _ in range(n):
+                ev = r.next(0)
+                if ev[0] == "timeout":
+                    break
+                handle(ev)
+    while (ev := r.next(0))[0] != "timeout":
+        handle(ev)
+    assert_exact_cover(seqs, lost, w.next_seq)
+    assert r.lost_total == w.next_seq - len(seqs)
+    if w.next_seq:
+        records(p)  # head..tail walks cleanly
+    w.close()
+    r.close()
+
+
 def test_record_larger_than_the_initial_buffer(tmp_path):
     p = str(tmp_path / "ring")
     w = RingWriter(p, 4 * CAP)
@@ -483,6 +524,24 @@ def test_epoch_change_in_place_and_by_replacement(tmp_path):
     r.close()
     with pytest.raises(ValueError, match="closed"):
         r.next(0)
+
+
+def test_records_of_a_new_epoch_skipped_by_the_resync_are_reported_lost(tmp_path):
+    """SPEC 1.4.5: on an epoch change the reader resyncs at tail. The new
+    epoch's seqs start at 0, so what it skipped shows as an exact loss."""
+    p = str(tmp_path / "ring")
+    w = RingWriter(p, CAP)
+    r = RingReader(p)
+    w.close(clean=False)
+    w = RingWriter(p, CAP)
+    for _ in range(3):
+        w.publish(b"before the reader looked")
+    assert r.next(100) == ("epoch", w.epoch)
+    assert r.next(0) == ("timeout",)
+    w.publish(b"after")
+    assert r.next(100) == ("lost", 0, 2)
+    assert r.next(100)[:2] == ("record", 3)
+    w.close()
 
 
 def test_clean_close_is_reported_once_after_everything_was_read(tmp_path):
