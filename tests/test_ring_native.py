@@ -802,3 +802,34 @@ def test_bad_paths_raise_ring_error(tmp_path):
         RingWriter(str(tmp_path), CAP)  # a directory is not a ring file
     with pytest.raises(RingError):
         RingWriter(str(tmp_path / "no" / "such" / "dir"), CAP)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_garbage_in_a_valid_header_never_crashes_a_reader(tmp_path, seed):
+    """Positions and records that make no sense are reported, never followed
+    out of bounds."""
+    rng = np.random.default_rng(seed)
+    hdr = bytearray(_valid_header())
+    tail = int(rng.integers(1, 4 * CAP)) // 8 * 8
+    head = int(rng.integers(0, tail + 1)) // 8 * 8
+    struct.pack_into("<Q", hdr, 64, tail)
+    struct.pack_into("<Q", hdr, 128, tail + int(rng.integers(0, 2)) * 8)
+    struct.pack_into("<Q", hdr, 192, head)
+    struct.pack_into("<Q", hdr, 320, time.monotonic_ns())
+    data = bytearray(rng.integers(0, 256, CAP, dtype=np.uint8).tobytes())
+    for off in rng.integers(0, CAP // 8, 200) * 8:  # sprinkle plausible-looking lengths
+        struct.pack_into("<IH", data, int(off), int(rng.integers(0, 64)) * 8, int(rng.integers(0, 3)))
+    path = tmp_path / "garbage"
+    path.write_bytes(bytes(hdr) + bytes(data))
+    for from_head in (False, True):
+        r = RingReader(str(path), from_head=from_head, stale_after_ms=100_000)
+        for _ in range(200):
+            try:
+                ev = r.next(0)
+            except RingError as e:
+                assert "malformed" in str(e)
+                continue
+            if ev[0] == "timeout":
+                break
+            assert ev[0] in ("record", "lost")
+        r.close()

@@ -28,6 +28,24 @@
  *
  * Threading: an ovl_reader belongs to one thread at a time. Any number of
  * readers, in any number of processes, may read one ring.
+ *
+ * What a reader reports, and why:
+ *  - RECORD bodies are the record minus its 24-byte header, so their length
+ *    is a multiple of 8 (STEP bodies end in their own pad).
+ *  - Every gap in seq is reported as LOST [first, last] before the record
+ *    that revealed it, so received seqs and lost ranges cover every seq once.
+ *    A reader that starts live learns the seq due at tail by walking the
+ *    intact records, so even a lap before its first record is exact.
+ *  - EPOCH: the producer restarted (in place, or by replacing the file, which
+ *    an idle reader notices by stat()ing the path every 100 ms). Reading
+ *    resumes at tail as SPEC 1.4.5 says; the new epoch counts from seq 0, so
+ *    records it wrote before the reader looked come out as LOST [0, n-1].
+ *  - The file is mapped read-only. When the reader may write the file it
+ *    also maps the first page writable, solely to count itself in `waiters`
+ *    (SPEC: the producer wakes only registered sleepers); otherwise, or with
+ *    OVL_STRICT_RDONLY, it polls at most 1 ms apart.
+ *  - Not handled: a file truncated under a live mapping raises SIGBUS, as
+ *    with any mmap. The producer never does that (it replaces the file).
  */
 #ifndef OVERLAPD_RING_H
 #define OVERLAPD_RING_H
