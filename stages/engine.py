@@ -67,8 +67,9 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                    req_id: int | None = None) -> int:
+    def add_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, req_id: int | None = None
+    ) -> int:
         """Admit a request; raises InvalidRequest naming the bad field."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if req_id is None:
@@ -131,7 +132,7 @@ class LLMEngine:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         results: dict[int, GenerateResult] = {}
         order = []
-        for prompt, sp in zip(prompts, params):
+        for prompt, sp in zip(prompts, params, strict=True):
             rid = self.add_request(prompt, sp)
             req = self.scheduler.get_request(rid)
             assert req is not None

@@ -273,9 +273,7 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _make_room(
-        self, req: Request, want: int, scheduled: set[int], *, allow_self: bool
-    ) -> tuple[int, bool]:
+    def _make_room(self, req: Request, want: int, scheduled: set[int], *, allow_self: bool) -> tuple[int, bool]:
         """Allocate blocks for up to `want` new positions of `req`; (positions got, preempted?).
 
         Preempts only when not a single position fits: a request whose last

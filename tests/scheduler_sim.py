@@ -16,7 +16,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from overlapd.stages.scheduler import SampledToken, Scheduler
 from overlapd.stages.step_types import FinishReason, SamplingParams, SchedulerOutput, StepOutput
 
@@ -155,10 +154,19 @@ def run_sync(sched: Scheduler, dev: SimDevice, max_iters: int = 100_000, between
     raise AssertionError("sync run did not finish")
 
 
-def run_overlap(sched: Scheduler, dev: SimDevice, max_iters: int = 100_000, between=None, min_iters: int = 0) -> RunLog:
-    """One step in flight: schedule and launch N+1 before applying N's outputs."""
+def run_overlap(
+    sched: Scheduler,
+    dev: SimDevice,
+    max_iters: int = 100_000,
+    between=None,
+    min_iters: int = 0,
+    in_flight: tuple[SchedulerOutput, StepOutput] | None = None,
+) -> RunLog:
+    """One step in flight: schedule and launch N+1 before applying N's outputs.
+
+    `in_flight` continues a run a test drove by hand up to some step.
+    """
     log = RunLog()
-    in_flight: tuple[SchedulerOutput, StepOutput] | None = None
     for it in range(max_iters):
         if between is not None:
             between(it)

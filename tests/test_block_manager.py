@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from overlapd.stages.block_manager import BlockError, BlockManager
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from tokenizers import Tokenizer
-
 from overlapd.stages.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from tiny_bpe import CORPUS, tiny_bpe
+from tokenizers import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-
 from overlapd.stages.engine import LLMEngine
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.model.reference import reference_logits
@@ -136,7 +135,9 @@ def test_stop_string_from_the_text_ends_the_request(baseline) -> None:
     text = baseline[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), "pick a stop string with visible characters"
-    (res,) = engine(False).generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=20, stop=(stop,), ignore_eos=True))
+    (res,) = engine(False).generate(
+        [PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=20, stop=(stop,), ignore_eos=True)
+    )
     assert res.finish_reason is FinishReason.STOP
     assert res.text == text[: text.find(stop)]
     assert res.token_ids == baseline[0].token_ids[: len(res.token_ids)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from overlapd.kernels.meta import pack_step, unpack_step
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.output_processor import OutputProcessor, RequestOutput
@@ -116,7 +115,9 @@ def test_stop_string_finishes_frees_blocks_and_truncates(overlap: bool) -> None:
 def test_logprobs_trimmed_per_request_and_ring_rows_round_trip() -> None:
     proc, dev = make(eos=(), budget=16)  # request 1's prompt takes several chunks
     sched = proc.scheduler
-    sched.add_request(1, prompt("hello world, hello there and more " * 3), SamplingParams(max_tokens=3, logprobs=2, seed=1))
+    sched.add_request(
+        1, prompt("hello world, hello there and more " * 3), SamplingParams(max_tokens=3, logprobs=2, seed=1)
+    )
     sched.add_request(2, prompt("ok"), SamplingParams(max_tokens=2, seed=2))
     sched.add_request(3, prompt("naïve"), SamplingParams(max_tokens=1, logprobs=5, seed=3))
     results = list(run(proc, dev, overlap=True, k=5))
@@ -138,7 +139,9 @@ def test_logprobs_trimmed_per_request_and_ring_rows_round_trip() -> None:
                 (lp,) = o.logprobs
                 assert lp.token_id == o.new_token_ids[0] and lp.rank == out.ranks[i]
                 assert lp.logprob == pytest.approx(out.logprobs[i, 0])
-                assert lp.top == [(int(out.top_ids[i, c]), pytest.approx(float(out.logprobs[i, c + 1]))) for c in range(asked)]
+                assert lp.top == [
+                    (int(out.top_ids[i, c]), pytest.approx(float(out.logprobs[i, c + 1]))) for c in range(asked)
+                ]
         if ring.bsz:
             view = unpack_step(pack_step(**ring.columns()))
             assert view.step_id == so.step_id and view.k == 5 and view.T == 1

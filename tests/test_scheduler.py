@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.request import RequestStatus
 from overlapd.stages.scheduler import Scheduler
@@ -69,7 +68,10 @@ def add_all(sched: Scheduler, specs: list[tuple[int, SamplingParams]]) -> dict:
 @pytest.mark.parametrize("runner", [run_sync, run_overlap])
 def test_budgets_respected_and_outputs_match_reference(runner) -> None:
     sched, dev = make(max_num_seqs=4, max_num_batched_tokens=16)
-    specs = [(n, greedy(12) if i % 2 else SamplingParams(max_tokens=12, seed=i)) for i, n in enumerate([3, 40, 9, 17, 1, 25, 5, 33])]
+    specs = [
+        (n, greedy(12) if i % 2 else SamplingParams(max_tokens=12, seed=i))
+        for i, n in enumerate([3, 40, 9, 17, 1, 25, 5, 33])
+    ]
     reqs = add_all(sched, specs)
     log = runner(sched, dev)  # check_step asserts both budgets on every step
     assert max(s.num_tokens for s in log.steps) == 16
@@ -120,7 +122,9 @@ def test_without_chunking_a_prompt_runs_whole_or_waits() -> None:
 def test_preemption_recomputes_to_the_same_outputs(runner) -> None:
     # 12 blocks of 4 = 48 positions for 6 requests that need up to 30 each.
     sched, dev = make(num_blocks=12, block_size=4, max_num_batched_tokens=16, max_num_seqs=6)
-    specs = [(n, SamplingParams(max_tokens=14, seed=100 + i, ignore_eos=True)) for i, n in enumerate([10, 16, 3, 12, 7, 9])]
+    specs = [
+        (n, SamplingParams(max_tokens=14, seed=100 + i, ignore_eos=True)) for i, n in enumerate([10, 16, 3, 12, 7, 9])
+    ]
     reqs = add_all(sched, specs)
     log = runner(sched, dev)
     assert sched.stats.num_preemptions > 0
@@ -217,7 +221,7 @@ def test_preempted_with_output_in_flight_keeps_it_fastdeploy_6176() -> None:
     sched.update(s1, o1)
     assert b.output_token_ids == [int(o1.sampled[1])]  # saved, not lost
     assert b.num_placeholders == 0 and b.num_computed_tokens == 0
-    rest = run_overlap_from(sched, dev, (s2, o2))
+    rest = run_overlap(sched, dev, in_flight=(s2, o2))
     tokens_b = [int(o1.sampled[1])] + rest.tokens.get(2, [])
     want_b, _ = reference_tokens(pb, b.params, b.seed, VOCAB, set())
     assert tokens_b == want_b
@@ -230,23 +234,6 @@ def test_preempted_with_output_in_flight_keeps_it_fastdeploy_6176() -> None:
     assert sum((r.token_ids for r in resumed), []) == pb + [int(o1.sampled[1])]
     want_a, _ = reference_tokens(pa, a.params, a.seed, VOCAB, set())
     assert [int(o1.sampled[0])] + rest.tokens[1] == want_a
-
-
-def run_overlap_from(sched: Scheduler, dev: SimDevice, in_flight: tuple):
-    from scheduler_sim import RunLog, check_step
-
-    log = RunLog()
-    while sched.has_work() or in_flight is not None:
-        so = sched.schedule()
-        launched = None
-        if not so.is_empty:
-            check_step(sched, so)
-            log.steps.append(so)
-            launched = (so, dev.run(so))
-        if in_flight is not None:
-            log.record(sched.update(*in_flight))
-        in_flight = launched
-    return log
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3])
@@ -295,8 +282,15 @@ def test_step_output_must_match_the_step() -> None:
     sched, dev = make()
     sched.add_request(1, prompt(4), greedy())
     so = sched.schedule()
-    bad = StepOutput(step_id=so.step_id, req_ids=np.zeros(2, np.uint64), sampled=np.zeros(2, np.int32), k=0,
-                     logprobs=None, top_ids=None, ranks=None)
+    bad = StepOutput(
+        step_id=so.step_id,
+        req_ids=np.zeros(2, np.uint64),
+        sampled=np.zeros(2, np.int32),
+        k=0,
+        logprobs=None,
+        top_ids=None,
+        ranks=None,
+    )
     with pytest.raises(ValueError):
         sched.update(so, bad)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.request import InvalidRequest, validate_request
 from overlapd.stages.scheduler import Scheduler, SchedulerFull
@@ -56,8 +55,14 @@ def test_bad_field_is_named(prompt, params, field, words) -> None:
 
 def test_good_requests_pass() -> None:
     validate_request([1] * 20, SamplingParams(max_tokens=12), VOCAB, CTX)  # exactly fills the context
-    validate_request([0, 99], SamplingParams(temperature=0, top_p=1.0, top_k=5, logprobs=20, seed=(1 << 64) - 1,
-                                             stop=("\n",), stop_token_ids=(99,)), VOCAB, CTX)
+    validate_request(
+        [0, 99],
+        SamplingParams(
+            temperature=0, top_p=1.0, top_k=5, logprobs=20, seed=(1 << 64) - 1, stop=("\n",), stop_token_ids=(99,)
+        ),
+        VOCAB,
+        CTX,
+    )
 
 
 def test_scheduler_rejects_what_can_never_fit_the_cache_and_bounds_waiting() -> None:
@@ -80,7 +85,13 @@ def test_scheduler_rejects_what_can_never_fit_the_cache_and_bounds_waiting() -> 
 
 def test_scheduler_config_checks() -> None:
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        Scheduler(EngineConfig(max_num_seqs=8, max_num_batched_tokens=4), num_blocks=4, max_model_len=CTX, vocab_size=VOCAB)
+        Scheduler(
+            EngineConfig(max_num_seqs=8, max_num_batched_tokens=4), num_blocks=4, max_model_len=CTX, vocab_size=VOCAB
+        )
     with pytest.raises(ValueError, match="chunked prefill"):
-        Scheduler(EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, enable_chunked_prefill=False), num_blocks=4,
-                  max_model_len=CTX, vocab_size=VOCAB)
+        Scheduler(
+            EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, enable_chunked_prefill=False),
+            num_blocks=4,
+            max_model_len=CTX,
+            vocab_size=VOCAB,
+        )
