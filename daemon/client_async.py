@@ -71,10 +71,13 @@ class AsyncGenerateStream:
     async def __anext__(self) -> Event:
         if self.finished and self._queue.empty():
             raise StopAsyncIteration
-        try:
-            item = await asyncio.wait_for(self._queue.get(), self._client.timeout)
-        except asyncio.TimeoutError:
-            raise ClientTimeout(f"No frame for {self.id!r} within the timeout.") from None
+        if not self._queue.empty():
+            item = self._queue.get_nowait()  # no timer needed for what already arrived
+        else:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), self._client.timeout)
+            except asyncio.TimeoutError:
+                raise ClientTimeout(f"No frame for {self.id!r} within the timeout.") from None
         self._client._unread -= 1
         if item is _END:
             self.finished = True

@@ -108,7 +108,7 @@ class EchoEngine:
             req.aborted = True
         self._wake.set()
         while self._live and self._task is not None and not self._task.done():
-            await asyncio.sleep(0)
+            await asyncio.sleep(min(self.tick_s, 0.005))
         if self._task is not None:
             self._task.cancel()
 

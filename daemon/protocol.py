@@ -312,14 +312,18 @@ _daemon_decoder = msgspec.msgpack.Decoder(_TypedDaemonFrame)
 
 
 def decode_daemon_frame(body: bytes) -> DaemonFrame:
+    """Decode one body from the daemon; raises ProtocolViolation."""
+    try:
+        return _daemon_decoder.decode(body)  # the common case, one typed pass
+    except msgspec.ValidationError as exc:
+        first_error: Exception = exc  # may still be a (flat, untyped) stats frame
+    except Exception as exc:  # noqa: BLE001
+        raise ProtocolViolation(f"The daemon sent a body that is not MessagePack: {exc}") from exc
     try:
         obj = msgspec.msgpack.decode(body)
     except Exception as exc:  # noqa: BLE001
         raise ProtocolViolation(f"The daemon sent a body that is not MessagePack: {exc}") from exc
     if isinstance(obj, dict) and obj.get("type") == "stats":
-        counters = {k: v for k, v in obj.items() if k != "type" and isinstance(v, (int, float)) and isinstance(k, str)}
+        counters = {k: v for k, v in obj.items() if isinstance(k, str) and k != "type" and isinstance(v, (int, float))}
         return StatsFrame(counters=counters)
-    try:
-        return msgspec.convert(obj, _TypedDaemonFrame)
-    except msgspec.ValidationError as exc:
-        raise ProtocolViolation(f"The daemon sent a frame this client does not understand: {exc}") from exc
+    raise ProtocolViolation(f"The daemon sent a frame this client does not understand: {first_error}")
