@@ -16,7 +16,7 @@ import os
 import socket
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -255,7 +255,7 @@ class Client:
             raise ClientTimeout("The daemon did not take our frame in time.") from None
         except OSError as exc:
             self._salvage()
-            raise self._lost(f"The connection broke while sending: {exc.strerror or exc}.")
+            raise self._lost(f"The connection broke while sending: {exc.strerror or exc}.") from None
 
     def _salvage(self) -> None:
         """After a failed send, read what the daemon said before closing (e.g.
@@ -289,7 +289,7 @@ class Client:
         except TimeoutError:
             raise ClientTimeout("No frame from the daemon within the timeout.") from None
         except OSError as exc:
-            raise self._lost(f"The connection broke: {exc.strerror or exc}.")
+            raise self._lost(f"The connection broke: {exc.strerror or exc}.") from None
         if not data:
             raise self._lost("The daemon closed the connection.")
         bodies = self._decoder.feed(data)
