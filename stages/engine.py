@@ -87,6 +87,11 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._in_flight is not None
 
+    @property
+    def in_flight(self) -> SchedulerOutput | None:
+        """The step launched but not yet collected (overlap mode)."""
+        return self._in_flight[0] if self._in_flight is not None else None
+
     # ---- the loop ----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
