@@ -245,6 +245,7 @@ PYBIND11_MODULE(_native, m) {
              d["epochs"] = res.epochs;
              d["closed"] = res.closed;
              d["gone"] = res.gone;
+             d["elapsed_ns"] = res.last_ns - res.first_ns;  // first to last receipt
              return d;
            },
            py::arg("count"), py::arg("timeout_ms"), py::arg("verify") = true)

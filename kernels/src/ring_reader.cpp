@@ -37,6 +37,8 @@ RingReader::BenchResult RingReader::bench_consume(uint64_t count, int timeout_ms
     if (rc == OVL_EV_RECORD) {
       const int64_t now = ovl_now_ns();
       res.received++;
+      if (!res.first_ns) res.first_ns = now;
+      res.last_ns = now;
       if (res.latency_ns.size() < (1u << 22)) res.latency_ns.push_back(now - static_cast<int64_t>(ev.publish_ns));
       if (verify) {
         const uint64_t* w = buf_.data();

@@ -37,6 +37,7 @@ class RingReader {
   struct BenchResult {
     uint64_t received = 0, lost = 0, torn = 0, epochs = 0;
     bool closed = false, gone = false;
+    int64_t first_ns = 0, last_ns = 0;  // CLOCK_MONOTONIC at the first and last receipt
     std::vector<int64_t> latency_ns;  // receipt time - publish_ns, per record
   };
   // Reads until count records were received or lost, the producer closed or
