@@ -75,8 +75,7 @@ class LlamaModel:
         ]
         self.dtype = ops.dtype_of(self.embed_tokens)
         self.max_positions = max_positions
-        cos, sin = cos_sin_tables(config, max_positions)
-        self.cos, self.sin = ops.from_numpy(cos), ops.from_numpy(sin)
+        self.rope = ops.rope_tables(*cos_sin_tables(config, max_positions))
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int) -> list[Any]:
@@ -89,11 +88,12 @@ class LlamaModel:
     def forward(self, input_ids: Tensor, meta: AttentionMetadata, kv_caches: list[Any]) -> Tensor:
         """Hidden states [T, hidden] (before the final norm) for the step's tokens."""
         ops = self.ops
-        plan = ops.attention_plan(meta)
+        plan = ops.attention_plan(meta)  # built once, shared by every layer
+        rope = ops.rope_plan(meta.positions, self.rope)
         h = ops.embedding(input_ids, self.embed_tokens)
         for layer, cache in zip(self.layers, kv_caches):
             x = ops.rms_norm(h, layer.input_layernorm, self.config.rms_norm_eps)
-            h = ops.add(h, self._attention(x, layer, cache, meta, plan))
+            h = ops.add(h, self._attention(x, layer, cache, meta, plan, rope))
             x = ops.rms_norm(h, layer.post_attention_layernorm, self.config.rms_norm_eps)
             h = ops.add(h, self._mlp(x, layer))
         return h
@@ -104,14 +104,13 @@ class LlamaModel:
         x = ops.rms_norm(ops.index_select(hidden, logits_indices), self.norm, self.config.rms_norm_eps)
         return ops.cast(ops.linear(x, self.lm_head), FLOAT32)
 
-    def _attention(self, x: Tensor, layer: _Layer, cache: Any, meta: AttentionMetadata, plan: Any) -> Tensor:
+    def _attention(self, x: Tensor, layer: _Layer, cache: Any, meta: AttentionMetadata, plan: Any,
+                   rope: Any) -> Tensor:
         ops, c = self.ops, self.config
-        t = x.shape[0]
-        q, k, v = ops.split(ops.linear(x, layer.qkv_proj), [c.q_size, c.kv_size, c.kv_size], axis=-1)
-        q = ops.reshape(q, [t, c.num_attention_heads, c.head_dim])
-        k = ops.reshape(k, [t, c.num_key_value_heads, c.head_dim])
-        v = ops.reshape(v, [t, c.num_key_value_heads, c.head_dim])
-        q, k = ops.rotary_embedding(meta.positions, q, k, self.cos, self.sin)
+        hq, hk = c.num_attention_heads, c.num_key_value_heads
+        qkv = ops.reshape(ops.linear(x, layer.qkv_proj), [x.shape[0], hq + 2 * hk, c.head_dim])
+        qk, v = ops.split(qkv, [hq + hk, hk], axis=1)
+        q, k = ops.split(ops.rotary_embedding(qk, rope), [hq, hk], axis=1)  # q and k heads rotated together
         ops.write_kv_cache_(cache, k, v, meta.slot_mapping)
         return ops.linear(ops.paged_attention(q, cache, plan, self.scale), layer.o_proj)
 

@@ -148,13 +148,14 @@ class Ops(Protocol):
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """Normalizes in float32 and returns x's dtype."""
         ...
-    def rotary_embedding(
-        self, positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Neox-style (rotate-half) RoPE on q [T, Hq, D] and k [T, Hk, D].
-
-        cos and sin are [max_positions, D // 2] float32 tables.
-        """
+    def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> Any:
+        """Device RoPE tables from float32 [max_positions, D // 2] cos and sin (built once)."""
+        ...
+    def rope_plan(self, positions: Tensor, tables: Any) -> Any:
+        """Per-step rotations for `positions` (built once a forward, shared by every layer)."""
+        ...
+    def rotary_embedding(self, x: Tensor, plan: Any) -> Tensor:
+        """Neox-style (rotate-half, as HF Llama) RoPE on x [T, H, D]; q and k heads may come stacked."""
         ...
     def silu_and_mul(self, x: Tensor) -> Tensor:
         """[..., 2n] -> silu(x[..., :n]) * x[..., n:]"""

@@ -9,7 +9,6 @@ forward or sampling path calls `.numpy()`; host data only goes in through
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,16 +17,19 @@ from .ops import INT64, AttentionMetadata, Tensor
 
 
 def _tune_cpu_blas() -> None:
-    """Let Paddle's bundled MKL use every core before it first initializes.
+    """Choose MKL's threading before Paddle's bundled MKL first initializes.
 
-    Paddle's CPU build runs MKL with one thread unless MKL_NUM_THREADS says
-    otherwise (measured: 2x on a 2-core host for batched matmuls), and the
-    bundled MKL 2019 takes its slow generic path on AMD CPUs unless
-    MKL_DEBUG_CPU_TYPE=5 (measured: about 2x more at batch 64; ignored on
-    Intel CPUs). setdefault: a value the user set wins.
+    Measured on a 2-core AMD host (bench/engine.py): the bundled MKL 2019
+    takes a slow generic path on AMD CPUs unless MKL_DEBUG_CPU_TYPE=5 (about
+    2x on batched matmuls; ignored on Intel). More threads help big matmuls
+    only while cores are idle; when other work shares the cores, spinning
+    OpenMP workers made small matmuls 10x slower, so use half the cores
+    (the pipeline's own threads need the rest) and never spin
+    (KMP_BLOCKTIME=0). setdefault: values the user set win.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    os.environ.setdefault("MKL_NUM_THREADS", str(cores or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("MKL_NUM_THREADS", str(max(1, cores // 2)))
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
 
 
@@ -35,6 +37,8 @@ _tune_cpu_blas()
 
 import paddle  # noqa: E402  (the environment above must be set first)
 import paddle.nn.functional as F  # noqa: E402
+
+from .paddle_attention import AttentionPlan, PagedKV, build_plan, paged_attention  # noqa: E402
 
 _DTYPES = {
     "float32": paddle.float32,
@@ -45,10 +49,6 @@ _DTYPES = {
     "bool": paddle.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-# Finite "minus infinity" for masked attention scores: a fully masked padding
-# row then gives a harmless uniform softmax instead of NaNs.
-_MASKED = -1e30
-
 
 class _Ready:
     """A host copy that is already complete (the CPU) or done on demand."""
@@ -61,33 +61,6 @@ class _Ready:
             self._host = self._ops.to_numpy(self._x)
             self._x = None
         return self._host
-
-
-@dataclass(slots=True)
-class PagedKV:
-    """One layer's cache: slot-major [num_blocks * block_size, kv_heads, head_dim]."""
-
-    k: Tensor
-    v: Tensor
-    block_size: int
-
-
-@dataclass(slots=True)
-class _Group:
-    """Rows attended together, padded to `qlen` queries and `kvlen` keys each."""
-
-    rows: int
-    qlen: int
-    kvlen: int
-    tok_idx: Tensor  # int64 [rows * qlen]: the step token behind each padded query
-    kv_slots: Tensor  # int64 [rows * kvlen]: the cache slot behind each padded key
-    bias: Tensor  # float32 [rows, 1, qlen, 1, kvlen]: 0 where causal-visible, else masked
-
-
-@dataclass(slots=True)
-class _Plan:
-    groups: list[_Group]
-    out_index: Tensor | None  # int64 [T] into the concatenated padded outputs; None: identity
 
 
 class PaddleOps:
@@ -261,35 +234,46 @@ class PaddleOps:
         normed = x32 * paddle.rsqrt(paddle.mean(x32 * x32, axis=-1, keepdim=True) + eps)
         return normed.astype(x.dtype) * weight
 
-    def rotary_embedding(
-        self, positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        c = paddle.index_select(cos, positions).unsqueeze(1).astype(q.dtype)
-        s = paddle.index_select(sin, positions).unsqueeze(1).astype(q.dtype)
-        return _rotate(q, c, s), _rotate(k, c, s)
+    def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[Tensor, Tensor]:
+        # full-width tables with rotate-half's sign folded in: x*C + roll(x, D/2)*S
+        # equals HF's x*cos + rotate_half(x)*sin in four ops
+        return (paddle.to_tensor(np.concatenate([cos, cos], axis=-1)),
+                paddle.to_tensor(np.concatenate([-sin, sin], axis=-1)))
+
+    def rope_plan(self, positions: Tensor, tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        n, d = positions.shape[0], tables[0].shape[1]
+        return (paddle.reshape(paddle.index_select(tables[0], positions), [n, 1, d]),
+                paddle.reshape(paddle.index_select(tables[1], positions), [n, 1, d]))
+
+    def rotary_embedding(self, x: Tensor, plan: tuple[Tensor, Tensor]) -> Tensor:
+        c, s = plan
+        if c.dtype != x.dtype:
+            c, s = c.astype(x.dtype), s.astype(x.dtype)
+        return x * c + paddle.roll(x, x.shape[-1] // 2, axis=-1) * s
 
     def silu_and_mul(self, x: Tensor) -> Tensor:
-        gate, up = paddle.chunk(x, 2, axis=-1)
-        return F.silu(gate) * up
+        return F.swiglu(x)  # one op: splits x in halves itself
 
     # --- paged KV cache and attention -------------------------------------
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str
     ) -> PagedKV:
-        shape = [num_blocks * block_size, num_kv_heads, head_dim]
-        return PagedKV(paddle.zeros(shape, _DTYPES[dtype]), paddle.zeros(shape, _DTYPES[dtype]), block_size)
+        k = paddle.zeros([num_blocks * block_size, num_kv_heads, head_dim], _DTYPES[dtype])
+        v = paddle.zeros([num_blocks * block_size, num_kv_heads, head_dim], _DTYPES[dtype])
+        blocks = [num_blocks, block_size, num_kv_heads, head_dim]
+        return PagedKV(k, v, paddle.reshape(k, blocks), paddle.reshape(v, blocks), block_size)
 
     def write_kv_cache_(self, cache: PagedKV, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
-        paddle.scatter_(cache.k, slot_mapping, k.astype(cache.k.dtype), overwrite=True)
-        paddle.scatter_(cache.v, slot_mapping, v.astype(cache.v.dtype), overwrite=True)
+        if k.dtype != cache.k.dtype:
+            k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+        paddle.scatter_(cache.k, slot_mapping, k, overwrite=True)
+        paddle.scatter_(cache.v, slot_mapping, v, overwrite=True)
 
-    def attention_plan(self, meta: AttentionMetadata) -> _Plan:
-        return _build_plan(meta)
+    def attention_plan(self, meta: AttentionMetadata) -> AttentionPlan:
+        return build_plan(meta)
 
-    def paged_attention(self, q: Tensor, cache: PagedKV, plan: _Plan, scale: float) -> Tensor:
-        outs = [_attend_group(q, cache, g, scale) for g in plan.groups]
-        out = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)
-        return out if plan.out_index is None else paddle.index_select(out, plan.out_index)
+    def paged_attention(self, q: Tensor, cache: PagedKV, plan: AttentionPlan, scale: float) -> Tensor:
+        return paged_attention(q, cache, plan, scale)
 
     # --- device ---------------------------------------------------------------
     def synchronize(self) -> None:
@@ -312,72 +296,3 @@ class PaddleOps:
 def _np_dtype(dtype: Any) -> Any:
     return {paddle.float32: np.float32, paddle.int64: np.int64, paddle.int32: np.int32,
             paddle.bool: np.bool_, paddle.float16: np.float16}[dtype]
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = paddle.chunk(x, 2, axis=-1)
-    return paddle.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def _build_plan(meta: AttentionMetadata) -> _Plan:
-    """Splits the step's rows into decodes (one query) and the rest.
-
-    Each group is padded to its longest query and longest context: decodes
-    then batch into one matmul whatever their lengths, and a long prefill
-    does not pad every decode row to its length. Index tensors are built on
-    the host from the host mirrors (cheap numpy), masks on the device.
-    """
-    qlens, seqlens, bs = meta.query_lens_host, meta.seq_lens_host, meta.block_size
-    starts = np.zeros(len(qlens), dtype=np.int64)
-    np.cumsum(qlens[:-1], out=starts[1:])
-    groups: list[_Group] = []
-    out_index = np.empty(meta.num_tokens, dtype=np.int64)
-    offset = 0
-    for rows in (np.flatnonzero(qlens == 1), np.flatnonzero(qlens > 1)):
-        if len(rows) == 0:
-            continue
-        qlen = int(qlens[rows].max())
-        nblocks = -(-int(seqlens[rows].max()) // bs)
-        j = np.arange(qlen, dtype=np.int64)
-        valid = j[None, :] < qlens[rows][:, None]
-        tok = starts[rows][:, None] + np.where(valid, j[None, :], 0)  # pad with the row's first token
-        flat_pos = offset + np.arange(len(rows) * qlen, dtype=np.int64).reshape(len(rows), qlen)
-        out_index[tok[valid]] = flat_pos[valid]
-        offset += len(rows) * qlen
-        groups.append(_device_group(meta, rows, tok.reshape(-1), qlen, nblocks * bs))
-    identity = len(groups) == 1 and offset == meta.num_tokens and bool(
-        (out_index == np.arange(meta.num_tokens)).all())
-    return _Plan(groups, None if identity else paddle.to_tensor(out_index))
-
-
-def _device_group(meta: AttentionMetadata, rows: np.ndarray, tok: np.ndarray, qlen: int, kvlen: int) -> _Group:
-    bs = meta.block_size
-    n = len(rows)
-    tok_idx = paddle.to_tensor(tok)
-    rows_t = paddle.to_tensor(rows.astype(np.int64))
-    blocks = paddle.index_select(meta.block_tables, rows_t)[:, : kvlen // bs]  # [n, nb]
-    kv_slots = (blocks.unsqueeze(-1) * bs + paddle.arange(bs, dtype=paddle.int64)).reshape([n * kvlen])
-    qpos = paddle.index_select(meta.positions, tok_idx).reshape([n, qlen, 1])
-    kpos = paddle.arange(kvlen, dtype=paddle.int64).reshape([1, 1, kvlen])
-    bias = paddle.where(kpos <= qpos, 0.0, _MASKED).astype(paddle.float32)
-    return _Group(n, qlen, kvlen, tok_idx, kv_slots, bias.reshape([n, 1, qlen, 1, kvlen]))
-
-
-def _attend_group(q: Tensor, cache: PagedKV, g: _Group, scale: float) -> Tensor:
-    heads, dim = q.shape[1], q.shape[2]
-    kv_heads = cache.k.shape[1]
-    grp = heads // kv_heads
-    # queries of one kv head side by side: [n, Hk, qlen * G, D]
-    qg = paddle.index_select(q, g.tok_idx).astype(paddle.float32)
-    qg = qg.reshape([g.rows, g.qlen, kv_heads, grp, dim]).transpose([0, 2, 1, 3, 4])
-    qg = qg.reshape([g.rows, kv_heads, g.qlen * grp, dim])
-    k = paddle.index_select(cache.k, g.kv_slots).astype(paddle.float32)
-    v = paddle.index_select(cache.v, g.kv_slots).astype(paddle.float32)
-    k = k.reshape([g.rows, g.kvlen, kv_heads, dim]).transpose([0, 2, 1, 3])
-    v = v.reshape([g.rows, g.kvlen, kv_heads, dim]).transpose([0, 2, 1, 3])
-    scores = paddle.matmul(qg, k, transpose_y=True) * scale
-    scores = scores.reshape([g.rows, kv_heads, g.qlen, grp, g.kvlen]) + g.bias
-    probs = F.softmax(scores, axis=-1).reshape([g.rows, kv_heads, g.qlen * grp, g.kvlen])
-    out = paddle.matmul(probs, v).reshape([g.rows, kv_heads, g.qlen, grp, dim])
-    out = out.transpose([0, 2, 1, 3, 4]).reshape([g.rows * g.qlen, heads * dim])
-    return out.astype(q.dtype)

@@ -1,0 +1,143 @@
+"""Paged attention for a mixed step on Paddle, with plain tensor ops.
+
+Rows are split into decodes (one query each) and the rest; each group is
+padded to its longest query and context and attended with two batched
+matmuls over the whole blocks its rows own. Grouped-query heads are folded
+into the query axis, so keys and values are never repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from .ops import AttentionMetadata, Tensor
+
+# Finite "minus infinity" for masked attention scores: a fully masked padding
+# row then gives a harmless uniform softmax instead of NaNs.
+_MASKED = -1e30
+
+
+@dataclass(slots=True)
+class PagedKV:
+    """One layer's cache, slot-major: [num_blocks * block_size, kv_heads, head_dim].
+
+    `k_blocks`/`v_blocks` view the same memory as [num_blocks, block_size, ...]:
+    writes go by slot, reads gather whole blocks.
+    """
+
+    k: Tensor
+    v: Tensor
+    k_blocks: Tensor
+    v_blocks: Tensor
+    block_size: int
+
+
+@dataclass(slots=True)
+class _Group:
+    """Rows attended together, padded to `qlen` queries and `kvlen` keys each."""
+
+    rows: int
+    qlen: int
+    kvlen: int
+    tok_idx: Tensor | None  # int64 [rows * qlen]: the step token behind each query; None: all, in order
+    kv_blocks: Tensor  # int64 [rows * kvlen / block_size]: the cache blocks read, row by row
+    bias: Tensor  # float32 [rows, 1, 1, kvlen] (qlen 1) or [rows, 1, qlen, 1, kvlen]: 0 visible, else masked
+
+
+@dataclass(slots=True)
+class AttentionPlan:
+    groups: list[_Group]
+    out_index: Tensor | None  # int64 [T] into the concatenated padded outputs; None: identity
+
+
+def build_plan(meta: AttentionMetadata) -> AttentionPlan:
+    """Splits the step's rows into decodes (one query) and the rest.
+
+    Each group is padded to its longest query and longest context: decodes
+    then batch into one matmul whatever their lengths, and a long prefill
+    does not pad every decode row to its length. The host knows every index
+    (from the host mirrors), so they go to the device in one upload; masks
+    and block lists are derived on the device.
+    """
+    qlens, seqlens, bs, num_rows = meta.query_lens_host, meta.seq_lens_host, meta.block_size, meta.num_rows
+    starts = np.zeros(num_rows, dtype=np.int64)
+    np.cumsum(qlens[:-1], out=starts[1:])
+    pieces: list[np.ndarray] = []
+    specs = []
+    out_index = np.empty(meta.num_tokens, dtype=np.int64)
+    offset = 0
+    for rows in (np.flatnonzero(qlens == 1), np.flatnonzero(qlens > 1)):
+        if len(rows) == 0:
+            continue
+        n, qlen = len(rows), int(qlens[rows].max())
+        j = np.arange(qlen, dtype=np.int64)
+        valid = j[None, :] < qlens[rows][:, None]
+        tok = starts[rows][:, None] + np.where(valid, j[None, :], 0)  # pad with the row's first token
+        qpos = (seqlens[rows] - qlens[rows])[:, None] + j[None, :]  # positions; padding sees all keys
+        out_index[tok[valid]] = offset + np.flatnonzero(valid.reshape(-1))
+        offset += n * qlen
+        all_rows = n == num_rows  # rows are sorted, so this means 0..R-1 in order
+        all_tokens = all_rows and n * qlen == meta.num_tokens  # no padding: tok is 0..T-1
+        specs.append((n, qlen, -(-int(seqlens[rows].max()) // bs), all_rows, all_tokens))
+        pieces += [rows.astype(np.int64), tok.reshape(-1), qpos.reshape(-1)]
+    packed = paddle.to_tensor(np.concatenate(pieces + [out_index]))
+    groups, at = [], 0
+    for n, qlen, nblocks, all_rows, all_tokens in specs:
+        rows_t, tok_t, qpos_t = packed[at: at + n], packed[at + n: at + n + n * qlen], \
+            packed[at + n + n * qlen: at + n + 2 * n * qlen]
+        at += n + 2 * n * qlen
+        tables = meta.block_tables if all_rows else paddle.index_select(meta.block_tables, rows_t)
+        kv_blocks = paddle.reshape(paddle.slice(tables, [1], [0], [nblocks]), [n * nblocks])
+        kpos = paddle.arange(nblocks * bs, dtype=paddle.int64)
+        visible = paddle.reshape(kpos, [1, 1, nblocks * bs]) <= paddle.reshape(qpos_t, [n, qlen, 1])
+        bias = paddle.where(visible, 0.0, _MASKED).astype(paddle.float32)
+        shape = [n, 1, 1, nblocks * bs] if qlen == 1 else [n, 1, qlen, 1, nblocks * bs]
+        groups.append(_Group(n, qlen, nblocks * bs, None if all_tokens else tok_t, kv_blocks,
+                             paddle.reshape(bias, shape)))
+    identity = len(specs) == 1 and specs[0][4]
+    return AttentionPlan(groups, None if identity else packed[at:])
+
+
+def paged_attention(q: Tensor, cache: PagedKV, plan: AttentionPlan, scale: float) -> Tensor:
+    outs = [_attend_group(q, cache, g, scale) for g in plan.groups]
+    out = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=0)
+    return out if plan.out_index is None else paddle.index_select(out, plan.out_index)
+
+
+def _attend_group(q: Tensor, cache: PagedKV, g: _Group, scale: float) -> Tensor:
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = cache.k.shape[1]
+    grp = heads // kv_heads
+    n, qlen, kvlen = g.rows, g.qlen, g.kvlen
+    qg = q if g.tok_idx is None else paddle.index_select(q, g.tok_idx)
+    if qg.dtype != paddle.float32:
+        qg = qg.astype(paddle.float32)
+    if qlen == 1:  # decode: [n, Hk, G, D] is a plain reshape
+        qg = paddle.reshape(qg, [n, kv_heads, grp, dim])
+    else:  # queries of one kv head side by side: [n, Hk, qlen * G, D]
+        qg = paddle.reshape(qg, [n, qlen, kv_heads, grp, dim]).transpose([0, 2, 1, 3, 4])
+        qg = paddle.reshape(qg, [n, kv_heads, qlen * grp, dim])
+    k = _gather_blocks(cache.k_blocks, g.kv_blocks, n, kvlen)
+    v = _gather_blocks(cache.v_blocks, g.kv_blocks, n, kvlen)
+    scores = paddle.matmul(qg * scale, k, transpose_y=True)  # [n, Hk, qlen * G, kvlen]
+    if qlen == 1:
+        probs = F.softmax(scores + g.bias, axis=-1)
+    else:
+        scores = paddle.reshape(scores, [n, kv_heads, qlen, grp, kvlen]) + g.bias
+        probs = paddle.reshape(F.softmax(scores, axis=-1), [n, kv_heads, qlen * grp, kvlen])
+    out = paddle.matmul(probs, v)  # [n, Hk, qlen * G, D]
+    if qlen > 1:
+        out = paddle.reshape(out, [n, kv_heads, qlen, grp, dim]).transpose([0, 2, 1, 3, 4])
+    out = paddle.reshape(out, [n * qlen, heads * dim])
+    return out if out.dtype == q.dtype else out.astype(q.dtype)
+
+
+def _gather_blocks(blocks: Tensor, index: Tensor, n: int, kvlen: int) -> Tensor:
+    """[n, Hk, kvlen, D] float32 keys or values of each row's blocks."""
+    x = paddle.index_select(blocks, index)  # [n * nblocks, bs, Hk, D]
+    x = paddle.reshape(x, [n, kvlen, x.shape[2], x.shape[3]]).transpose([0, 2, 1, 3])
+    return x if x.dtype == paddle.float32 else x.astype(paddle.float32)
