@@ -60,10 +60,14 @@ class RequestStream:
         self._pending: list[msgspec.Struct] | None = []
         self._on_end = on_end
 
-    # -- RequestSink
+    # -- RequestSink: called by the pipeline's emit stage; never raise into it.
     def on_tokens(self, token_ids: list[int], text: str, logprobs: list[TokenLogprob] | None) -> None:
-        if not self.ended:
+        if self.ended:
+            return
+        try:
             self._emit(TokensFrame(self.client_id, list(token_ids), text, logprobs))
+        except Exception:  # noqa: BLE001
+            log.exception("sink_on_tokens_failed", request_id=self.request_id)
 
     def on_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         if self.ended:
@@ -71,7 +75,10 @@ class RequestStream:
         if finish_reason not in FINISH_REASONS:
             log.error("engine_bad_finish_reason", finish_reason=finish_reason, request_id=self.request_id)
             finish_reason = "error"
-        self._end(DoneFrame(self.client_id, finish_reason, Usage(prompt_tokens, completion_tokens)))
+        try:
+            self._end(DoneFrame(self.client_id, finish_reason, Usage(prompt_tokens, completion_tokens)))
+        except Exception:  # noqa: BLE001
+            log.exception("sink_on_done_failed", request_id=self.request_id)
 
     def on_error(self, code: str, message: str) -> None:
         if self.ended:
@@ -79,7 +86,10 @@ class RequestStream:
         if code not in ENGINE_ERROR_CODES:
             log.error("engine_bad_error_code", code=code, request_id=self.request_id)
             code = "internal"
-        self._end(ErrorFrame(id=self.client_id, code=code, message=message))
+        try:
+            self._end(ErrorFrame(id=self.client_id, code=code, message=str(message)))
+        except Exception:  # noqa: BLE001
+            log.exception("sink_on_error_failed", request_id=self.request_id)
 
     # -- server side
     def accepted(self, request_id: int) -> None:
@@ -116,10 +126,12 @@ class RequestStream:
 
     def _end(self, frame: msgspec.Struct) -> None:
         self.ended = True
-        self._emit(frame)
-        if self.conn is not None:
-            self.conn.live.pop(self.client_id, None)
-        self._on_end(self)
+        try:
+            self._emit(frame)
+        finally:
+            if self.conn is not None:
+                self.conn.live.pop(self.client_id, None)
+            self._on_end(self)
 
 
 FrameHandler = Callable[["Connection", "ClientFrame | ErrorFrame"], None]
@@ -156,19 +168,33 @@ class Connection:
         self._transport.set_write_buffer_limits(high=max(write_buffer_cap // 2, 1))
 
     def send(self, frame: msgspec.Struct) -> None:
+        """Queue a frame for the client. Never raises: it runs inside the
+        pipeline's emit stage, which one broken client must not stop."""
         if self.closing:
             return
-        self._writer.write(encode_frame(frame))
+        if self._transport.is_closing():
+            # The peer went away and the reader task has not noticed yet;
+            # uvloop would raise on write.
+            self._close_soon(hard=True)
+            return
+        try:
+            self._writer.write(encode_frame(frame))
+        except (RuntimeError, OSError):
+            self._close_soon(hard=True)
+            return
         self._counters.frames_out += 1
         if isinstance(frame, ErrorFrame):
             self._counters.errors += 1
         if self._transport.get_write_buffer_size() > self._cap:
             self._counters.slow_client_disconnects += 1
             log.warning("slow_client_disconnected", connection=self.number, live=len(self.live), cap=self._cap)
-            self.closing = True
-            # Not now: we may be inside the emit stage's loop over requests,
-            # and aborting would change what it iterates over.
-            asyncio.get_running_loop().call_soon(self.close, True)
+            self._close_soon(hard=True)
+
+    def _close_soon(self, *, hard: bool) -> None:
+        self.closing = True
+        # Not now: we may be inside the emit stage's loop over requests, and
+        # aborting them would change what it iterates over.
+        asyncio.get_running_loop().call_soon(self.close, hard)
 
     def send_and_close(self, frame: msgspec.Struct) -> None:
         self.send(frame)

@@ -98,6 +98,7 @@ class EchoEngine:
     # -- lifecycle
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="echo-engine")
+        self._task.add_done_callback(_report_crash)
 
     def begin_drain(self) -> None:
         self._draining = True
@@ -154,6 +155,13 @@ class EchoEngine:
         if req.sent >= req.params.max_tokens:
             return "length"
         return None
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    # A dead step loop would leave a daemon that accepts and never answers:
+    # make it loud rather than silent.
+    if not task.cancelled() and task.exception() is not None:
+        print(f"echo_engine: step loop died: {task.exception()!r}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- entry point
