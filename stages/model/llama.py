@@ -88,7 +88,7 @@ class LlamaModel:
     def forward(self, input_ids: Tensor, meta: AttentionMetadata, kv_caches: list[Any]) -> Tensor:
         """Hidden states [T, hidden] (before the final norm) for the step's tokens."""
         ops = self.ops
-        plan = ops.attention_plan(meta)  # built once, shared by every layer
+        plan = ops.attention_plan(meta, kv_caches[0])  # built once, shared by every layer
         rope = ops.rope_plan(meta.positions, self.rope)
         h = ops.embedding(input_ids, self.embed_tokens)
         for layer, cache in zip(self.layers, kv_caches):
@@ -111,7 +111,7 @@ class LlamaModel:
         qkv = ops.reshape(ops.linear(x, layer.qkv_proj), [x.shape[0], hq + 2 * hk, c.head_dim])
         qk, v = ops.split(qkv, [hq + hk, hk], axis=1)
         q, k = ops.split(ops.rotary_embedding(qk, rope), [hq, hk], axis=1)  # q and k heads rotated together
-        ops.write_kv_cache_(cache, k, v, meta.slot_mapping)
+        ops.write_kv_cache_(cache, k, v, plan)
         return ops.linear(ops.paged_attention(q, cache, plan, self.scale), layer.o_proj)
 
     def _mlp(self, x: Tensor, layer: _Layer) -> Tensor:

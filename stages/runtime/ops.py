@@ -167,11 +167,12 @@ class Ops(Protocol):
     ) -> Any:
         """One layer's K and V cache; the layout is the runtime's business."""
         ...
-    def write_kv_cache_(self, cache: Any, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
-        """Stores k, v [T, Hk, D] at their slots, in place."""
+    def attention_plan(self, meta: AttentionMetadata, cache: Any) -> Any:
+        """Per-step work shared by every layer's KV writes and attention (built once a
+        forward; `cache` is any layer's, they share one geometry)."""
         ...
-    def attention_plan(self, meta: AttentionMetadata) -> Any:
-        """Per-step work shared by every layer's attention (built once a forward)."""
+    def write_kv_cache_(self, cache: Any, k: Tensor, v: Tensor, plan: Any) -> None:
+        """Stores k, v [T, Hk, D] at the step's slots (meta.slot_mapping), in place."""
         ...
     def paged_attention(self, q: Tensor, cache: Any, plan: Any, scale: float) -> Tensor:
         """Causal attention of q [T, Hq, D] over the cached keys of each token's

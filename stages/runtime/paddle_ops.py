@@ -230,9 +230,10 @@ class PaddleOps:
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         # Paddle's fused rms_norm has no CPU kernel; this is the HF formula:
         # normalize in float32, cast back, then scale.
-        x32 = x.astype(paddle.float32) if x.dtype != paddle.float32 else x
-        normed = x32 * paddle.rsqrt(paddle.mean(x32 * x32, axis=-1, keepdim=True) + eps)
-        return normed.astype(x.dtype) * weight
+        x32 = x if x.dtype == paddle.float32 else x.astype(paddle.float32)
+        var = paddle.scale(paddle.mean(x32 * x32, axis=-1, keepdim=True), 1.0, eps)  # + eps without a full()
+        normed = x32 * paddle.rsqrt(var)
+        return (normed if x.dtype == paddle.float32 else normed.astype(x.dtype)) * weight
 
     def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[Tensor, Tensor]:
         # full-width tables with rotate-half's sign folded in: x*C + roll(x, D/2)*S
@@ -258,19 +259,13 @@ class PaddleOps:
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str
     ) -> PagedKV:
-        k = paddle.zeros([num_blocks * block_size, num_kv_heads, head_dim], _DTYPES[dtype])
-        v = paddle.zeros([num_blocks * block_size, num_kv_heads, head_dim], _DTYPES[dtype])
-        blocks = [num_blocks, block_size, num_kv_heads, head_dim]
-        return PagedKV(k, v, paddle.reshape(k, blocks), paddle.reshape(v, blocks), block_size)
+        return PagedKV.allocate(num_blocks, block_size, num_kv_heads, head_dim, _DTYPES[dtype])
 
-    def write_kv_cache_(self, cache: PagedKV, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
-        if k.dtype != cache.k.dtype:
-            k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-        paddle.scatter_(cache.k, slot_mapping, k, overwrite=True)
-        paddle.scatter_(cache.v, slot_mapping, v, overwrite=True)
+    def write_kv_cache_(self, cache: PagedKV, k: Tensor, v: Tensor, plan: AttentionPlan) -> None:
+        cache.write_(k, v, plan)
 
-    def attention_plan(self, meta: AttentionMetadata) -> AttentionPlan:
-        return build_plan(meta)
+    def attention_plan(self, meta: AttentionMetadata, cache: PagedKV) -> AttentionPlan:
+        return build_plan(meta, cache.k.shape[0], cache.k.shape[1] * cache.k.shape[2])
 
     def paged_attention(self, q: Tensor, cache: PagedKV, plan: AttentionPlan, scale: float) -> Tensor:
         return paged_attention(q, cache, plan, scale)
