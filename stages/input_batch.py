@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .runtime.ops import BOOL, FLOAT32, INT64, Ops, Tensor
+from .runtime.ops import FLOAT32, INT64, Ops, Tensor
 from .sampler import PersistentSamplingParams
 
 
@@ -32,18 +32,31 @@ class BatchLimits:
     vocab_size: int
 
 
+def step_layout(lim: BatchLimits) -> list[tuple[str, int, int]]:
+    """(name, offset, length) of the per-step int64 arrays packed into one buffer,
+    so a step's inputs reach the device in a single copy."""
+    t, r = lim.max_tokens, lim.max_rows
+    sizes = [("query_start_loc", r + 1), ("start_pos", r), ("seq_lens", r), ("row_slots", r),
+             ("sample_mask", r), ("input_ids", t), ("prev_rows", t)]
+    layout, at = [], 0
+    for name, n in sizes:
+        layout.append((name, at, n))
+        at += n
+    return layout
+
+
 class StagingBuffer:
     """Host arrays a step is prepared into; reused through a bounded pool."""
 
     def __init__(self, lim: BatchLimits) -> None:
-        t, r, b = lim.max_tokens, lim.max_rows, lim.max_blocks
-        self.input_ids = np.zeros(t, np.int64)
-        self.prev_rows = np.full(t, -1, np.int64)  # row of the previous step's output, -1: host token
-        self.query_start_loc = np.zeros(r + 1, np.int64)
-        self.start_pos = np.zeros(r, np.int64)
-        self.seq_lens = np.zeros(r, np.int64)
-        self.row_slots = np.zeros(r, np.int64)
-        self.sample_mask = np.zeros(r, np.bool_)
+        r, b = lim.max_rows, lim.max_blocks
+        layout = step_layout(lim)
+        self.step = np.zeros(sum(n for _, _, n in layout), np.int64)
+        # views into `step`: input_ids, prev_rows (the previous step's output row of a
+        # decode's input token, -1: token given here), query_start_loc, start_pos,
+        # seq_lens, row_slots, sample_mask (1: the row's last token is sampled)
+        for name, at, n in layout:
+            setattr(self, name, self.step[at: at + n])
         # requests entering a slot this step
         self.new_slots = np.zeros(r, np.int64)
         self.new_temperature = np.zeros(r, np.float32)
@@ -102,15 +115,12 @@ class DeviceInputs:
     """The persistent device side of the batch."""
 
     def __init__(self, ops: Ops, lim: BatchLimits) -> None:
-        t, r, b = lim.max_tokens, lim.max_rows, lim.max_blocks
+        r, b = lim.max_rows, lim.max_blocks
         self.ops = ops
-        self.input_ids = ops.zeros([t], INT64)
-        self.prev_rows = ops.zeros([t], INT64)
-        self.query_start_loc = ops.zeros([r + 1], INT64)
-        self.start_pos = ops.zeros([r], INT64)
-        self.seq_lens = ops.zeros([r], INT64)
-        self.row_slots = ops.zeros([r], INT64)
-        self.sample_mask = ops.zeros([r], BOOL)
+        layout = step_layout(lim)
+        self.step = ops.zeros([sum(n for _, _, n in layout)], INT64)
+        for name, at, n in layout:  # views into `step` (first-axis slices keep its memory)
+            setattr(self, name, self.step[at: at + n])
         self.block_tables = ops.zeros([r, b], INT64)  # by slot
         self.sampling = PersistentSamplingParams(ops, r)  # by slot
         self.prev_sampled = ops.zeros([r], INT64)  # the last step's sampled ids, by its row
@@ -125,7 +135,7 @@ class DeviceInputs:
         """Every buffer whose address must never change (tests check it)."""
         s = self.sampling
         return {
-            "input_ids": self.input_ids, "prev_rows": self.prev_rows, "query_start_loc": self.query_start_loc,
+            "step": self.step, "input_ids": self.input_ids, "prev_rows": self.prev_rows, "query_start_loc": self.query_start_loc,
             "start_pos": self.start_pos, "seq_lens": self.seq_lens, "row_slots": self.row_slots,
             "sample_mask": self.sample_mask, "block_tables": self.block_tables,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed_state": s.seed_state,
@@ -135,16 +145,10 @@ class DeviceInputs:
     def load(self, buf: StagingBuffer, n: StagedCounts) -> None:
         """Copies a staged step in place: per-step arrays, then the changed slots."""
         ops = self.ops
-        t, r = n.num_tokens, n.num_rows
-        ops.copy_from_host_(self.input_ids, buf.input_ids[:t])
-        ops.copy_from_host_(self.query_start_loc, buf.query_start_loc[: r + 1])
-        ops.copy_from_host_(self.start_pos, buf.start_pos[:r])
-        ops.copy_from_host_(self.seq_lens, buf.seq_lens[:r])
-        ops.copy_from_host_(self.row_slots, buf.row_slots[:r])
-        ops.copy_from_host_(self.sample_mask, buf.sample_mask[:r])
+        t = n.num_tokens
+        ops.copy_from_host_(self.step, buf.step)  # all per-step arrays in one copy
         if n.any_prev:
             # decode inputs sampled by the previous launch, taken on the device
-            ops.copy_from_host_(self.prev_rows, buf.prev_rows[:t])
             prev = self.prev_rows[:t]
             taken = ops.index_select(self.prev_sampled, ops.maximum(prev, 0))
             ops.copy_(self.input_ids, ops.where(ops.ge(prev, 0), taken, self.input_ids[:t]))

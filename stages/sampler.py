@@ -89,11 +89,11 @@ class PersistentSamplingParams:
             ops.index_select(self.seed_state, row_slots),
         )
 
-    def advance_seeds_(self, row_slots: Tensor, step_state: Tensor, sampled_mask: Tensor) -> None:
-        """Rows that sampled this step move to their next state, in place."""
+    def advance_seeds_(self, row_slots: Tensor, step_state: Tensor, sample_mask: Tensor) -> None:
+        """Rows that sampled this step (sample_mask int64 1) move to their next state, in place."""
         ops = self.ops
         nxt = ops.remainder(ops.add(step_state, SEED_INCREMENT), SEED_MODULUS)
-        ops.scatter_rows_(self.seed_state, row_slots, ops.where(sampled_mask, nxt, step_state))
+        ops.scatter_rows_(self.seed_state, row_slots, ops.where(ops.gt(sample_mask, 0), nxt, step_state))
 
 
 @dataclass(slots=True)
