@@ -8,6 +8,8 @@ import sys
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("overlapd.daemon.serve", "run the daemon: socket API, pipeline and ring"),
+    "generate": ("overlapd.daemon.generate", "generate text for one prompt (in-process, or via --socket)"),
     "tail": ("overlapd.daemon.tail", "print the shared-memory ring as JSON lines"),
 }
 

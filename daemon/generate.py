@@ -80,19 +80,23 @@ async def _in_process(args: argparse.Namespace) -> int:
 
 def _via_socket(args: argparse.Namespace) -> int:
     from overlapd.daemon.client import Client, ClientError
+    from overlapd.daemon.protocol import DoneFrame, ErrorFrame, TokensFrame
 
     try:
         with Client(args.socket) as client:
             for event in client.generate(**_request_fields(args)):
-                kind = type(event).__name__
-                if kind == "Tokens":
+                if isinstance(event, TokensFrame):
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
-                elif kind == "Done":
+                elif isinstance(event, DoneFrame):
                     print()
-                    print(f"[{event.finish_reason}: {event.usage}]", file=sys.stderr)
+                    usage = event.usage
+                    print(
+                        f"[{event.finish_reason}: {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens]",
+                        file=sys.stderr,
+                    )
                     return 0
-                elif kind == "Error":
+                elif isinstance(event, ErrorFrame):
                     print()
                     print(f"overlapd generate: {event.code}: {event.message}", file=sys.stderr)
                     return 1

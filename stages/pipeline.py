@@ -74,6 +74,7 @@ class Pipeline:
         self.work_available = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+        self.failure = asyncio.Event()  # set when a stage task dies: the daemon must exit
         self.completions = CompletionQueue(loop)
         self.executor = Executor(self)
         if self.ring_cfg.enabled:
@@ -101,6 +102,7 @@ class Pipeline:
         if not task.cancelled() and task.exception() is not None:
             log.error("stage_failed", stage=task.get_name(), error=repr(task.exception()))
             self.failed = task.exception()
+            self.failure.set()
 
     failed: BaseException | None = None
 
@@ -115,28 +117,33 @@ class Pipeline:
     def draining(self) -> bool:
         return self._draining
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Stop admitting, let live requests finish (abort what is left at the
-        timeout), then close the ring with a negated last step id."""
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, let live requests finish (abort what is left after
+        `timeout` seconds), then close the ring with a negated last step id."""
         self._draining = True
-        timeout = self.cfg.drain_timeout_s if timeout is None else timeout
-        try:
-            await asyncio.wait_for(self.idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.warning("drain_timeout", aborting=len(self._live))
+        if not self.idle.is_set():
+            try:
+                await asyncio.wait_for(self.idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("drain_timeout", aborting=len(self._live))
         for req_id in list(self._live):
             self.abort(req_id)
         await self.close()
 
     async def close(self) -> None:
-        # Let steps already launched finish and be emitted: the device must be
-        # idle and every record out before the ring says "closed".
+        # Schedule nothing more, then let steps already scheduled finish and be
+        # emitted: the device must be idle and every record out before the ring
+        # says "closed". Preprocess hands its permit back when cancelled, so
+        # holding every permit means no step is in flight.
+        preprocess, *others = self._tasks
+        preprocess.cancel()
+        await asyncio.gather(preprocess, return_exceptions=True)
         for _ in range(self.cfg.max_inflight):
             await self.inflight.acquire()
         await self.q_processed.join()
-        for task in self._tasks:
+        for task in others:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*others, return_exceptions=True)
         self.executor.shutdown()
         self.completions.close()
         if self.ring is not None:
@@ -184,8 +191,14 @@ class Pipeline:
         while self._admission:
             req_id = self._admission.popleft()
             live = self._live.get(req_id)
-            if live is not None:
+            if live is None:
+                continue
+            try:
                 self.engine.scheduler.add_request(req_id, live.prompt_ids, live.params)
+            except Exception as exc:  # checked at submit already; never let one request stop the stage
+                del self._live[req_id]
+                live.sink.on_error("invalid_request", str(exc))
+                self._maybe_idle()
 
     def abort(self, request_id: int) -> None:
         live = self._live.pop(request_id, None)

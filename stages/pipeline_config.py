@@ -11,7 +11,6 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     overlap: bool = True
     max_waiting: int = 256  # admitted but not yet scheduled; more answers `overloaded`
     queue_depth: int = 2  # each inter-stage queue's bound
-    drain_timeout_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
     heartbeat_interval_s: float = 0.5
 
     @property

@@ -29,11 +29,16 @@ class Prepared:
 async def preprocess_loop(p: Pipeline) -> None:
     while True:
         await p.inflight.acquire()
-        so = await _next_batch(p)
-        t0 = time.perf_counter()
-        prepared = p.engine.runner.prepare(so)
-        p.times.add("preprocess", time.perf_counter() - t0)
-        await p.q_prepared.put(Prepared(so, prepared))
+        try:
+            so = await _next_batch(p)
+            t0 = time.perf_counter()
+            prepared = p.engine.runner.prepare(so)
+            p.times.add("preprocess", time.perf_counter() - t0)
+            await p.q_prepared.put(Prepared(so, prepared))
+        except asyncio.CancelledError:
+            # Shutting down: no step under this permit reached the device.
+            p.inflight.release()
+            raise
 
 
 async def _next_batch(p: Pipeline) -> SchedulerOutput:

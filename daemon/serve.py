@@ -1,0 +1,114 @@
+"""`overlapd serve`: the daemon. Pipeline + socket server + ring, under systemd or not.
+
+Start-up order matters: signal handlers first (a SIGTERM right after READY=1
+must drain, not kill), then the pipeline (loads the model, opens the ring),
+then the socket, then READY=1. On SIGTERM: STOPPING=1, refuse new requests,
+let live ones finish up to the drain timeout, abort the rest (each still gets
+its frame), write the ring's last record with a negated step id and the
+clean-close flag, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from overlapd.daemon.engine_options import add_engine_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file with [server], [engine], [pipeline] and [ring] tables")
+    parser.add_argument("--socket", metavar="PATH", help="unix socket path (default: [server] socket_path)")
+    parser.add_argument("--ring", metavar="PATH", help="ring file (default: [ring] path, /dev/shm/overlapd.ring)")
+    parser.add_argument("--no-ring", action="store_true", help="do not publish steps to a shared-memory ring")
+    parser.add_argument("--ring-backpressure", action="store_true", help="never overwrite what a registered reader has not read")
+    parser.add_argument("--drain-timeout", type=float, metavar="S", help="seconds live requests get to finish on SIGTERM")
+    parser.add_argument("--log-file", metavar="FILE", help="JSON logs to FILE (reopened on SIGHUP) instead of stdout")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from overlapd.daemon.daemon_config import ConfigError, load_daemon_config
+
+    try:
+        cfg = load_daemon_config(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"overlapd serve: {exc}", file=sys.stderr)
+        return 2
+    import uvloop
+
+    return uvloop.run(_serve(cfg, args))
+
+
+async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
+    import structlog
+
+    from overlapd.daemon.logs import configure_logging
+    from overlapd.daemon.server import SocketServer
+    from overlapd.daemon.socket_setup import SocketSetupError
+    from overlapd.daemon.systemd_notify import Notifier, inherited_unix_listener, watchdog_interval, watchdog_loop
+    from overlapd.stages.pipeline import Pipeline
+
+    logs = configure_logging(args.log_file, args.log_level)
+    log = structlog.get_logger("overlapd.serve")
+    loop = asyncio.get_running_loop()
+    notifier = Notifier()
+    stop = asyncio.Event()
+
+    def install_signal_handlers() -> None:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, logs.reopen)
+
+    install_signal_handlers()
+
+    # Loading a large model outlasts the watchdog: keep pinging while we start.
+    wd_interval = watchdog_interval()
+    pipeline: Pipeline | None = None
+    wd_task = None
+    if wd_interval:
+        wd_task = loop.create_task(
+            watchdog_loop(notifier, wd_interval, lambda: pipeline is None or pipeline.failed is None)
+        )
+    notifier.status("loading the model")
+    log.info("starting", model=cfg.engine.model, runtime=cfg.engine.runtime, overlap=cfg.pipeline.overlap)
+    try:
+        # Model loading is blocking work; run it off the loop so the watchdog keeps ticking.
+        pipeline = await loop.run_in_executor(None, Pipeline, cfg.engine, cfg.pipeline, cfg.ring)
+        # Frameworks install their own fatal-signal handlers on import (Paddle
+        # turns SIGTERM into an abort): ours must win, or SIGTERM cannot drain.
+        install_signal_handlers()
+        await pipeline.start()
+        server = SocketServer(pipeline, cfg.server, listen_sock=inherited_unix_listener())
+        await server.start()
+    except (SocketSetupError, OSError, ValueError) as exc:
+        log.error("start_failed", error=str(exc))
+        print(f"overlapd serve: {exc}", file=sys.stderr)
+        if pipeline is not None:
+            await pipeline.drain(timeout=0)
+        return 1
+    notifier.ready(f"serving {cfg.engine.model} on {server.address}")
+    log.info("ready", socket=server.address, ring=cfg.ring.path if cfg.ring.enabled else None)
+
+    failed = loop.create_task(pipeline.failure.wait())
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait({failed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if failed.done() and pipeline.failed is not None:
+        log.error("pipeline_failed", error=repr(pipeline.failed))
+        code = 1
+    failed.cancel()
+    stopping.cancel()
+
+    notifier.stopping("draining")
+    log.info("draining", live=server.live_requests, timeout_s=cfg.server.drain_timeout_s)
+    await server.drain(cfg.server.drain_timeout_s)
+    await pipeline.drain(timeout=0)  # anything still live was aborted above; closes the ring
+    await server.close()
+    if wd_task is not None:
+        wd_task.cancel()
+    log.info("stopped", exit_code=code)
+    return code
