@@ -22,11 +22,22 @@ START_TIMEOUT_S = 10.0
 
 
 class EchoDaemon:
-    def __init__(self, socket_path: Path, *flags: str, listen_sock: socket.socket | None = None) -> None:
+    """A daemon subprocess: by default the protocol test engine, or any `overlapd` argv."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        *flags: str,
+        listen_sock: socket.socket | None = None,
+        argv: list[str] | None = None,
+        start_timeout: float = START_TIMEOUT_S,
+    ) -> None:
         self.socket_path = socket_path
-        argv = [sys.executable, "-m", "overlapd.daemon.echo_engine", *flags]
-        if listen_sock is None:
-            argv[3:3] = ["--socket", str(socket_path)]
+        self.start_timeout = start_timeout
+        if argv is None:
+            argv = [sys.executable, "-m", "overlapd.daemon.echo_engine", *flags]
+            if listen_sock is None:
+                argv[3:3] = ["--socket", str(socket_path)]
         self.log_path = socket_path.with_suffix(".log")
         self._log = self.log_path.open("wb")
         if listen_sock is None:
@@ -35,7 +46,7 @@ class EchoDaemon:
             self.proc = spawn_activated(listen_sock, argv, name="overlapd", stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()}")
@@ -45,7 +56,7 @@ class EchoDaemon:
                         return
             except ClientError:
                 time.sleep(0.02)
-        raise TimeoutError(f"daemon not ready in {START_TIMEOUT_S}s: {self.log()}")
+        raise TimeoutError(f"daemon not ready in {self.start_timeout}s: {self.log()}")
 
     def client(self, timeout: float = 10) -> Client:
         return Client(self.socket_path, timeout=timeout)

@@ -1,0 +1,212 @@
+"""The real daemon (`overlapd serve`, tiny model, Paddle) on a real socket, with its ring read here."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import struct
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from daemon_harness import EchoDaemon
+
+from overlapd.daemon.client import Client, RequestFailed
+from overlapd.daemon.protocol import AcceptedFrame, DoneFrame, ErrorFrame, TokensFrame
+from overlapd.kernels.ring import RingReader, Step
+
+START_S = 60.0  # Paddle's import and the tiny model's first creation, on a loaded CI machine
+
+
+def serve(tmp: Path, *flags: str, config: str | None = None) -> EchoDaemon:
+    sock, ring = tmp / "d.sock", tmp / "d.ring"
+    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--socket", str(sock), "--ring", str(ring), *flags]
+    if config is not None:
+        cfg = tmp / "d.toml"
+        cfg.write_text(config)
+        argv += ["--config", str(cfg)]
+    d = EchoDaemon(sock, argv=argv, start_timeout=START_S)
+    d.ring_path = ring  # type: ignore[attr-defined]
+    d.wait_ready()
+    return d
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = serve(tmp_path_factory.mktemp("e2e"), "--max-num-seqs", "8")
+    yield d
+    d.terminate()
+
+
+def idle_stats(d: EchoDaemon) -> dict:
+    return d.wait_stats(lambda s: s["live_requests"] == 0 and s["kv_blocks_used"] == 0)
+
+
+def test_streaming_generate_ends_with_done_and_usage(daemon):
+    with daemon.client() as c:
+        frames = list(c.generate("Hello there", max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert isinstance(frames[0], AcceptedFrame) and frames[0].request_id >= 1
+    tokens = [t for f in frames if isinstance(f, TokensFrame) for t in f.token_ids]
+    done = frames[-1]
+    assert isinstance(done, DoneFrame) and done.finish_reason == "length"
+    assert len(tokens) == 12 == done.usage.completion_tokens and done.usage.prompt_tokens > 0
+    assert all(isinstance(f, TokensFrame) for f in frames[1:-1])
+
+
+def test_greedy_is_repeatable_and_seeded_sampling_too(daemon):
+    with daemon.client() as c:
+        a = c.complete("The cat", max_tokens=10, temperature=0.0, ignore_eos=True)
+        b = c.complete("The cat", max_tokens=10, temperature=0.0, ignore_eos=True)
+        s1 = c.complete("The cat", max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+        s2 = c.complete("The cat", max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    assert a.token_ids == b.token_ids and s1.token_ids == s2.token_ids
+
+
+def test_abort_ends_the_request_and_frees_its_blocks(daemon):
+    with daemon.client() as c:
+        stream = c.generate("abort me", max_tokens=1500, ignore_eos=True)
+        for frame in stream:
+            if isinstance(frame, TokensFrame):
+                break
+        stream.abort()
+        rest = list(stream)
+    assert isinstance(rest[-1], DoneFrame) and rest[-1].finish_reason == "aborted"
+    s = idle_stats(daemon)
+    assert s["kv_blocks_used"] == 0 and s["live_requests"] == 0
+
+
+def test_client_disconnect_aborts_its_requests_and_frees_blocks(daemon):
+    with daemon.raw() as raw:
+        for i in range(3):
+            raw.send({"type": "generate", "id": f"r{i}", "prompt": "bye", "max_tokens": 1500, "ignore_eos": True})
+        raw.recv_until(lambda f: isinstance(f, TokensFrame))
+    s = idle_stats(daemon)
+    assert s["kv_blocks_used"] == 0 and s["live_requests"] == 0 and s["aborted"] >= 3
+
+
+def test_bad_requests_get_errors_naming_the_field_and_the_daemon_keeps_serving(daemon):
+    with daemon.raw() as raw:
+        raw.send_bytes(struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1")  # not MessagePack
+        assert isinstance(raw.recv(), ErrorFrame)
+        raw.send({"type": "generate", "id": "t", "prompt": "x", "top_p": 1.5})
+        err = raw.recv()
+        assert isinstance(err, ErrorFrame) and err.code == "invalid_request" and "top_p" in err.message
+        raw.send({"type": "generate", "id": "long", "prompt_ids": [5] * 5000})
+        err = raw.recv()
+        assert isinstance(err, ErrorFrame) and err.code == "invalid_request" and "prompt" in err.message
+    with daemon.client() as c:
+        assert c.health().status == "ok"
+
+
+def test_ring_records_match_what_the_clients_received(daemon):
+    reader = RingReader(daemon.ring_path)  # live, from the tail: only what follows
+    prompts = ["one", "two two", "three three three", "four"]
+
+    def run(prompt: str):
+        with daemon.client() as c:
+            return c.complete(prompt, max_tokens=9, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, prompts))
+    by_request: dict[int, list[int]] = defaultdict(list)
+    finish: dict[int, int] = {}
+    deadline = time.monotonic() + 10
+    wanted = {r.request_id for r in results}
+    while time.monotonic() < deadline and not all(rid in finish for rid in wanted):
+        item = reader.read(timeout=0.5)
+        if isinstance(item, Step):
+            v = item.view
+            assert v.k == 2 and v.T == 1
+            for i, rid in enumerate(v.request_id.tolist()):
+                by_request[rid].extend(v.tokens[i, : v.accept_num[i], 0].tolist())
+                if v.finish[i]:
+                    finish[rid] = int(v.finish[i])
+    reader.close()
+    for r in results:
+        assert by_request[r.request_id] == r.token_ids
+        assert finish[r.request_id] == 3  # length
+        assert len(r.logprobs) == 9 and all(len(lp.top) == 2 for lp in r.logprobs)
+
+
+def test_overload_answers_overloaded_and_the_daemon_recovers(tmp_path):
+    d = serve(tmp_path, "--max-num-seqs", "1", config="[pipeline]\nmax_waiting = 2\n")
+    try:
+        with d.raw() as raw:
+            for i in range(12):
+                raw.send({"type": "generate", "id": f"r{i}", "prompt": "busy", "max_tokens": 40, "ignore_eos": True})
+            ends: dict[str, str] = {}
+            while len(ends) < 12:
+                f = raw.recv()
+                assert f is not None
+                if isinstance(f, DoneFrame):
+                    ends[f.id] = f.finish_reason
+                elif isinstance(f, ErrorFrame):
+                    ends[f.id] = f.code
+        assert "overloaded" in ends.values() and "length" in ends.values()
+        assert set(ends.values()) <= {"overloaded", "length"}
+        with d.client() as c:
+            assert c.complete("again", max_tokens=3).finish_reason in ("length", "eos")
+    finally:
+        d.terminate()
+
+
+def test_sigterm_drains_every_accepted_request_and_closes_the_ring(tmp_path):
+    d = serve(tmp_path, "--drain-timeout", "1")
+    reader = RingReader(d.ring_path)
+    try:
+        with d.raw() as raw:
+            for i in range(4):
+                raw.send({"type": "generate", "id": f"r{i}", "prompt": "drain", "max_tokens": 1500, "ignore_eos": True})
+            raw.recv_until(lambda f: isinstance(f, TokensFrame))
+            t0 = time.monotonic()
+            d.proc.send_signal(signal.SIGTERM)
+            ends: dict[str, list[str]] = defaultdict(list)
+            while (f := raw.recv()) is not None:
+                if isinstance(f, (DoneFrame, ErrorFrame)):
+                    ends[f.id].append(getattr(f, "finish_reason", None) or f.code)
+        assert d.proc.wait(15) == 0
+        assert time.monotonic() - t0 < 10
+        assert sorted(ends) == [f"r{i}" for i in range(4)] and all(len(v) == 1 for v in ends.values())
+        last = None
+        while (item := reader.read(timeout=1)) is not None:
+            if isinstance(item, Step):
+                last = item
+                if item.view.step_id < 0:
+                    break
+        assert last is not None and last.view.step_id < 0
+        assert reader._native.closed_cleanly
+    finally:
+        reader.close()
+        d.kill()
+
+
+def test_overlap_and_no_overlap_give_identical_tokens(tmp_path):
+    requests = [
+        dict(prompt="alpha", max_tokens=16, temperature=0.0, ignore_eos=True),
+        dict(prompt="beta beta", max_tokens=12, temperature=0.8, top_k=20, seed=3, ignore_eos=True),
+        dict(prompt="gamma", max_tokens=14, temperature=1.0, top_p=0.8, seed=11, ignore_eos=True),
+    ]
+    outputs = []
+    for flags in ((), ("--no-overlap",)):
+        (tmp_path / str(len(outputs))).mkdir()
+        d = serve(tmp_path / str(len(outputs)), *flags)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+
+                def run(kw):
+                    with d.client() as c:
+                        return c.complete(**kw).token_ids
+
+                outputs.append(list(pool.map(run, requests)))
+        finally:
+            assert d.terminate() == 0
+    assert outputs[0] == outputs[1]
+
+
+def test_a_request_failing_validation_never_gets_accepted(daemon):
+    with daemon.client() as c:
+        with pytest.raises(RequestFailed) as info:
+            c.complete("x", max_tokens=0)
+    assert "max_tokens" in str(info.value)
