@@ -21,10 +21,12 @@ def random_weight(config: LlamaConfig, name: str, shape: tuple[int, ...], seed: 
     Projections have std 1/sqrt(fan_in): activations stay unit-scale, so
     attention and the MLP move the residual stream as much as the embedding.
     Norm weights are near 1 but not exactly, so a missing scale shows. The
-    output head gives logits of std ~3 (the embedding too when tied), and
-    its rows for bos and eos are zero: their logit is exactly 0, far below
-    the largest random logit, so greedy decoding of a random model never
-    stops on eos at once (see tiny.py).
+    output head gives logits of std ~3 (the embedding too when tied). An
+    untied head's rows for bos and eos are zero: their logit is exactly 0,
+    far below the largest random logit, so greedy decoding of a random model
+    never stops on eos at once (see tiny.py). A tied head keeps them: a zero
+    input embedding would make the bos position's hidden state exactly zero,
+    which RMSNorm (1/sqrt(eps)) then amplifies from rounding noise.
     """
     rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
     h = config.hidden_size
@@ -35,7 +37,7 @@ def random_weight(config: LlamaConfig, name: str, shape: tuple[int, ...], seed: 
         return rng.standard_normal(shape, dtype=np.float32)
     w = rng.standard_normal(shape, dtype=np.float32)
     w *= np.float32((3.0 if is_head else 1.0) / np.sqrt(shape[1] if len(shape) == 2 else h))
-    if is_head:
+    if name == "lm_head.weight":
         specials = [i for i in (config.bos_token_id, *config.eos_token_ids) if i is not None and 0 <= i < shape[0]]
         w[specials] = 0.0
     return w
