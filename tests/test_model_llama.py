@@ -96,3 +96,33 @@ def test_overlap_mode_gives_the_same_tokens_as_sync(tiny_loaded) -> None:
     sync = run(False)
     assert run(True) == sync
     assert sync[1] == reference_greedy_tokens(PROMPTS[1], 9)
+
+
+def test_deep_tied_llama3_shape_matches_reference() -> None:
+    """The 1B's features at small width: tied embeddings, Llama 3 RoPE scaling,
+    4 query heads per kv head, 12 layers, a prompt past the rope's low-frequency band."""
+    from dataclasses import replace
+
+    from overlapd.stages.model.config import NAMED_SHAPES
+    from overlapd.stages.model.llama import param_layout
+    from overlapd.stages.model.loader import build_model
+    from overlapd.stages.model.random_weights import random_weight
+
+    config = replace(NAMED_SHAPES["llama-3.2-1b"], hidden_size=128, intermediate_size=256, num_hidden_layers=12,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=16, vocab_size=600,
+                     bos_token_id=1, eos_token_ids=(2,))
+    weights = {n: random_weight(config, n, s, 7) for src in param_layout(config).values() for n, s in src}
+    ops, bs = get_ops(), 16
+    model = build_model(config, weights, ops, max_model_len=256)
+    prompt = [1] + [(i * 53) % 590 + 5 for i in range(39)]
+    caches = model.allocate_kv_caches(num_blocks=4, block_size=bs)
+    n = np.array([len(prompt)], np.int64)
+    meta = build_attention_metadata(
+        ops, num_tokens=len(prompt), block_size=bs, query_start_loc=ops.from_numpy(np.array([0, len(prompt)])),
+        start_pos=ops.from_numpy(np.zeros(1, np.int64)), seq_lens=ops.from_numpy(n),
+        row_slots=ops.from_numpy(np.zeros(1, np.int64)), block_tables=ops.from_numpy(np.array([[3, 0, 2, 1]])),
+        query_lens_host=n, seq_lens_host=n)
+    hidden = model.forward(ops.from_numpy(np.array(prompt, np.int64)), meta, caches)
+    logits = ops.to_numpy(model.compute_logits(hidden, ops.arange(len(prompt))))
+    expected = reference_logits(config, weights, prompt)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
