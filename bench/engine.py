@@ -95,6 +95,7 @@ def run_engine(model: str, batch: int, plen: int, steps: int, loaded_cache: dict
 def _hf_model(model: str, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from overlapd.stages.model.config import NAMED_SHAPES
     from overlapd.stages.model.llama import param_layout
@@ -112,6 +113,7 @@ def _hf_model(model: str, seed: int):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     m.load_state_dict(state, assign=True, strict=False)
     m.tie_weights()
+    m.model.rotary_emb = LlamaRotaryEmbedding(config=m.config)  # its buffers were left on "meta"
     return m.eval()
 
 
