@@ -10,6 +10,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("overlapd.daemon.serve", "run the daemon: socket API, pipeline and ring"),
     "generate": ("overlapd.daemon.generate", "generate text for one prompt (in-process, or via --socket)"),
+    "bench": ("overlapd.daemon.bench", "drive a running daemon with concurrent clients"),
     "tail": ("overlapd.daemon.tail", "print the shared-memory ring as JSON lines"),
 }
 

@@ -210,3 +210,43 @@ def test_a_request_failing_validation_never_gets_accepted(daemon):
         with pytest.raises(RequestFailed) as info:
             c.complete("x", max_tokens=0)
     assert "max_tokens" in str(info.value)
+
+
+def test_overlapd_bench_drives_the_daemon_and_reports_percentiles(daemon):
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "overlapd.daemon", "bench", "--socket", str(daemon.socket_path),
+         "--clients", "3", "--requests", "6", "--max-tokens", "5", "--json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["requests"] == 6 and summary["errors"] == {}
+    assert summary["output_tokens_per_s"] > 0
+    assert 0 < summary["ttft_ms"]["p50"] <= summary["ttft_ms"]["p99"]
+    assert "100.0%" in proc.stderr  # the progress bar reached the end
+
+
+def test_generate_via_socket_streams_text(daemon):
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "overlapd.daemon", "generate", "--socket", str(daemon.socket_path), "Hi", "--max-tokens", "6"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "6 generated tokens" in proc.stderr and proc.stdout.strip()
+
+
+def test_generate_in_process_needs_no_daemon():
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "overlapd.daemon", "generate", "Hello", "--max-tokens", "8", "--ignore-eos"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[length: " in proc.stderr and "8 generated tokens" in proc.stderr
+    assert proc.stdout.strip()

@@ -1,0 +1,135 @@
+"""`overlapd bench`: drive a running daemon with N concurrent clients.
+
+Each client sends its requests one after another over its own connection;
+the command prints a progress bar on stderr and, at the end, throughput and
+latency percentiles: time to first token, time between tokens, and the whole
+request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BAR_WIDTH = 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", metavar="PATH", help="daemon socket (default: as the client library finds it)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent connections (default 8)")
+    parser.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of a table")
+
+
+@dataclass
+class Totals:
+    done: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+
+
+def _progress(totals: Totals, n: int, started: float) -> None:
+    frac = (totals.done + sum(totals.errors.values())) / n
+    filled = int(BAR_WIDTH * frac)
+    rate = totals.tokens / max(time.perf_counter() - started, 1e-9)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {frac:6.1%}  {rate:8.1f} tok/s")
+    sys.stderr.flush()
+
+
+async def _client(args: argparse.Namespace, queue: asyncio.Queue[list[int]], totals: Totals, started: float) -> None:
+    from overlapd.daemon.client import AsyncClient
+    from overlapd.daemon.protocol import DoneFrame, ErrorFrame, TokensFrame
+
+    async with await AsyncClient.connect(args.socket) as client:
+        while True:
+            try:
+                prompt_ids = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            t0 = last = time.perf_counter()
+            first = True
+            async for event in await client.generate(
+                prompt_ids=prompt_ids, max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True
+            ):
+                now = time.perf_counter()
+                if isinstance(event, TokensFrame):
+                    if first:
+                        totals.ttft.append(now - t0)
+                        first = False
+                    else:
+                        totals.itl.append(now - last)
+                    last = now
+                    totals.tokens += len(event.token_ids)
+                elif isinstance(event, DoneFrame):
+                    totals.done += 1
+                    totals.e2e.append(now - t0)
+                elif isinstance(event, ErrorFrame):
+                    totals.errors[event.code] = totals.errors.get(event.code, 0) + 1
+            _progress(totals, args.requests, started)
+
+
+def _pct(values: list[float]) -> str:
+    if not values:
+        return "-"
+    p50, p90, p99 = np.percentile(np.asarray(values) * 1e3, [50, 90, 99])
+    return f"{p50:9.2f} {p90:9.2f} {p99:9.2f}"
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    from overlapd.daemon.client import ClientError
+
+    queue: asyncio.Queue[list[int]] = asyncio.Queue()
+    for i in range(args.requests):
+        queue.put_nowait([(31 * i + j) % 250 + 3 for j in range(args.prompt_len)])
+    totals = Totals()
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(_client(args, queue, totals, started) for _ in range(max(1, args.clients))))
+    except (ClientError, OSError) as exc:
+        print(f"\noverlapd bench: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - started
+    sys.stderr.write("\n")
+    summary = {
+        "requests": totals.done,
+        "errors": totals.errors,
+        "elapsed_s": elapsed,
+        "requests_per_s": totals.done / elapsed,
+        "output_tokens_per_s": totals.tokens / elapsed,
+    }
+    if args.json:
+        import msgspec
+
+        for name, values in (("ttft", totals.ttft), ("itl", totals.itl), ("e2e", totals.e2e)):
+            if values:
+                p50, p90, p99 = np.percentile(np.asarray(values) * 1e3, [50, 90, 99])
+                summary[f"{name}_ms"] = {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
+        print(msgspec.json.encode(summary).decode())
+        return 0 if not totals.errors else 1
+    print(f"requests {totals.done} ok, errors {totals.errors or 'none'}, {elapsed:.2f} s")
+    print(f"throughput {summary['requests_per_s']:.2f} req/s, {summary['output_tokens_per_s']:.1f} output tok/s")
+    print(f"{'latency (ms)':<26} {'p50':>9} {'p90':>9} {'p99':>9}")
+    print(f"{'time to first token':<26} {_pct(totals.ttft)}")
+    print(f"{'time between tokens':<26} {_pct(totals.itl)}")
+    print(f"{'whole request':<26} {_pct(totals.e2e)}")
+    return 0 if not totals.errors else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.clients < 1 or args.requests < 1 or args.prompt_len < 1 or args.max_tokens < 1:
+        print("overlapd bench: --clients, --requests, --prompt-len and --max-tokens must be >= 1", file=sys.stderr)
+        return 2
+    import uvloop
+
+    return uvloop.run(_bench(args))
