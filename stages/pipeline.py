@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from overlapd.daemon.socket_setup import resolve_gid
 from overlapd.daemon.engine_api import EngineError, GenerateParams, RequestSink, TokenLogprob
 from overlapd.kernels.handoff import CompletionQueue
 from overlapd.kernels.ring import RingWriter
@@ -87,6 +89,9 @@ class Pipeline:
                 mode=self.ring_cfg.mode,
                 backpressure=self.ring_cfg.backpressure,
             )
+            if self.ring_cfg.group is not None:
+                # Readers in this group may map the ring (mode 0640 by default).
+                os.chown(self.ring_cfg.path, -1, resolve_gid(self.ring_cfg.group))
         for name, coro in (
             ("preprocess", preprocess_loop(self)),
             ("execute", self.executor.run()),
