@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 
@@ -103,41 +103,49 @@ def _at_least(name: str, value: int, low: int, high: int | None = None) -> None:
 
 
 SERVER_KEYS: Final = tuple(ServerConfig.__struct_fields__)
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class ConfigError(ValueError):
     """A config file or table the daemon cannot use; the message says what to fix."""
 
 
-def server_config_from_table(table: Mapping[str, Any], *, source: str = "the config") -> ServerConfig:
-    """Build a ServerConfig from the `[server]` table's contents."""
-    where = f"[server] in {source}"
+def struct_from_table(table: Mapping[str, Any], cls: type[S], *, name: str, source: str) -> S:
+    """Build the Struct `cls` from the TOML table `[name]`, naming unknown keys and bad values."""
+    where = f"[{name}] in {source}"
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where} must be a table, not {type(table).__name__}.")
-    unknown = [k for k in table if k not in SERVER_KEYS]
+    known = cls.__struct_fields__
+    unknown = [k for k in table if k not in known]
     if unknown:
         key = unknown[0]
-        hint = difflib.get_close_matches(str(key), SERVER_KEYS, n=1)
+        hint = difflib.get_close_matches(str(key), known, n=1)
         did_you_mean = f" (did you mean `{hint[0]}`?)" if hint else ""
-        raise ConfigError(
-            f"Unknown key `{key}` in {where}{did_you_mean}; the known keys are: {', '.join(SERVER_KEYS)}."
-        )
+        raise ConfigError(f"Unknown key `{key}` in {where}{did_you_mean}; the known keys are: {', '.join(known)}.")
     try:
-        return msgspec.convert(dict(table), ServerConfig)
+        return msgspec.convert(dict(table), cls)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{where}: {explain_validation_error(exc, subject=where)[1]}") from None
 
 
-def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
-    """Read `[server]` from a TOML file; a file without it gives the defaults."""
+def server_config_from_table(table: Mapping[str, Any], *, source: str = "the config") -> ServerConfig:
+    """Build a ServerConfig from the `[server]` table's contents."""
+    return struct_from_table(table, ServerConfig, name="server", source=source)
+
+
+def read_toml_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     try:
         with p.open("rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"Config file {p} does not exist; create it or pass another --config.") from None
     except PermissionError:
         raise ConfigError(f"Config file {p} is not readable by this user; fix its permissions.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p} is not valid TOML: {exc}.") from None
-    return server_config_from_table(data.get("server", {}), source=str(p))
+
+
+def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """Read `[server]` from a TOML file; a file without it gives the defaults."""
+    return server_config_from_table(read_toml_file(path).get("server", {}), source=str(path))

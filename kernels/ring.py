@@ -12,11 +12,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from overlapd.kernels import _native
-from overlapd.kernels.meta import FLAG_NORMAL, StepView, step_columns, unpack_step, write_step
+from overlapd.kernels.meta import StepView, step_columns, unpack_step, write_step
 
 RingError = _native.RingError
 
@@ -97,30 +98,14 @@ class RingWriter:
     def max_record_bytes(self) -> int:
         return self._native.max_record_bytes
 
-    def publish_step(
-        self,
-        *,
-        step_id: int,
-        request_id: np.ndarray,
-        finish: np.ndarray,
-        tokens: np.ndarray,
-        accept_num: np.ndarray | None = None,
-        logprobs: np.ndarray | None = None,
-        ranks: np.ndarray | None = None,
-        flag: int = FLAG_NORMAL,
-    ) -> int | None:
+    def publish_step(self, **columns: Any) -> int | None:
         """Pack a step into the ring and commit it: its seq, or None when a
-        backpressure reader has not yet consumed the bytes it would overwrite."""
-        cols = step_columns(
-            step_id=step_id,
-            request_id=request_id,
-            finish=finish,
-            tokens=tokens,
-            accept_num=accept_num,
-            logprobs=logprobs,
-            ranks=ranks,
-            flag=flag,
-        )
+        backpressure reader has not yet consumed the bytes it would overwrite.
+
+        The keyword arguments are `meta.step_columns`'s: step_id, request_id,
+        finish, tokens, and optionally accept_num, logprobs, ranks, flag.
+        """
+        cols = step_columns(**columns)
         view = self._native.try_reserve(cols.layout.size)
         if view is None:
             return None

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from overlapd.stages.output_processor import RingRows
     from overlapd.stages.pipeline import Pipeline
     from overlapd.stages.postprocess import Processed
 
@@ -20,23 +21,16 @@ async def emit_loop(p: Pipeline) -> None:
         item: Processed = await p.q_processed.get()
         t0 = time.perf_counter()
         if p.ring is not None and item.ring_rows is not None and len(item.ring_rows.request_id):
-            await publish(p, item.step_id, item.ring_rows)
+            await publish(p, item.ring_rows)
         p.deliver(item.outputs)
         p.times.add("emit", time.perf_counter() - t0)
         p.times.step_done()
         p.q_processed.task_done()
 
 
-async def publish(p: Pipeline, step_id: int, rows) -> None:
+async def publish(p: Pipeline, rows: RingRows) -> None:
     while True:
-        seq = p.ring.publish_step(
-            step_id=step_id,
-            request_id=rows.request_id,
-            finish=rows.finish,
-            tokens=rows.tokens,
-            logprobs=rows.logprobs,
-            ranks=rows.ranks,
-        )
+        seq = p.ring.publish_step(**rows.columns())
         if seq is not None:
             p.ring_records += 1
             return

@@ -44,7 +44,7 @@ def test_flags_override_the_file(tmp_path):
     "text,needle",
     [
         ("[engine]\nmax_num_seq = 4\n", "did you mean `max_num_seqs`"),
-        ("[engines]\n", "unknown table [engines]"),
+        ("[engines]\n", "Unknown table [engines]"),
         ('[ring]\ncapacity = "big"\n', "capacity"),
         ("[pipeline\n", "not valid TOML"),
         ('[server]\nsocket_mode = "0999"\n', "socket_mode"),
