@@ -102,7 +102,16 @@ class ModelRunner:
         self._launched = prepared.seq
         if prepared.buf is None:
             return StepHandle(prepared, None, None)
+        try:
+            return self._run(prepared)
+        except BaseException:
+            self._pool.release(prepared.buf)  # a failed step must not leak its staging buffer
+            prepared.buf = None
+            raise
+
+    def _run(self, prepared: PreparedStep) -> StepHandle:
         ops, inp, n = self.ops, self.inputs, prepared.counts
+        assert prepared.buf is not None
         inp.load(prepared.buf, n)
         r = n.num_rows
         meta = build_attention_metadata(
