@@ -1,0 +1,326 @@
+"""The ops layer on Torch: the same model, sampler and runner on torch tensors.
+
+Optional (torch is not a project dependency): `load_runtime("torch", device)`.
+The paged attention here is plain tensor ops like the Paddle runtime's, so it
+runs on the CPU for tests; on a GPU it is the correct but slow reference
+that a FlashAttention-style kernel replaces. The KV cache uses the layout
+such kernels take, [num_blocks, block_size, kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .ops import INT64, AttentionMetadata, Tensor
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MASKED = -1e30  # finite, so fully masked padding rows stay NaN-free
+
+
+class _HostCopy:
+    """A device-to-host copy: on CUDA into pinned memory, completed by an event."""
+
+    def __init__(self, x: Tensor) -> None:
+        if x.is_cuda:
+            self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self._host.copy_(x, non_blocking=True)
+            self._event: torch.cuda.Event | None = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = x, None
+
+    def result(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        x = self._host if self._host.dtype != torch.bfloat16 else self._host.float()
+        return x.numpy()
+
+
+@dataclass(slots=True)
+class PagedKV:
+    k: Tensor  # [num_blocks, block_size, Hk, D]
+    v: Tensor
+    k_flat: Tensor  # [num_blocks * block_size, Hk, D] views for writes by slot
+    v_flat: Tensor
+
+
+@dataclass(slots=True)
+class _Group:
+    rows: int
+    qlen: int
+    kvlen: int
+    tok_idx: Tensor | None
+    kv_blocks: Tensor  # [rows * kvlen / block_size]
+    bias: Tensor  # [rows, 1, qlen, 1, kvlen]
+
+
+@dataclass(slots=True)
+class _Plan:
+    groups: list[_Group]
+    out_index: Tensor | None
+    slot_mapping: Tensor
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self, device: str = "cpu") -> None:
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("device='gpu' needs a CUDA build of torch and a visible GPU")
+        self.device = device
+        # Weights and inputs never require grad, so no autograd graph is built.
+        self._dev = torch.device("cuda" if device == "gpu" else "cpu")
+
+    # --- creation and host transfer -------------------------------------
+    def empty(self, shape: Sequence[int], dtype: str) -> Tensor:
+        return torch.empty(list(shape), dtype=_DTYPES[dtype], device=self._dev)
+
+    def zeros(self, shape: Sequence[int], dtype: str) -> Tensor:
+        return torch.zeros(list(shape), dtype=_DTYPES[dtype], device=self._dev)
+
+    def full(self, shape: Sequence[int], value: float | int, dtype: str) -> Tensor:
+        return torch.full(list(shape), value, dtype=_DTYPES[dtype], device=self._dev)
+
+    def arange(self, n: int, dtype: str = INT64) -> Tensor:
+        return torch.arange(n, dtype=_DTYPES[dtype], device=self._dev)
+
+    def from_numpy(self, a: np.ndarray, dtype: str | None = None) -> Tensor:
+        x = torch.tensor(np.ascontiguousarray(a), device=self._dev)  # a copy: staging arrays get reused
+        return x if dtype is None else x.to(_DTYPES[dtype])
+
+    def to_numpy(self, x: Tensor) -> np.ndarray:
+        x = x.detach()
+        return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
+
+    def to_host_async(self, x: Tensor) -> _HostCopy:
+        return _HostCopy(x)
+
+    def copy_from_host_(self, dst: Tensor, src: np.ndarray) -> None:
+        if len(src):
+            dst[: len(src)].copy_(torch.from_numpy(np.ascontiguousarray(src)).to(dst.dtype))
+
+    def copy_(self, dst: Tensor, src: Tensor) -> None:
+        if src.shape[0]:
+            dst[: src.shape[0]].copy_(src)
+
+    def data_ptr(self, x: Tensor) -> int:
+        return int(x.data_ptr())
+
+    def dtype_of(self, x: Tensor) -> str:
+        return _NAMES[x.dtype]
+
+    def cast(self, x: Tensor, dtype: str) -> Tensor:
+        return x.to(_DTYPES[dtype])
+
+    # --- shape ------------------------------------------------------------
+    def reshape(self, x: Tensor, shape: Sequence[int]) -> Tensor:
+        return x.reshape(list(shape))
+
+    def split(self, x: Tensor, sizes: Sequence[int], axis: int = -1) -> list[Tensor]:
+        return list(torch.split(x, list(sizes), dim=axis))
+
+    def concat(self, xs: Sequence[Tensor], axis: int = 0) -> Tensor:
+        return torch.cat(list(xs), dim=axis)
+
+    def unsqueeze(self, x: Tensor, axis: int) -> Tensor:
+        return x.unsqueeze(axis)
+
+    # --- indexing -----------------------------------------------------------
+    def index_select(self, x: Tensor, index: Tensor, axis: int = 0) -> Tensor:
+        return torch.index_select(x, axis, index)
+
+    def gather(self, x: Tensor, index: Tensor, axis: int) -> Tensor:
+        return torch.gather(x, axis, index)
+
+    def scatter_rows_(self, dst: Tensor, index: Tensor, src: Tensor) -> None:
+        dst.index_copy_(0, index, src.to(dst.dtype))
+
+    def searchsorted(self, sorted_seq: Tensor, values: Tensor, right: bool = False) -> Tensor:
+        return torch.searchsorted(sorted_seq.contiguous(), values, right=right)
+
+    # --- elementwise ------------------------------------------------------
+    def add(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return a + b
+
+    def sub(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return a - b
+
+    def mul(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return a * b
+
+    def div(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return a / b
+
+    def floor_divide(self, a: Tensor, b: Tensor | int) -> Tensor:
+        return torch.div(a, b, rounding_mode="floor")
+
+    def remainder(self, a: Tensor, b: Tensor | int) -> Tensor:
+        return torch.remainder(a, b)
+
+    def bitwise_xor(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.bitwise_xor(a, b)
+
+    def maximum(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return torch.maximum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, min=b)
+
+    def minimum(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return torch.minimum(a, b) if isinstance(b, torch.Tensor) else torch.clamp(a, max=b)
+
+    def where(self, cond: Tensor, a: Tensor | float | int, b: Tensor | float | int) -> Tensor:
+        return torch.where(cond, a, b)
+
+    def lt(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return a < b
+
+    def le(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return a <= b
+
+    def gt(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return a > b
+
+    def ge(self, a: Tensor, b: Tensor | float | int) -> Tensor:
+        return a >= b
+
+    def logical_and(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.logical_and(a, b)
+
+    # --- reductions and sorting ---------------------------------------------
+    def sum(self, x: Tensor, axis: int, keepdim: bool = False, dtype: str | None = None) -> Tensor:
+        return torch.sum(x, dim=axis, keepdim=keepdim, dtype=None if dtype is None else _DTYPES[dtype])
+
+    def cumsum(self, x: Tensor, axis: int) -> Tensor:
+        return torch.cumsum(x, dim=axis)
+
+    def argmax(self, x: Tensor, axis: int) -> Tensor:
+        return torch.argmax(x, dim=axis)
+
+    def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        values, indices = torch.topk(x, k, dim=-1, largest=True, sorted=True)
+        return values, indices
+
+    def argsort_descending(self, x: Tensor) -> Tensor:
+        return torch.sort(x, dim=-1, descending=True, stable=True).indices
+
+    def softmax(self, x: Tensor, axis: int = -1) -> Tensor:
+        return torch.softmax(x, dim=axis)
+
+    def log_softmax(self, x: Tensor, axis: int = -1) -> Tensor:
+        return torch.log_softmax(x, dim=axis)
+
+    # --- model building blocks ----------------------------------------------
+    def embedding(self, ids: Tensor, weight: Tensor) -> Tensor:
+        return F.embedding(ids, weight)
+
+    def linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight)
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return normed.to(x.dtype) * weight
+
+    def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[Tensor, Tensor]:
+        c = np.concatenate([cos, cos], axis=-1)
+        s = np.concatenate([-sin, sin], axis=-1)  # rotate-half's sign folded in
+        return torch.tensor(c, device=self._dev), torch.tensor(s, device=self._dev)
+
+    def rope_plan(self, positions: Tensor, tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return tables[0][positions].unsqueeze(1), tables[1][positions].unsqueeze(1)
+
+    def rotary_embedding(self, x: Tensor, plan: tuple[Tensor, Tensor]) -> Tensor:
+        c, s = plan[0].to(x.dtype), plan[1].to(x.dtype)
+        return x * c + torch.roll(x, x.shape[-1] // 2, dims=-1) * s
+
+    def silu_and_mul(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    # --- paged KV cache and attention -------------------------------------
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str
+    ) -> PagedKV:
+        shape = [num_blocks, block_size, num_kv_heads, head_dim]
+        k = torch.zeros(shape, dtype=_DTYPES[dtype], device=self._dev)
+        v = torch.zeros(shape, dtype=_DTYPES[dtype], device=self._dev)
+        return PagedKV(k, v, k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim))
+
+    def attention_plan(self, meta: AttentionMetadata, cache: PagedKV) -> _Plan:
+        return _build_plan(meta, self._dev)
+
+    def write_kv_cache_(self, cache: PagedKV, k: Tensor, v: Tensor, plan: _Plan) -> None:
+        cache.k_flat.index_copy_(0, plan.slot_mapping, k.to(cache.k.dtype))
+        cache.v_flat.index_copy_(0, plan.slot_mapping, v.to(cache.v.dtype))
+
+    def paged_attention(self, q: Tensor, cache: PagedKV, plan: _Plan, scale: float) -> Tensor:
+        outs = [_attend_group(q, cache, g, scale) for g in plan.groups]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return out if plan.out_index is None else out.index_select(0, plan.out_index)
+
+    # --- device ---------------------------------------------------------------
+    def synchronize(self) -> None:
+        if self.device == "gpu":
+            torch.cuda.synchronize()
+
+    def current_stream_handle(self) -> int:
+        return int(torch.cuda.current_stream().cuda_stream) if self.device == "gpu" else 0
+
+
+def _build_plan(meta: AttentionMetadata, dev: torch.device) -> _Plan:
+    """Decode rows and the rest, each padded to its longest query and context
+    (the same grouping as the Paddle runtime's; see paddle_attention.py)."""
+    qlens, seqlens, bs = meta.query_lens_host, meta.seq_lens_host, meta.block_size
+    starts = np.concatenate([[0], np.cumsum(qlens)[:-1]]).astype(np.int64)
+    out_index = np.empty(meta.num_tokens, dtype=np.int64)
+    groups, offset = [], 0
+    for rows in (np.flatnonzero(qlens == 1), np.flatnonzero(qlens > 1)):
+        if len(rows) == 0:
+            continue
+        n, qlen = len(rows), int(qlens[rows].max())
+        nblocks = -(-int(seqlens[rows].max()) // bs)
+        j = np.arange(qlen, dtype=np.int64)
+        valid = j[None, :] < qlens[rows][:, None]
+        tok = starts[rows][:, None] + np.where(valid, j[None, :], 0)
+        qpos = torch.tensor((seqlens[rows] - qlens[rows])[:, None] + j[None, :], device=dev)
+        out_index[tok[valid]] = offset + np.flatnonzero(valid.reshape(-1))
+        offset += n * qlen
+        tables = meta.block_tables.index_select(0, torch.tensor(rows, device=dev))[:, :nblocks]
+        kpos = torch.arange(nblocks * bs, device=dev)
+        bias = torch.where(kpos[None, None, :] <= qpos[:, :, None], 0.0, _MASKED).to(torch.float32)
+        tok_t = None if n * qlen == meta.num_tokens and (tok.reshape(-1) == np.arange(meta.num_tokens)).all() \
+            else torch.tensor(tok.reshape(-1), device=dev)
+        groups.append(_Group(n, qlen, nblocks * bs, tok_t, tables.reshape(-1), bias.view(n, 1, qlen, 1, -1)))
+    identity = len(groups) == 1 and groups[0].tok_idx is None
+    return _Plan(groups, None if identity else torch.tensor(out_index, device=dev), meta.slot_mapping)
+
+
+def _attend_group(q: Tensor, cache: PagedKV, g: _Group, scale: float) -> Tensor:
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = cache.k.shape[2]
+    grp = heads // kv_heads
+    n, qlen, kvlen = g.rows, g.qlen, g.kvlen
+    qg = (q if g.tok_idx is None else q.index_select(0, g.tok_idx)).float() * scale
+    qg = qg.view(n, qlen, kv_heads, grp, dim).permute(0, 2, 1, 3, 4).reshape(n, kv_heads, qlen * grp, dim)
+    k = cache.k.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).permute(0, 2, 1, 3).float()
+    v = cache.v.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).permute(0, 2, 1, 3).float()
+    scores = (qg @ k.transpose(-1, -2)).view(n, kv_heads, qlen, grp, kvlen) + g.bias
+    probs = torch.softmax(scores, dim=-1).view(n, kv_heads, qlen * grp, kvlen)
+    out = (probs @ v).view(n, kv_heads, qlen, grp, dim).permute(0, 2, 1, 3, 4)
+    return out.reshape(n * qlen, heads * dim).to(q.dtype)
+
+
+__all__ = ["PagedKV", "TorchOps"]
