@@ -127,3 +127,16 @@ def test_execute_matches_reference_after_many_rows_cycle_through_slots(tiny_load
             assert r.outputs == reference_greedy_tokens(r.prompt, 3)
         driver.step()  # hands the finished requests' rows back (freed_req_ids)
         assert all(runner.slot_of(r.req_id) is None for r in reqs)
+
+
+def test_a_failed_launch_returns_its_staging_buffer(tiny_loaded, monkeypatch) -> None:
+    runner = make_runner(tiny_loaded)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(runner.model, "forward", broken)
+    prepared = runner.prepare(SchedulerOutput(1, [_row(1, [0, 3], 0, [0])]))
+    with pytest.raises(RuntimeError, match="device fell over"):
+        runner.launch(prepared)
+    assert runner.staging_available == 3
