@@ -2,6 +2,7 @@
 
 Compares, in one run and on the same machine:
   ring/native   the ring driven by native loops on both ends (the transport's own cost)
+  ring/spin     the same, readers spinning up to 200 us before they sleep (latency mode)
   ring/python   the ring through its Python API (RingWriter.publish / RingReader.next)
   mp.Queue      multiprocessing.Queue, one queue per reader (broadcast by hand)
   socketpair    AF_UNIX stream socketpair, one per reader
@@ -56,8 +57,11 @@ def body_len(size: int) -> int:
 
 
 # ---------------------------------------------------------------- child roles
-def ring_native_reader(path: str, count: int, conn, ready) -> None:
-    reader = _native.RingReader(path)
+SPIN_NS = {"ring/native": 4_000, "ring/spin": 200_000}
+
+
+def ring_native_reader(path: str, count: int, spin_ns: int, conn, ready) -> None:
+    reader = _native.RingReader(path, spin_ns=spin_ns)
     ready.set()
     res = reader.bench_consume(count, 30_000, True)
     lat = np.asarray(res["latency_ns"], dtype=np.int64)
@@ -143,8 +147,10 @@ def run_case(transport: str, size: int, readers: int, count: int, interval_ns: i
     if transport.startswith("ring"):
         capacity = 1 << 26  # 64 MiB: room for 1000 records of 64 KiB
         writer = _native.RingWriter(path, capacity, 256, 0, "bench", 0o600, False)
-        target = ring_native_reader if transport == "ring/native" else ring_python_reader
-        args = [(path, count) for _ in range(readers)]
+        if transport == "ring/python":
+            target, args = ring_python_reader, [(path, count) for _ in range(readers)]
+        else:
+            target, args = ring_native_reader, [(path, count, SPIN_NS[transport]) for _ in range(readers)]
     elif transport == "mp.Queue":
         queues = [ctx.Queue(maxsize=1024) for _ in range(readers)]
         target = queue_reader
@@ -163,7 +169,7 @@ def run_case(transport: str, size: int, readers: int, count: int, interval_ns: i
     time.sleep(0.05)  # let readers reach their wait
 
     payload = bytearray(size)
-    if transport == "ring/native":
+    if transport in SPIN_NS:
         writer.bench_publish(count, body_len(size), interval_ns, 0)
     elif transport == "ring/python":
         start = time.monotonic_ns()
@@ -214,7 +220,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args()
     scale = 0.1 if args.quick else 1.0
-    transports = ["ring/native", "ring/python", "mp.Queue", "socketpair"]
+    transports = ["ring/native", "ring/spin", "ring/python", "mp.Queue", "socketpair"]
 
     lat_rows: list[Result] = []
     thr_rows: list[Result] = []

@@ -141,9 +141,14 @@ class RingReader:
         from_head: bool = False,
         backpressure: bool = False,
         stale_after: float = 3.0,
+        spin_us: float = 4.0,
     ) -> None:
+        """`spin_us`: how long a waiting reader busy-waits before sleeping; raise
+        it to trade a core for lower latency (a futex wake-up costs tens of us)."""
         self.path = Path(path)
-        self._native = _native.RingReader(str(path), from_head, backpressure, int(stale_after * 1000))
+        self._native = _native.RingReader(
+            str(path), from_head, backpressure, int(stale_after * 1000), spin_ns=int(spin_us * 1000)
+        )
 
     @property
     def epoch(self) -> int:

@@ -178,16 +178,16 @@ PYBIND11_MODULE(_native, m) {
 
   py::class_<PyReader>(m, "RingReader", "A reader of a shared-memory ring (SPEC.md 1.4).")
       .def(py::init([](const std::string& path, bool from_head, bool backpressure, int64_t stale_after_ms,
-                       bool strict_readonly) {
+                       bool strict_readonly, int64_t spin_ns) {
              int flags = (from_head ? OVL_FROM_HEAD : 0) | (backpressure ? OVL_BACKPRESSURE : 0) |
                          (strict_readonly ? OVL_STRICT_RDONLY : 0);
              auto self = std::make_unique<PyReader>();
              py::gil_scoped_release nogil;  // opening may wait briefly for an initialising producer
-             self->r = std::make_unique<overlapd::RingReader>(path, flags, stale_after_ms);
+             self->r = std::make_unique<overlapd::RingReader>(path, flags, stale_after_ms, spin_ns);
              return self;
            }),
            py::arg("path"), py::arg("from_head") = false, py::arg("backpressure") = false,
-           py::arg("stale_after_ms") = 3000, py::arg("strict_readonly") = false)
+           py::arg("stale_after_ms") = 3000, py::arg("strict_readonly") = false, py::arg("spin_ns") = OVL_SPIN_NS)
       .def("next", &reader_next, py::arg("timeout_ms") = -1,
            "Next event: ('record', seq, publish_ns, rtype, body) | ('lost', first, last) | "
            "('epoch', epoch) | ('gone',) | ('closed',) | ('timeout',).")

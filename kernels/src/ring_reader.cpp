@@ -5,11 +5,12 @@
 
 namespace overlapd {
 
-RingReader::RingReader(const std::string& path, int flags, int64_t stale_after_ms) {
+RingReader::RingReader(const std::string& path, int flags, int64_t stale_after_ms, int64_t spin_ns) {
   char err[512];
   if (ovl_reader_open(&r_, path.c_str(), flags, err, sizeof err) != 0)
     throw RingError(0, err[0] ? err : "cannot open the ring");
   ovl_reader_set_stale_ms(&r_, stale_after_ms);
+  ovl_reader_set_spin_ns(&r_, spin_ns);
   buf_.resize(4096 / 8);  // grows on demand, up to the capacity
 }
 

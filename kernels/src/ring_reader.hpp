@@ -18,7 +18,7 @@ class RingReader {
  public:
   // flags: OVL_FROM_HEAD, OVL_BACKPRESSURE, OVL_STRICT_RDONLY. Throws
   // RingError (ring_writer.hpp) with the reader's sentence on failure.
-  RingReader(const std::string& path, int flags, int64_t stale_after_ms);
+  RingReader(const std::string& path, int flags, int64_t stale_after_ms, int64_t spin_ns = OVL_SPIN_NS);
   ~RingReader();
   RingReader(const RingReader&) = delete;
   RingReader& operator=(const RingReader&) = delete;

@@ -157,7 +157,7 @@ extern "C" {
 #define OVL_DEFAULT_STALE_MS 3000
 
 /* Tunables of the wait loop. */
-#define OVL_SPIN_NS 4000ll          /* busy-wait this long before sleeping */
+#define OVL_SPIN_NS 4000ll          /* default busy-wait before sleeping (ovl_reader_set_spin_ns) */
 #define OVL_SLICE_NS 100000000ll    /* longest single sleep: epoch/death seen well within 1 s */
 #define OVL_POLL_NS 1000000ll       /* sleep bound when we cannot register as a waiter */
 #define OVL_STAT_EVERY_NS 100000000ll /* how often an idle reader stats its path */
@@ -185,6 +185,7 @@ typedef struct ovl_reader {
     uint64_t next_seq;   /* seq expected next; meaningful when seq_known */
     uint64_t lost_total;
     int64_t stale_ns;    /* heartbeat age that means "producer gone" */
+    int64_t spin_ns;     /* busy-wait this long for a record before sleeping */
     int64_t last_stat_ns;
     uint64_t dev, ino;   /* identity of the mapped file, to notice replacement */
     int flags;
@@ -304,6 +305,14 @@ static inline void ovl_reader_model_name(const ovl_reader *r, char *out, size_t 
 static inline void ovl_reader_set_stale_ms(ovl_reader *r, int64_t ms)
 {
     r->stale_ns = (ms > 0 ? ms : OVL_DEFAULT_STALE_MS) * 1000000ll;
+}
+
+/* How long a waiting reader spins before it sleeps on the futex. Longer
+ * spins trade a core for latency: a sleeping reader pays the futex wake-up
+ * (tens of microseconds on a busy host), a spinning one only a cache miss. */
+static inline void ovl_reader_set_spin_ns(ovl_reader *r, int64_t ns)
+{
+    r->spin_ns = ns >= 0 ? ns : OVL_SPIN_NS;
 }
 
 /* Makes a wait in ovl_reader_next (on another thread) return TIMEOUT soon. */
@@ -672,6 +681,7 @@ static inline int ovl_reader_open(ovl_reader *r, const char *path, int flags, ch
     memcpy(r->path, path, n + 1);
     r->flags = flags;
     ovl_reader_set_stale_ms(r, OVL_DEFAULT_STALE_MS);
+    ovl_reader_set_spin_ns(r, OVL_SPIN_NS);
     ovl__install(r, &m);
     r->last_stat_ns = ovl_now_ns();
     if ((flags & OVL_BACKPRESSURE) && ovl__claim_slot(r) != 0) {
@@ -850,7 +860,7 @@ static inline void ovl__wait(ovl_reader *r, uint64_t seen_tail, int64_t max_ns)
     for (i = 1;; i++) {
         if (__atomic_load_n(tail, __ATOMIC_ACQUIRE) != seen_tail) return;
         if (__atomic_load_n(epoch, __ATOMIC_ACQUIRE) != r->epoch) return;
-        if ((i & 63) == 0 && ovl_now_ns() - t0 >= OVL_SPIN_NS) break;
+        if ((i & 63) == 0 && ovl_now_ns() - t0 >= r->spin_ns) break;
         ovl__cpu_relax();
     }
     if (r->hdr_rw || (r->flags & OVL_BACKPRESSURE)) {
