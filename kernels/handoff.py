@@ -1,16 +1,14 @@
-"""Handing a step's results from the execute thread (or the device) to the event loop.
+"""Handing a step's completion from the execute thread (or the device) to the event loop.
 
-Two pieces, the same API on every machine:
+Steps finish in launch order (one stream, one execute thread), so one eventfd
+in counter mode is enough. Whoever finishes a step (the execute thread on the
+CPU; a host function queued behind the step on the device stream, on a GPU)
+adds 1; the loop wakes through `add_reader`, reads the count and resolves that
+many waiters in FIFO order. No polling, no thread parked on the loop.
 
-- `CompletionQueue`: steps finish in launch order (one stream, one execute
-  thread), so one eventfd in counter mode is enough. Whoever finishes a step
-  (the execute thread on the CPU; a host function queued behind the step on
-  the device stream, on a GPU) adds 1; the loop wakes through `add_reader`,
-  reads the count and resolves that many waiters in FIFO order. No polling,
-  no thread parked on the loop.
-- `BufferPool`: a bounded set of reusable output buffers. Its size is the
-  number of steps that may be in flight; acquiring waits when all are out,
-  which is the pipeline's backpressure between execute and postprocess.
+The bounded buffers themselves are the runner's staging pool
+(`stages/input_batch.py`); the pipeline's in-flight permits keep it from
+running dry.
 """
 
 from __future__ import annotations
@@ -18,9 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-from typing import Generic, TypeVar
-
-T = TypeVar("T")
 
 
 class CompletionQueue:
@@ -70,34 +65,3 @@ class CompletionQueue:
             self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = -1
-
-
-class BufferPool(Generic[T]):
-    """A bounded pool of preallocated buffers; `acquire` waits while all are lent out."""
-
-    def __init__(self, buffers: list[T]) -> None:
-        if not buffers:
-            raise ValueError("a BufferPool needs at least one buffer")
-        self._free: collections.deque[T] = collections.deque(buffers)
-        self._size = len(buffers)
-        self._available = asyncio.Condition()
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def in_use(self) -> int:
-        return self._size - len(self._free)
-
-    async def acquire(self) -> T:
-        async with self._available:
-            await self._available.wait_for(lambda: bool(self._free))
-            return self._free.popleft()
-
-    async def release(self, buf: T) -> None:
-        async with self._available:
-            if len(self._free) >= self._size:
-                raise RuntimeError("BufferPool.release: more buffers returned than were lent")
-            self._free.append(buf)
-            self._available.notify()
