@@ -16,11 +16,12 @@ def test_signals_from_a_thread_resolve_waiters_in_order_without_polling():
         q = CompletionQueue(asyncio.get_running_loop())
         order: list[int] = []
 
+        futures = [q.wait() for _ in range(5)]  # taken in launch order, as the execute stage does
+
         async def waiter(i: int) -> None:
-            await q.wait_fut[i]
+            await futures[i]
             order.append(i)
 
-        q.wait_fut = [q.wait() for _ in range(5)]  # taken in launch order, as the execute stage does
         tasks = [asyncio.create_task(waiter(i)) for i in reversed(range(5))]
 
         def device() -> None:
