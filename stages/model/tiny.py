@@ -7,11 +7,14 @@ generator. The result is written once as a real Hugging Face checkpoint
 directory (config.json, model.safetensors, tokenizer.json) under the user's
 cache, so it loads through the same code path as any downloaded model.
 
-Random weights produce gibberish. One choice keeps `overlapd generate "Hello"`
-from ending at once: the lm_head rows of bos and eos are zero, so their logit
-is exactly 0 while the largest of ~770 random logits (std ~3) is far above
-it; greedy decoding therefore never stops on eos and runs to max_tokens, and
-sampling stops on eos only rarely (random_weights.py).
+Random weights produce gibberish. Two choices make it readable gibberish
+for `overlapd generate "Hello"`: the lm_head rows of bos and eos are zero, so
+their logit is exactly 0 while the largest of ~770 random logits (std ~3) is
+far above it (greedy decoding never stops on eos and runs to max_tokens;
+sampling stops on eos only rarely; random_weights.py); and the rows of
+tokens that are not valid UTF-8 on their own (lone bytes >= 0x80, which a
+real model only emits as parts of a character) are zero too, so the text
+rarely shows U+FFFD.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .tiny_corpus import TINY_CORPUS
 
 # Bump whenever the weights, the config or the tokenizer recipe change: the
 # cache directory is named after it, so old caches are never reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_SEED = 20240601
 TINY_VOCAB = 768
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -76,17 +79,20 @@ def tiny_config(tok: Tokenizer) -> LlamaConfig:
     )
 
 
-def tiny_weights(config: LlamaConfig) -> dict[str, np.ndarray]:
+def tiny_weights(config: LlamaConfig, tok: Tokenizer) -> dict[str, np.ndarray]:
     """The tiny model's float32 weights under their HF names."""
-    return {name: random_weight(config, name, shape, TINY_SEED)
-            for sources in param_layout(config).values() for name, shape in sources}
+    w = {name: random_weight(config, name, shape, TINY_SEED)
+         for sources in param_layout(config).values() for name, shape in sources}
+    fragments = [i for i in range(config.vocab_size) if "\ufffd" in tok.decode([i], skip_special_tokens=False)]
+    w["lm_head.weight"][fragments] = 0.0
+    return w
 
 
 def tiny_checkpoint() -> tuple[LlamaConfig, dict[str, np.ndarray], str]:
     """(config, HF-named weights, tokenizer.json text), all made in memory."""
     tok = train_tiny_tokenizer()
     config = tiny_config(tok)
-    return config, tiny_weights(config), tok.to_str()
+    return config, tiny_weights(config, tok), tok.to_str()
 
 
 def write_hf_checkpoint(path: Path, config: LlamaConfig, weights: dict[str, np.ndarray], tokenizer_json: str | None) -> None:
