@@ -9,6 +9,7 @@ forward or sampling path calls `.numpy()`; host data only goes in through
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,8 +36,16 @@ def _tune_cpu_blas() -> None:
 
 _tune_cpu_blas()
 
-import paddle  # noqa: E402  (the environment above must be set first)
-import paddle.nn.functional as F  # noqa: E402
+with warnings.catch_warnings():
+    # Paddle's import warns that ccache (for building C++ extensions) is missing:
+    # noise for a daemon that builds none.
+    warnings.filterwarnings("ignore", message="No ccache found")
+    import paddle  # noqa: E402  (the environment above must be set first)
+    import paddle.nn.functional as F  # noqa: E402
+
+# Paddle turns SIGTERM/SIGINT into an abort with a C++ backtrace; the daemon
+# drains on SIGTERM instead, so the signals stay Python's.
+paddle.disable_signal_handler()
 
 from .paddle_attention import AttentionPlan, PagedKV, build_plan, paged_attention  # noqa: E402
 
