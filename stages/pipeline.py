@@ -64,6 +64,7 @@ class Pipeline:
         self.ring_records = 0
         self.ring_evicted = 0
         self.counters = collections.Counter[str]()
+        self.failed: BaseException | None = None  # the error that killed a stage, if one died
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -85,7 +86,7 @@ class Pipeline:
                 capacity=self.ring_cfg.capacity,
                 max_slots=self.engine.max_num_seqs,
                 vocab_size=self.engine.vocab_size,
-                model_name=self.model_name[-255:],
+                model_name=_last_utf8_bytes(self.model_name, 255),
                 mode=self.ring_cfg.mode,
                 backpressure=self.ring_cfg.backpressure,
             )
@@ -108,8 +109,6 @@ class Pipeline:
             log.error("stage_failed", stage=task.get_name(), error=repr(task.exception()))
             self.failed = task.exception()
             self.failure.set()
-
-    failed: BaseException | None = None
 
     async def _heartbeat(self) -> None:
         while True:
@@ -277,3 +276,8 @@ class Pipeline:
         }
         out.update(self.times.snapshot())
         return out
+
+
+def _last_utf8_bytes(text: str, limit: int) -> str:
+    """The tail of `text` that fits `limit` UTF-8 bytes (the ring's model-name field)."""
+    return text.encode()[-limit:].decode("utf-8", "ignore")
