@@ -142,9 +142,13 @@ class Pipeline:
         preprocess, *others = self._tasks
         preprocess.cancel()
         await asyncio.gather(preprocess, return_exceptions=True)
-        for _ in range(self.cfg.max_inflight):
-            await self.inflight.acquire()
-        await self.q_processed.join()
+        # A stage that died keeps the permits and queue items it held: its
+        # steps will never finish, so waiting for them would hang the exit.
+        settled = asyncio.ensure_future(self._in_flight_settled())
+        failed = asyncio.ensure_future(self.failure.wait())
+        await asyncio.wait({settled, failed}, return_when=asyncio.FIRST_COMPLETED)
+        settled.cancel()
+        failed.cancel()
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
@@ -158,6 +162,11 @@ class Pipeline:
                 self.ring.evict_dead_readers()
                 await asyncio.sleep(0.001)
             self.ring.close(clean=True)
+
+    async def _in_flight_settled(self) -> None:
+        for _ in range(self.cfg.max_inflight):
+            await self.inflight.acquire()
+        await self.q_processed.join()
 
     # ------------------------------------------------------------ Engine protocol
     def submit(self, params: GenerateParams, sink: RequestSink) -> int:
