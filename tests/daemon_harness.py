@@ -1,8 +1,10 @@
-"""Run the protocol test daemon (overlapd.daemon.echo_engine) as a real
-subprocess on a real socket, and talk to it with raw frames."""
+"""Run a daemon as a real subprocess on a real socket and talk to it with raw
+frames: the protocol test daemon (overlapd.daemon.echo_engine) by default,
+or the real `overlapd serve` (tiny model, Paddle) through `serve_real`."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,11 +16,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
-
 from overlapd.daemon.client import Client, ClientError
-from overlapd.daemon.protocol import DaemonFrame, FrameDecoder, decode_daemon_frame, encode_frame, encode_raw_frame
+from overlapd.daemon.protocol import (
+    DaemonFrame,
+    FrameDecoder,
+    decode_daemon_frame,
+    encode_frame,
+    encode_raw_frame,
+)
 
 START_TIMEOUT_S = 10.0
+# `overlapd serve`: Paddle's import and the tiny model's first creation, on a loaded CI machine.
+REAL_START_TIMEOUT_S = 60.0
 
 
 class EchoDaemon:
@@ -91,8 +100,43 @@ class EchoDaemon:
         self._log.close()
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-2000:]
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.proc.pid)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a live process (VmRSS), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def real_argv(tmp: Path, *flags: str, config: str | None = None) -> list[str]:
+    """`overlapd serve` on tmp/d.sock and tmp/d.ring, with an optional TOML config."""
+    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--socket", str(tmp / "d.sock"), "--ring", str(tmp / "d.ring")]
+    if config is not None:
+        cfg = tmp / "d.toml"
+        cfg.write_text(config)
+        argv += ["--config", str(cfg)]
+    return [*argv, *flags]
+
+
+def serve_real(tmp: Path, *flags: str, config: str | None = None, wait: bool = True) -> EchoDaemon:
+    """Start the real daemon (tiny model, Paddle) in `tmp`; `d.ring_path` is its ring."""
+    d = EchoDaemon(tmp / "d.sock", argv=real_argv(tmp, *flags, config=config), start_timeout=REAL_START_TIMEOUT_S)
+    d.ring_path = tmp / "d.ring"  # type: ignore[attr-defined]
+    if wait:
+        try:
+            d.wait_ready()
+        except BaseException:
+            d.kill()
+            raise
+    return d
 
 
 def spawn_activated(listener: socket.socket, argv: list[str], *, name: str, **popen: object) -> subprocess.Popen:
@@ -173,3 +217,44 @@ class RawConn:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncRawConn:
+    """RawConn's asyncio twin: many of them in one thread make a crowd of clients."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._dec = FrameDecoder(16 << 20)
+        self._frames: list[DaemonFrame] = []
+
+    @classmethod
+    async def open(cls, path: Path | str) -> AsyncRawConn:
+        reader, writer = await asyncio.open_unix_connection(os.fspath(path))
+        return cls(reader, writer)
+
+    def send(self, frame: msgspec.Struct | dict) -> None:
+        if isinstance(frame, dict):
+            self.writer.write(encode_raw_frame(msgspec.msgpack.encode(frame)))
+        else:
+            self.writer.write(encode_frame(frame))
+
+    async def recv(self, timeout: float = 30.0) -> DaemonFrame | None:
+        """The next frame, or None once the daemon closed the connection."""
+        while not self._frames:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                return None
+            self._frames = [decode_daemon_frame(b) for b in self._dec.feed(data)]
+        return self._frames.pop(0)
+
+    def abort(self) -> None:
+        """Vanish without a goodbye: RST instead of FIN where the transport allows."""
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass

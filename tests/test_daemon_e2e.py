@@ -8,29 +8,14 @@ import struct
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
-from daemon_harness import EchoDaemon
-
-from overlapd.daemon.client import Client, RequestFailed
+from daemon_harness import EchoDaemon, serve_real
+from overlapd.daemon.client import RequestFailed
 from overlapd.daemon.protocol import AcceptedFrame, DoneFrame, ErrorFrame, TokensFrame
 from overlapd.kernels.ring import RingReader, Step
 
-START_S = 60.0  # Paddle's import and the tiny model's first creation, on a loaded CI machine
-
-
-def serve(tmp: Path, *flags: str, config: str | None = None) -> EchoDaemon:
-    sock, ring = tmp / "d.sock", tmp / "d.ring"
-    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--socket", str(sock), "--ring", str(ring), *flags]
-    if config is not None:
-        cfg = tmp / "d.toml"
-        cfg.write_text(config)
-        argv += ["--config", str(cfg)]
-    d = EchoDaemon(sock, argv=argv, start_timeout=START_S)
-    d.ring_path = ring  # type: ignore[attr-defined]
-    d.wait_ready()
-    return d
+serve = serve_real
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +235,4 @@ def test_generate_in_process_needs_no_daemon():
     assert proc.returncode == 0, proc.stderr
     assert "[length: " in proc.stderr and "8 generated tokens" in proc.stderr
     assert proc.stdout.strip()
+

@@ -11,16 +11,21 @@ import re
 import signal
 from pathlib import Path
 
-import msgspec
 import pytest
-from daemon_harness import RawConn, echo_daemon
+from daemon_harness import RawConn, echo_daemon, rss_kib
+from hostile_frames import inband_bodies
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from overlapd.daemon.protocol import AcceptedFrame, ErrorFrame, HealthFrame, HealthQuery, encode_raw_frame
+from overlapd.daemon.protocol import (
+    AcceptedFrame,
+    ErrorFrame,
+    HealthFrame,
+    HealthQuery,
+    encode_raw_frame,
+)
 
 MAX_FRAME = 4096
 REPO = Path(__file__).resolve().parent.parent
+hostile_bodies = inband_bodies.filter(lambda body: len(body) <= MAX_FRAME)  # in-band: within the limit
 
 
 @pytest.fixture(autouse=True)
@@ -39,32 +44,6 @@ def _bounded_in_time():
 def daemon(tmp_path_factory):
     with echo_daemon(tmp_path_factory.mktemp("h") / "h.sock", "--max-frame-bytes", str(MAX_FRAME)) as d:
         yield d
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-scalars = (
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-    | st.text(max_size=12) | st.binary(max_size=12)
-)
-values = st.recursive(scalars, lambda v: st.lists(v, max_size=4) | st.dictionaries(st.text(max_size=8), v, max_size=4), max_leaves=12)
-FIELDS = ("id", "prompt", "prompt_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-          "stop_token_ids", "ignore_eos", "logprobs")
-hostile_maps = st.fixed_dictionaries(
-    {"type": st.sampled_from(["generate", "abort", "health", "stats", "", "generat", "x" * 40])},
-    optional={**{k: values for k in FIELDS}, "id": st.sampled_from(["a", "b", "", "x" * 300]) | values},
-)
-hostile_bodies = st.one_of(
-    st.binary(max_size=200),
-    hostile_maps.map(msgspec.msgpack.encode),
-    st.just(b"\x91" * 3000),  # deep nesting
-    st.just(b"\x82\xa4type\xa8generate\xa2id\xa2\xff\xfe"),  # invalid UTF-8
-)
 
 
 def test_hostile_frames_are_each_answered_and_leave_nothing_behind(daemon):
