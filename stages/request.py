@@ -16,6 +16,7 @@ from typing import AbstractSet, Sequence
 from .step_types import MAX_LOGPROBS, FinishReason, SamplingParams
 
 U64_MAX = (1 << 64) - 1
+I64_MAX = (1 << 63) - 1
 
 
 class RequestStatus(Enum):
@@ -158,8 +159,10 @@ def validate_request(
         raise InvalidRequest("temperature", f"must be a finite number >= 0 (0 = greedy), got {p.temperature!r}")
     if not math.isfinite(p.top_p) or not 0.0 < p.top_p <= 1.0:
         raise InvalidRequest("top_p", f"must be in (0, 1], got {p.top_p!r}")
-    if p.top_k < 0:
-        raise InvalidRequest("top_k", f"must be >= 0 (0 = off), got {p.top_k!r}")
+    # The upper bound: top_k is staged in an int64 buffer (any value >= the
+    # vocabulary size already keeps every token).
+    if not 0 <= p.top_k <= I64_MAX:
+        raise InvalidRequest("top_k", f"must be in 0..2**63-1 (0 = off), got {p.top_k!r}")
     if not 0 <= p.logprobs <= MAX_LOGPROBS:
         raise InvalidRequest("logprobs", f"must be in 0..{MAX_LOGPROBS}, got {p.logprobs!r}")
     for i, s in enumerate(p.stop):

@@ -236,3 +236,15 @@ def test_generate_in_process_needs_no_daemon():
     assert "[length: " in proc.stderr and "8 generated tokens" in proc.stderr
     assert proc.stdout.strip()
 
+
+def test_a_top_k_beyond_int64_is_refused_and_the_pipeline_lives(daemon):
+    # Found by tests/test_reliability_fuzz.py: top_k = 2**64-1 passed validation, overflowed the
+    # int64 staging buffer and killed the preprocess stage (and with it the daemon).
+    with daemon.raw() as raw:
+        raw.send({"type": "generate", "id": "k", "prompt": "x", "max_tokens": 2, "temperature": 1.0, "top_k": 2**64 - 1})
+        err = raw.recv()
+        assert isinstance(err, ErrorFrame) and err.code == "invalid_request" and "top_k" in err.message, err
+        raw.send({"type": "generate", "id": "ok", "prompt": "x", "max_tokens": 2, "temperature": 1.0, "top_k": 2**63 - 1})
+        frames = raw.recv_until_end("ok")
+        assert isinstance(frames[-1], DoneFrame) and frames[-1].finish_reason == "length", frames
+    assert daemon.proc.poll() is None
