@@ -3,7 +3,9 @@
 The framework releases the GIL inside its kernels, so the loop keeps running
 while the device (or, on a CPU, this thread) works. Completion is signalled in
 launch order through the pipeline's `CompletionQueue`: the loop never polls and
-this stage never waits for the device.
+this stage never waits for the device. On a GPU (with the `_cuda` extension) the
+signal is a host function queued on the stream behind the step's output copies,
+so the loop wakes when the outputs are on the host, not when launch returns.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import concurrent.futures
 import time
 from typing import TYPE_CHECKING
 
+from overlapd.kernels import cuda_handoff
 from overlapd.stages.step_types import SchedulerOutput
 
 if TYPE_CHECKING:
@@ -34,6 +37,8 @@ class Executor:
     def __init__(self, p: Pipeline) -> None:
         self._p = p
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlapd-execute")
+        ops = p.engine.ops
+        self._on_device = ops.device == "gpu" and cuda_handoff.native() is not None
 
     async def run(self) -> None:
         p = self._p
@@ -46,13 +51,20 @@ class Executor:
     def _launch(self, prepared: object) -> object:
         """On the execute thread: start the step; signal completion however it ends."""
         t0 = time.perf_counter()
+        queued = False
         try:
-            return self._p.engine.runner.launch(prepared)
+            handle = self._p.engine.runner.launch(prepared)
+            if self._on_device:
+                # The stream is this thread's current one: the one launch used.
+                queued = cuda_handoff.signal_after(self._p.engine.ops.current_stream_handle(),
+                                                   self._p.completions.fd)
+            return handle
         finally:
             self._p.times.add("launch", time.perf_counter() - t0)
-            # On the CPU the step's results exist once launch returns. A GPU
-            # runtime signals from a host function queued behind the step instead.
-            self._p.completions.signal()
+            if not queued:
+                # On the CPU the step's results exist once launch returns; a
+                # failed launch must still wake its waiter.
+                self._p.completions.signal()
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=False)

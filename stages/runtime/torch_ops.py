@@ -5,18 +5,25 @@ The paged attention here is plain tensor ops like the Paddle runtime's, so it
 runs on the CPU for tests; on a GPU it is the correct but slow reference
 that a FlashAttention-style kernel replaces. The KV cache uses the layout
 such kernels take, [num_blocks, block_size, kv_heads, head_dim].
+
+On CUDA nothing in a step may wait for the device: host-to-device copies go
+through pinned memory with non_blocking=True (a pageable `copy_` or
+`torch.tensor(..., device=cuda)` synchronizes the stream), and device-to-host
+copies land in the `kernels` pool of page-locked buffers where it was built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops import INT64, AttentionMetadata, Tensor
+from overlapd.kernels import cuda_handoff
+
+from .ops import INT64, AttentionMetadata, HostFuture, Tensor
 
 _DTYPES = {
     "float32": torch.float32,
@@ -30,8 +37,13 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MASKED = -1e30  # finite, so fully masked padding rows stay NaN-free
 
 
+# dtypes the native pinned pool hands back as numpy arrays (bfloat16 has none)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
+
+
 class _HostCopy:
-    """A device-to-host copy: on CUDA into pinned memory, completed by an event."""
+    """A device-to-host copy: on CUDA into pinned memory, completed by an event
+    (torch's pinned allocator; the native pool is preferred where it exists)."""
 
     def __init__(self, x: Tensor) -> None:
         if x.is_cuda:
@@ -85,6 +97,19 @@ class TorchOps:
         self.device = device
         # Weights and inputs never require grad, so no autograd graph is built.
         self._dev = torch.device("cuda" if device == "gpu" else "cpu")
+        self._cuda = self._dev.type == "cuda"
+        # Landing buffers for step outputs: 8 x 1 MiB covers max_inflight steps'
+        # ints and logprobs with room; a larger tensor takes torch's pinned path.
+        self._pinned = cuda_handoff.PinnedCopies() if self._cuda and cuda_handoff.native() is not None else None
+
+    def _to_device(self, a: np.ndarray) -> Tensor:
+        """A new device tensor from host data without synchronizing the stream:
+        the pinned copy is freed for reuse only once the transfer ran (torch's
+        caching host allocator records an event on the stream)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if not self._cuda:
+            return t.clone()  # staging arrays get reused
+        return t.pin_memory().to(self._dev, non_blocking=True)
 
     # --- creation and host transfer -------------------------------------
     def empty(self, shape: Sequence[int], dtype: str) -> Tensor:
@@ -100,19 +125,30 @@ class TorchOps:
         return torch.arange(n, dtype=_DTYPES[dtype], device=self._dev)
 
     def from_numpy(self, a: np.ndarray, dtype: str | None = None) -> Tensor:
-        x = torch.tensor(np.ascontiguousarray(a), device=self._dev)  # a copy: staging arrays get reused
+        # Load time only (weights, tables): a plain synchronous copy, so a 1 GB
+        # weight never lands in the pinned cache.
+        x = torch.tensor(np.ascontiguousarray(a), device=self._dev)
         return x if dtype is None else x.to(_DTYPES[dtype])
 
     def to_numpy(self, x: Tensor) -> np.ndarray:
         x = x.detach()
         return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
 
-    def to_host_async(self, x: Tensor) -> _HostCopy:
+    def to_host_async(self, x: Tensor) -> HostFuture:
+        nbytes = x.numel() * x.element_size()
+        if self._pinned is not None and x.dtype in _NUMPY_DTYPES and self._pinned.fits(nbytes) \
+                and self._pinned.available:
+            x = x.contiguous()
+            return self._pinned.copy_async(x.data_ptr(), nbytes, _NUMPY_DTYPES[x.dtype], tuple(x.shape),
+                                           self.current_stream_handle())
         return _HostCopy(x)
 
     def copy_from_host_(self, dst: Tensor, src: np.ndarray) -> None:
         if len(src):
-            dst[: len(src)].copy_(torch.from_numpy(np.ascontiguousarray(src)).to(dst.dtype))
+            t = torch.from_numpy(np.ascontiguousarray(src)).to(dst.dtype)
+            if self._cuda:
+                t = t.pin_memory()  # pageable copy_ would synchronize the stream
+            dst[: len(src)].copy_(t, non_blocking=self._cuda)
 
     def copy_(self, dst: Tensor, src: Tensor) -> None:
         if src.shape[0]:
@@ -237,7 +273,7 @@ class TorchOps:
     def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[Tensor, Tensor]:
         c = np.concatenate([cos, cos], axis=-1)
         s = np.concatenate([-sin, sin], axis=-1)  # rotate-half's sign folded in
-        return torch.tensor(c, device=self._dev), torch.tensor(s, device=self._dev)
+        return self._to_device(c), self._to_device(s)
 
     def rope_plan(self, positions: Tensor, tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         return tables[0][positions].unsqueeze(1), tables[1][positions].unsqueeze(1)
@@ -260,7 +296,7 @@ class TorchOps:
         return PagedKV(k, v, k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim))
 
     def attention_plan(self, meta: AttentionMetadata, cache: PagedKV) -> _Plan:
-        return _build_plan(meta, self._dev)
+        return _build_plan(meta, self._dev, self._to_device)
 
     def write_kv_cache_(self, cache: PagedKV, k: Tensor, v: Tensor, plan: _Plan) -> None:
         cache.k_flat.index_copy_(0, plan.slot_mapping, k.to(cache.k.dtype))
@@ -280,7 +316,7 @@ class TorchOps:
         return int(torch.cuda.current_stream().cuda_stream) if self.device == "gpu" else 0
 
 
-def _build_plan(meta: AttentionMetadata, dev: torch.device) -> _Plan:
+def _build_plan(meta: AttentionMetadata, dev: torch.device, to_dev: Callable[[np.ndarray], Tensor]) -> _Plan:
     """Decode rows and the rest, each padded to its longest query and context
     (the same grouping as the Paddle runtime's; see paddle_attention.py)."""
     qlens, seqlens, bs = meta.query_lens_host, meta.seq_lens_host, meta.block_size
@@ -295,17 +331,17 @@ def _build_plan(meta: AttentionMetadata, dev: torch.device) -> _Plan:
         j = np.arange(qlen, dtype=np.int64)
         valid = j[None, :] < qlens[rows][:, None]
         tok = starts[rows][:, None] + np.where(valid, j[None, :], 0)
-        qpos = torch.tensor((seqlens[rows] - qlens[rows])[:, None] + j[None, :], device=dev)
+        qpos = to_dev((seqlens[rows] - qlens[rows])[:, None] + j[None, :])
         out_index[tok[valid]] = offset + np.flatnonzero(valid.reshape(-1))
         offset += n * qlen
-        tables = meta.block_tables.index_select(0, torch.tensor(rows, device=dev))[:, :nblocks]
+        tables = meta.block_tables.index_select(0, to_dev(rows.astype(np.int64)))[:, :nblocks]
         kpos = torch.arange(nblocks * bs, device=dev)
         bias = torch.where(kpos[None, None, :] <= qpos[:, :, None], 0.0, _MASKED).to(torch.float32)
         tok_t = None if n * qlen == meta.num_tokens and (tok.reshape(-1) == np.arange(meta.num_tokens)).all() \
-            else torch.tensor(tok.reshape(-1), device=dev)
+            else to_dev(tok.reshape(-1))
         groups.append(_Group(n, qlen, nblocks * bs, tok_t, tables.reshape(-1), bias.view(n, 1, qlen, 1, -1)))
     identity = len(groups) == 1 and groups[0].tok_idx is None
-    return _Plan(groups, None if identity else torch.tensor(out_index, device=dev), meta.slot_mapping)
+    return _Plan(groups, None if identity else to_dev(out_index), meta.slot_mapping)
 
 
 def _attend_group(q: Tensor, cache: PagedKV, g: _Group, scale: float) -> Tensor:
@@ -313,12 +349,14 @@ def _attend_group(q: Tensor, cache: PagedKV, g: _Group, scale: float) -> Tensor:
     kv_heads = cache.k.shape[2]
     grp = heads // kv_heads
     n, qlen, kvlen = g.rows, g.qlen, g.kvlen
-    qg = (q if g.tok_idx is None else q.index_select(0, g.tok_idx)).float() * scale
+    # Matmuls in the cache's dtype (bf16 on the GPU: no float32 copy of the
+    # gathered keys and values), softmax in float32.
+    qg = (q if g.tok_idx is None else q.index_select(0, g.tok_idx)).to(cache.k.dtype) * scale
     qg = qg.view(n, qlen, kv_heads, grp, dim).permute(0, 2, 1, 3, 4).reshape(n, kv_heads, qlen * grp, dim)
-    k = cache.k.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).permute(0, 2, 1, 3).float()
-    v = cache.v.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).permute(0, 2, 1, 3).float()
-    scores = (qg @ k.transpose(-1, -2)).view(n, kv_heads, qlen, grp, kvlen) + g.bias
-    probs = torch.softmax(scores, dim=-1).view(n, kv_heads, qlen * grp, kvlen)
+    k = cache.k.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).permute(0, 2, 1, 3)
+    v = cache.v.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).permute(0, 2, 1, 3)
+    scores = (qg @ k.transpose(-1, -2)).float().view(n, kv_heads, qlen, grp, kvlen) + g.bias
+    probs = torch.softmax(scores, dim=-1).view(n, kv_heads, qlen * grp, kvlen).to(v.dtype)
     out = (probs @ v).view(n, kv_heads, qlen, grp, dim).permute(0, 2, 1, 3, 4)
     return out.reshape(n * qlen, heads * dim).to(q.dtype)
 
