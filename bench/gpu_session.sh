@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call: install, build with the CUDA handoff, GPU tests, then the GPU bench.
+# Usage (on the GPU host, repo root): OUT=/some/dir bash bench/gpu_session.sh [bench args...]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/overlapd-out}; mkdir -p "$OUT"
+date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+t0=$(date +%s)
+OVERLAPD_CUDA=1 python3 -m pip install --no-build-isolation --no-deps --no-compile -q --target /tmp/site . > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 -c "from overlapd.kernels import cuda_handoff as c; print('native _cuda:', c.native())"
+python3 -m pytest -q -p no:cacheprovider tests/gpu -ra 2>&1 | tee "$OUT/tests_gpu.log" | tail -25
+python3 bench/gpu.py --out "$OUT/gpu_bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
