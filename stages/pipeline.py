@@ -279,6 +279,7 @@ class Pipeline:
             "queue_processed": self.q_processed.qsize(),
             "kv_blocks_used": sched.num_used_blocks,
             "kv_blocks_free": sched.num_free_blocks,
+            "preemptions": sched.stats.num_preemptions,
             "ring_records": self.ring_records,
             "ring_readers_evicted": self.ring_evicted,
             "uptime_s": time.monotonic() - self._started,
