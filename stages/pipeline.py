@@ -53,6 +53,8 @@ class Pipeline:
         self.ring_cfg = ring_cfg
         self.engine = LLMEngine(engine_cfg)
         self.model_name = engine_cfg.model
+        # Longer texts tokenize to more than max_model_len tokens (tokenizer.py).
+        self.max_prompt_chars = self.engine.max_model_len * self.engine.tokenizer.max_chars_per_token
         self.times = StageTimes()
         self._ids = itertools.count(1)
         self._live: dict[int, LiveRequest] = {}
@@ -175,6 +177,14 @@ class Pipeline:
         if len(self._admission) + self.engine.scheduler.num_waiting >= self.cfg.max_waiting:
             self.counters["overloaded"] += 1
             raise EngineError("overloaded", f"{self.cfg.max_waiting} requests are already waiting; retry later")
+        if params.prompt is not None and len(params.prompt) > self.max_prompt_chars:
+            # Encoding runs on the event loop (~0.8 s for 1 MiB of text, every
+            # client stalled meanwhile); a text this long cannot fit anyway.
+            raise EngineError(
+                "invalid_request",
+                f"prompt: {len(params.prompt)} characters are more than a context of "
+                f"{self.engine.max_model_len} tokens can hold; send a much shorter prompt",
+            )
         prompt_ids = list(params.prompt_ids) if params.prompt_ids is not None else self.engine.tokenizer.encode(params.prompt)
         sp = SamplingParams(
             max_tokens=params.max_tokens,

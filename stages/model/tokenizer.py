@@ -16,6 +16,10 @@ class TokenizerLike(Protocol):
     vocab_size: int
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # At most this many characters of input text become one token, so a text
+    # longer than n * max_chars_per_token has more than n tokens: the daemon
+    # refuses such a prompt without spending the event loop on encoding it.
+    max_chars_per_token: int
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
@@ -27,6 +31,12 @@ class Tokenizer:
     def __init__(self, tok: HFTokenizer, bos_token_id: int | None, eos_token_ids: tuple[int, ...]) -> None:
         self._tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # A token's vocabulary string is at least as long as the input it
+        # stands for (byte-level BPE: one character per byte; added tokens
+        # match literally), unless a normalizer shortens the input first:
+        # composing characters merges at most a few into one, hence the 4.
+        longest = max((len(t) for t in tok.get_vocab(with_added_tokens=True)), default=1)
+        self.max_chars_per_token = longest * (1 if tok.normalizer is None else 4)
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
 
@@ -65,6 +75,7 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
+        self.max_chars_per_token = 1  # one token per UTF-8 byte, and a character is at least one byte
         self._special = set(eos_token_ids) | ({bos_token_id} if bos_token_id is not None else set())
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
