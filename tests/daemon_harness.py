@@ -67,6 +67,17 @@ class EchoDaemon:
                 time.sleep(0.02)
         raise TimeoutError(f"daemon not ready in {self.start_timeout}s: {self.log()}")
 
+    def wait_logged(self, text: str) -> None:
+        """Wait for `text` in the daemon's log: readiness where health cannot
+        tell (a daemon that refuses us by uid)."""
+        deadline = time.monotonic() + self.start_timeout
+        while text not in self.log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged in {self.start_timeout}s: {self.log()}")
+            time.sleep(0.02)
+
     def client(self, timeout: float = 10) -> Client:
         return Client(self.socket_path, timeout=timeout)
 

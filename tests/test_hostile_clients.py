@@ -109,16 +109,26 @@ FORBIDDEN = [
     (re.compile(r"allow_pickle\s*=\s*True"), "numpy allow_pickle"),
     (re.compile(r"torch\.load\((?![^)]*weights_only\s*=\s*True)"), "torch.load without weights_only=True"),
     (re.compile(r"paddle\.load\("), "paddle.load (pickle)"),
+    # The same through the back door: imported by name, or read by a library that unpickles.
+    (re.compile(r"""(__import__|import_module)\(\s*['"](c?pickle|dill|marshal|shelve|joblib)"""), "pickle-family import by name"),
+    (re.compile(r"read_pickle\(|yaml\.(unsafe_)?load\((?![^)]*SafeLoader)"), "pandas/yaml unpickling load"),
+]
+# Native code can unpickle or evaluate Python as well (pybind11, the C API).
+FORBIDDEN_NATIVE = [
+    (re.compile(r"py::pickle|PyRun_|PyEval_Eval|Py_CompileString|pybind11::eval|py::eval|py::exec"), "pickle/eval in C++"),
 ]
 
 
 def test_no_pickle_or_eval_in_the_package():
     offenders = []
-    for folder in ("daemon", "stages", "kernels"):
-        for path in sorted((REPO / folder).rglob("*.py")):
-            text = path.read_text(errors="replace")
-            for pattern, what in FORBIDDEN:
-                for m in pattern.finditer(text):
-                    line = text.count("\n", 0, m.start()) + 1
-                    offenders.append(f"{path.relative_to(REPO)}:{line}: {what}")
+    sources = [(p, FORBIDDEN) for d in ("daemon", "stages", "kernels") for p in sorted((REPO / d).rglob("*.py"))]
+    sources += [(p, FORBIDDEN_NATIVE) for ext in ("cpp", "hpp", "h", "cu", "c")
+                for p in sorted((REPO / "kernels").rglob(f"*.{ext}"))]
+    assert len(sources) > 20  # the walk found the package
+    for path, patterns in sources:
+        text = path.read_text(errors="replace")
+        for pattern, what in patterns:
+            for m in pattern.finditer(text):
+                line = text.count("\n", 0, m.start()) + 1
+                offenders.append(f"{path.relative_to(REPO)}:{line}: {what}")
     assert not offenders, "\n".join(offenders)
