@@ -8,22 +8,27 @@ Three calls so the pipeline can overlap them:
   returns without waiting for the device where the runtime allows;
 - `collect` (any thread): waits for those outputs, returns the staging buffer.
 `execute` chains the three for the synchronous path.
+
+Greedy decode steps replay a CUDA graph where the runtime can capture one
+(`decode_graphs.py`): the same body, captured once per shape bucket.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .decode_graphs import CaptureFn, DecodeGraphs
 from .engine_config import EngineConfig
 from .input_batch import BatchLimits, DeviceInputs, StagedCounts, StagingBuffer, StagingPool
 from .model.loader import LoadedModel
 from .model.paged_metadata import build_attention_metadata
 from .runtime.ops import HostFuture, Ops
-from .sampler import Sampler
+from .sampler import Sampler, SamplerOutput
 from .step_stager import StepStager
 from .step_types import SchedulerOutput, StepOutput
 
@@ -70,7 +75,10 @@ class ModelRunner:
             max_model_len=self.max_model_len,
             vocab_size=loaded.config.vocab_size,
         )
-        self.kv_caches = self.model.allocate_kv_caches(num_blocks, cfg.block_size)
+        # One block more than the scheduler knows of: padding rows of a captured
+        # decode step write their keys and values there, never into a request's.
+        self.kv_caches = self.model.allocate_kv_caches(num_blocks + 1, cfg.block_size)
+        self._spare_slot = num_blocks * cfg.block_size
         self.inputs = DeviceInputs(ops, self.limits)
         self.sampler = Sampler(ops, loaded.config.vocab_size)
         self._stager = StepStager(self.limits)
@@ -78,6 +86,14 @@ class ModelRunner:
         self._lock = threading.Lock()  # prepare may run beside launch/collect
         self._prepared = 0
         self._launched = 0
+        self.graphs: DecodeGraphs | None = None
+        capture = getattr(ops, "capture_graph", None)
+        if ops.device == "gpu" and capture is not None and os.environ.get("OVERLAPD_CUDA_GRAPHS", "1") != "0":
+            self.enable_graphs(capture)
+
+    def enable_graphs(self, capture: CaptureFn) -> None:
+        """Replay greedy decode steps from graphs captured with `capture` (None: always eager)."""
+        self.graphs = DecodeGraphs(capture, self.limits.max_rows, self.limits.max_blocks)
 
     # --- the three phases -----------------------------------------------------
     def prepare(self, so: SchedulerOutput) -> PreparedStep:
@@ -110,34 +126,67 @@ class ModelRunner:
             raise
 
     def _run(self, prepared: PreparedStep) -> StepHandle:
-        ops, inp, n = self.ops, self.inputs, prepared.counts
-        assert prepared.buf is not None
-        inp.load(prepared.buf, n)
+        inp, n, buf = self.inputs, prepared.counts, prepared.buf
+        assert buf is not None
         r = n.num_rows
+        key = self._graph_key(prepared)
+        if key is None:
+            inp.load(buf, n)
+            out = self._body(n.num_tokens, r, n.query_lens, n.seq_lens, prepared.any_random,
+                             prepared.num_logprobs, padded=False)
+        else:
+            rows, blocks = key
+            _pad_decode_rows(buf, r, rows)
+            inp.load(buf, n)
+            # Host facts the capture sees: `rows` one-token rows over `blocks` blocks.
+            qlens = np.ones(rows, np.int64)
+            seqlens = np.full(rows, blocks * self.block_size, np.int64)
+            assert self.graphs is not None
+            out = self.graphs.run(key, lambda: self._body(rows, rows, qlens, seqlens, False, 0, padded=True))
+        ints = out.ints if out.ints.shape[0] == r else out.ints[:r]
+        return StepHandle(
+            prepared,
+            self.ops.to_host_async(ints),
+            self.ops.to_host_async(out.logprobs) if out.logprobs is not None else None,
+        )
+
+    def _graph_key(self, p: PreparedStep) -> tuple[int, int] | None:
+        """The graph bucket of a greedy decode step whose every row samples; None: run eagerly."""
+        n = p.counts
+        if self.graphs is None or p.any_random or p.num_logprobs or n.num_rows == 0 or n.num_tokens != n.num_rows:
+            return None
+        assert p.buf is not None
+        if not p.buf.sample_mask[: n.num_rows].all():
+            return None
+        return self.graphs.key(n.num_rows, int(n.seq_lens.max()), self.block_size)
+
+    def _body(self, num_tokens: int, r: int, query_lens: np.ndarray, seq_lens: np.ndarray, any_random: bool,
+              num_logprobs: int, padded: bool) -> SamplerOutput:
+        """Forward and sampling over the persistent inputs: device work only, no
+        host reads and no uploads on the decode path, so a graph can capture it."""
+        ops, inp = self.ops, self.inputs
         meta = build_attention_metadata(
             ops,
-            num_tokens=n.num_tokens,
+            num_tokens=num_tokens,
             block_size=self.block_size,
             query_start_loc=inp.query_start_loc[: r + 1],
             start_pos=inp.start_pos[:r],
             seq_lens=inp.seq_lens[:r],
             row_slots=inp.row_slots[:r],
             block_tables=inp.block_tables,
-            query_lens_host=n.query_lens,
-            seq_lens_host=n.seq_lens,
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
         )
-        hidden = self.model.forward(inp.input_ids[: n.num_tokens], meta, self.kv_caches)
+        if padded:  # padding rows (sample_mask 0) write to the spare block
+            meta.slot_mapping = ops.where(ops.gt(inp.sample_mask[:r], 0), meta.slot_mapping, self._spare_slot)
+        hidden = self.model.forward(inp.input_ids[:num_tokens], meta, self.kv_caches)
         logits = self.model.compute_logits(hidden, ops.sub(inp.query_start_loc[1: r + 1], 1))
         params = inp.sampling.build(inp.row_slots[:r])
-        out = self.sampler(logits, params, any_random=prepared.any_random, num_logprobs=prepared.num_logprobs)
-        if prepared.any_random:
+        out = self.sampler(logits, params, any_random=any_random, num_logprobs=num_logprobs)
+        if any_random:
             inp.sampling.advance_seeds_(inp.row_slots[:r], params.seed_state, inp.sample_mask[:r])
         ops.copy_(inp.prev_sampled, out.sampled)  # the next launch's decode inputs
-        return StepHandle(
-            prepared,
-            ops.to_host_async(out.ints),
-            ops.to_host_async(out.logprobs) if out.logprobs is not None else None,
-        )
+        return out
 
     def collect(self, handle: StepHandle) -> StepOutput:
         p = handle.prepared
@@ -175,6 +224,21 @@ class ModelRunner:
 
     def persistent_buffers(self) -> dict[str, Any]:
         return self.inputs.persistent_tensors()
+
+
+def _pad_decode_rows(buf: StagingBuffer, r: int, rows: int) -> None:
+    """Stage rows r..rows-1 of a padded decode step: one token at position 0 in
+    slot 0, never sampled (their KV writes go to the spare block, their outputs
+    are dropped). The whole per-step array is copied to the device anyway."""
+    if rows == r:
+        return
+    buf.query_start_loc[r + 1: rows + 1] = np.arange(r + 1, rows + 1)
+    buf.input_ids[r:rows] = 0
+    buf.prev_rows[r:rows] = -1
+    buf.start_pos[r:rows] = 0
+    buf.seq_lens[r:rows] = 1
+    buf.row_slots[r:rows] = 0
+    buf.sample_mask[r:rows] = 0
 
 
 def _empty_output(step_id: int) -> StepOutput:
