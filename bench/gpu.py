@@ -176,29 +176,40 @@ class Sink:
         self.done.set_exception(RuntimeError(f"{code}: {message}"))
 
 
-async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_len: int, max_tokens: int,
-                       probe_every: int = 0) -> tuple[dict, list[list[int]]]:
-    ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
-    p = Pipeline(cfg, PipelineConfig(overlap=overlap), ring)
-    await p.start()
+async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int, salt: int) -> list[Sink]:
     loop = asyncio.get_running_loop()
-    warm = Sink(loop)
-    p.submit(GenerateParams(prompt_ids=[1, 2, 3], max_tokens=8, temperature=0.0, ignore_eos=True), warm)
-    await warm.done
-    timer = StepTimer(p.engine.runner, probe_every)
-    p.times.__init__()
     sinks = [Sink(loop) for _ in range(requests)]
-    t0 = time.perf_counter()
     for i, s in enumerate(sinks):
-        prompt = [(7 * i + j) % 30000 + 3 for j in range(prompt_len)]
+        prompt = [(7 * i + 11 * salt + j) % 30000 + 3 for j in range(prompt_len)]
         p.submit(GenerateParams(prompt_ids=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True), s)
     await asyncio.gather(*(s.done for s in sinks))
+    return sinks
+
+
+async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_len: int, max_tokens: int,
+                       probe_every: int = 0, graphs: bool = True) -> tuple[dict, list[list[int]]]:
+    ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
+    p = Pipeline(cfg, PipelineConfig(overlap=overlap), ring)
+    if not graphs:
+        p.engine.runner.graphs = None
+    await p.start()
+    # Warm-up: with graphs, the same workload once, so every (rows, context)
+    # bucket is captured before the timed pass; eagerly, one short request.
+    await _workload(p, requests if graphs else 1, prompt_len, max_tokens if graphs else 8, salt=1)
+    timer = StepTimer(p.engine.runner, probe_every)
+    p.times.__init__()
+    g = p.engine.runner.graphs
+    captures_before = g.captures if g is not None else 0
+    t0 = time.perf_counter()
+    sinks = await _workload(p, requests, prompt_len, max_tokens, salt=0)
     elapsed = time.perf_counter() - t0
     stats = p.stats()
     await p.drain(timeout=5)
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
-    out = {"overlap": overlap, "elapsed_s": elapsed, "tokens": sum(map(len, tokens)),
+    out = {"overlap": overlap, "graphs": graphs, "elapsed_s": elapsed,
+           "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
+                                                                                      if g is not None else 0), "tokens": sum(map(len, tokens)),
            "tokens_per_s": sum(map(len, tokens)) / elapsed, "probe_every": probe_every,
            **{k: stats[k] for k in ("preprocess_ms", "launch_ms", "wait_ms", "postprocess_ms", "emit_ms",
                                     "step_interval_ms") if k in stats},
@@ -214,11 +225,17 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
                        max_model_len=args.prompt_len + args.max_tokens + 16, kv_cache_bytes=8 << 30)
     res = {}
     toks = {}
-    for name, overlap, probe in (("sync", False, 0), ("overlap", True, 0), ("probe", True, args.probe_every)):
-        res[name], toks[name] = asyncio.run(pipeline_run(cfg, overlap, requests, args.prompt_len, max_tokens, probe))
+    for name, overlap, probe, graphs in MODES:
+        res[name], toks[name] = asyncio.run(pipeline_run(cfg, overlap, requests, args.prompt_len, max_tokens, probe,
+                                                         graphs))
         print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
-    res["identical_tokens"] = toks["sync"] == toks["overlap"] == toks["probe"]
+    res["identical_tokens"] = all(t == toks["sync"] for t in toks.values())
     return res
+
+
+# (name, overlap, probe every n-th decode step, CUDA graphs)
+MODES = (("sync", False, 0, True), ("overlap", True, 0, True), ("probe", True, 8, True),
+         ("sync_eager", False, 0, False), ("overlap_eager", True, 0, False))
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -290,7 +307,6 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--batch1-tokens", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
-    ap.add_argument("--probe-every", type=int, default=8)
     ap.add_argument("--sections", default="bw,handoff,engine,hf")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -337,13 +353,16 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
         if key not in r:
             continue
         e = r[key]
-        print(f"\n{label}: identical tokens sync/overlap/probe: {e['identical_tokens']}")
-        print(f"{'':22}{'sync':>10}{'overlap':>10}{'probe':>10}")
+        modes = [m[0] for m in MODES if m[0] in e]
+        print(f"\n{label}: identical tokens in every mode: {e['identical_tokens']}")
+        print(f"{'':22}" + "".join(f"{m:>14}" for m in modes))
         for k in ("tokens_per_s", "step_period_ms_p50", "step_events_ms_p50", "device_only_ms_p50", "gap_us_p50",
-                  "gap_us_p99", "host_launch_ms_p50", "launch_ms", "wait_ms", "postprocess_ms", "decode_steps"):
-            print(f"{k:<22}" + "".join(f"{e[m].get(k, float('nan')):>10.3f}" for m in ("sync", "overlap", "probe")))
+                  "gap_us_p99", "host_launch_ms_p50", "launch_ms", "wait_ms", "postprocess_ms", "decode_steps",
+                  "timed_captures"):
+            print(f"{k:<22}" + "".join(f"{e[m].get(k, float('nan')):>14.3f}" for m in modes))
         dev = e["probe"]["device_only_ms_p50"]
-        print(f"overlap/sync {e['overlap']['tokens_per_s'] / e['sync']['tokens_per_s']:.2f}x; "
+        print(f"overlap/sync {e['overlap']['tokens_per_s'] / e['sync']['tokens_per_s']:.2f}x (graphs), "
+              f"{e['overlap_eager']['tokens_per_s'] / e['sync_eager']['tokens_per_s']:.2f}x (eager); "
               f"step period / device-only {e['overlap']['step_period_ms_p50'] / dev:.2f}")
         if key == "engine_b1" and "roofline_ms" in r:
             print(f"batch-1 roofline fraction: {r['roofline_ms'] / e['overlap']['step_period_ms_p50']:.2f}")

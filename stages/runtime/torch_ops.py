@@ -34,7 +34,6 @@ _DTYPES = {
     "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_MASKED = -1e30  # finite, so fully masked padding rows stay NaN-free
 
 
 # dtypes the native pinned pool hands back as numpy arrays (bfloat16 has none)
@@ -52,13 +51,55 @@ class _HostCopy:
             self._event: torch.cuda.Event | None = torch.cuda.Event()
             self._event.record()
         else:
-            self._host, self._event = x, None
+            # A copy, not an alias: a replayed graph rewrites its outputs in place.
+            self._host, self._event = x.clone(), None
 
     def result(self) -> np.ndarray:
         if self._event is not None:
             self._event.synchronize()
         x = self._host if self._host.dtype != torch.bfloat16 else self._host.float()
         return x.numpy()
+
+
+class _RopePlan:
+    """A step's cos/sin rows, cast to the activations' dtype once per forward, not per layer."""
+
+    __slots__ = ("cos", "sin", "_cast")
+
+    def __init__(self, cos: Tensor, sin: Tensor) -> None:
+        self.cos, self.sin = cos, sin
+        self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+
+    def cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cs = self._cast.get(dtype)
+        if cs is None:
+            cs = self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        return cs
+
+    def __getitem__(self, i: int) -> Tensor:  # (cos, sin) as the ops Protocol's plan tuple
+        return (self.cos, self.sin)[i]
+
+
+class _TorchGraph:
+    """A captured CUDA graph and the tensors its capture returned (fixed addresses)."""
+
+    def __init__(self, fn: Callable[[], object], pool: object) -> None:
+        # Warm up on a side stream first: lazy initializations (cuBLAS
+        # workspaces, allocator growth) must not happen inside the capture.
+        # The run is real work with the step's real inputs; it writes what the
+        # replay writes again (the step's KV entries, its sampled ids).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the loop thread may wait on events while we capture here.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.output = fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
 
 
 @dataclass(slots=True)
@@ -76,7 +117,7 @@ class _Group:
     kvlen: int
     tok_idx: Tensor | None
     kv_blocks: Tensor  # [rows * kvlen / block_size]
-    bias: Tensor  # [rows, 1, qlen, 1, kvlen]
+    bias: Tensor  # bool [rows, 1, qlen, 1, kvlen]: True where a query may attend
 
 
 @dataclass(slots=True)
@@ -266,8 +307,8 @@ class TorchOps:
         return F.linear(x, weight)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        # F.rms_norm is one fused kernel on CUDA (five without it); float32 inside.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
         return normed.to(x.dtype) * weight
 
     def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -275,12 +316,12 @@ class TorchOps:
         s = np.concatenate([-sin, sin], axis=-1)  # rotate-half's sign folded in
         return self._to_device(c), self._to_device(s)
 
-    def rope_plan(self, positions: Tensor, tables: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return tables[0][positions].unsqueeze(1), tables[1][positions].unsqueeze(1)
+    def rope_plan(self, positions: Tensor, tables: tuple[Tensor, Tensor]) -> "_RopePlan":
+        return _RopePlan(tables[0][positions].unsqueeze(1), tables[1][positions].unsqueeze(1))
 
-    def rotary_embedding(self, x: Tensor, plan: tuple[Tensor, Tensor]) -> Tensor:
-        c, s = plan[0].to(x.dtype), plan[1].to(x.dtype)
-        return x * c + torch.roll(x, x.shape[-1] // 2, dims=-1) * s
+    def rotary_embedding(self, x: Tensor, plan: "_RopePlan") -> Tensor:
+        c, s = plan.cast(x.dtype)
+        return torch.addcmul(x * c, torch.roll(x, x.shape[-1] // 2, dims=-1), s)
 
     def silu_and_mul(self, x: Tensor) -> Tensor:
         gate, up = x.chunk(2, dim=-1)
@@ -307,6 +348,17 @@ class TorchOps:
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         return out if plan.out_index is None else out.index_select(0, plan.out_index)
 
+    # --- CUDA graphs ------------------------------------------------------------
+    def capture_graph(self, fn: Callable[[], object]) -> "_TorchGraph":
+        """Capture `fn`'s kernels once (stages/decode_graphs.py decides when)."""
+        if not self._cuda:
+            raise RuntimeError("CUDA graphs need device='gpu'")
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
+        return _TorchGraph(fn, self._graph_pool)
+
+    _graph_pool = None
+
     # --- device ---------------------------------------------------------------
     def synchronize(self) -> None:
         if self.device == "gpu":
@@ -318,7 +370,12 @@ class TorchOps:
 
 def _build_plan(meta: AttentionMetadata, dev: torch.device, to_dev: Callable[[np.ndarray], Tensor]) -> _Plan:
     """Decode rows and the rest, each padded to its longest query and context
-    (the same grouping as the Paddle runtime's; see paddle_attention.py)."""
+    (the same grouping as the Paddle runtime's; see paddle_attention.py).
+
+    When the decode rows are the step's first rows (the scheduler puts running
+    requests first), their query positions and block tables come from the
+    device tensors alone: nothing is uploaded, so a decode step can be
+    captured in a CUDA graph and replayed with new contents."""
     qlens, seqlens, bs = meta.query_lens_host, meta.seq_lens_host, meta.block_size
     starts = np.concatenate([[0], np.cumsum(qlens)[:-1]]).astype(np.int64)
     out_index = np.empty(meta.num_tokens, dtype=np.int64)
@@ -331,33 +388,39 @@ def _build_plan(meta: AttentionMetadata, dev: torch.device, to_dev: Callable[[np
         j = np.arange(qlen, dtype=np.int64)
         valid = j[None, :] < qlens[rows][:, None]
         tok = starts[rows][:, None] + np.where(valid, j[None, :], 0)
-        qpos = to_dev((seqlens[rows] - qlens[rows])[:, None] + j[None, :])
+        if qlen == 1 and rows[-1] == n - 1:  # decode rows 0..n-1
+            qpos = (meta.seq_lens[:n] - 1).unsqueeze(1)
+            tables = meta.block_tables[:n, :nblocks]
+        else:
+            qpos = to_dev((seqlens[rows] - qlens[rows])[:, None] + j[None, :])
+            tables = meta.block_tables.index_select(0, to_dev(rows.astype(np.int64)))[:, :nblocks]
         out_index[tok[valid]] = offset + np.flatnonzero(valid.reshape(-1))
         offset += n * qlen
-        tables = meta.block_tables.index_select(0, to_dev(rows.astype(np.int64)))[:, :nblocks]
         kpos = torch.arange(nblocks * bs, device=dev)
-        bias = torch.where(kpos[None, None, :] <= qpos[:, :, None], 0.0, _MASKED).to(torch.float32)
+        mask = kpos[None, None, :] <= qpos[:, :, None]  # causal over the row's own keys
         tok_t = None if n * qlen == meta.num_tokens and (tok.reshape(-1) == np.arange(meta.num_tokens)).all() \
             else to_dev(tok.reshape(-1))
-        groups.append(_Group(n, qlen, nblocks * bs, tok_t, tables.reshape(-1), bias.view(n, 1, qlen, 1, -1)))
+        groups.append(_Group(n, qlen, nblocks * bs, tok_t, tables.reshape(-1), mask.view(n, 1, qlen, 1, -1)))
     identity = len(groups) == 1 and groups[0].tok_idx is None
     return _Plan(groups, None if identity else to_dev(out_index), meta.slot_mapping)
 
 
 def _attend_group(q: Tensor, cache: PagedKV, g: _Group, scale: float) -> Tensor:
+    """One fused attention call (torch SDPA) per group. Grouped-query heads fold
+    into the query axis ([n, Hk, qlen * grp, D] against [n, Hk, kvlen, D]), so
+    the kernel sees plain multi-head attention with a boolean mask and no
+    repeated keys."""
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = cache.k.shape[2]
     grp = heads // kv_heads
     n, qlen, kvlen = g.rows, g.qlen, g.kvlen
-    # Matmuls in the cache's dtype (bf16 on the GPU: no float32 copy of the
-    # gathered keys and values), softmax in float32.
-    qg = (q if g.tok_idx is None else q.index_select(0, g.tok_idx)).to(cache.k.dtype) * scale
+    qg = (q if g.tok_idx is None else q.index_select(0, g.tok_idx)).to(cache.k.dtype)
     qg = qg.view(n, qlen, kv_heads, grp, dim).permute(0, 2, 1, 3, 4).reshape(n, kv_heads, qlen * grp, dim)
-    k = cache.k.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).permute(0, 2, 1, 3)
-    v = cache.v.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).permute(0, 2, 1, 3)
-    scores = (qg @ k.transpose(-1, -2)).float().view(n, kv_heads, qlen, grp, kvlen) + g.bias
-    probs = torch.softmax(scores, dim=-1).view(n, kv_heads, qlen * grp, kvlen).to(v.dtype)
-    out = (probs @ v).view(n, kv_heads, qlen, grp, dim).permute(0, 2, 1, 3, 4)
+    k = cache.k.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).transpose(1, 2)
+    v = cache.v.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).transpose(1, 2)
+    mask = g.bias.expand(n, 1, qlen, grp, kvlen).reshape(n, 1, qlen * grp, kvlen)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    out = out.view(n, kv_heads, qlen, grp, dim).permute(0, 2, 1, 3, 4)
     return out.reshape(n * qlen, heads * dim).to(q.dtype)
 
 

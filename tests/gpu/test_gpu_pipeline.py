@@ -30,20 +30,20 @@ class Sink:
         self.done.set_exception(RuntimeError(f"{code}: {message}"))
 
 
-def _requests():
+def _requests(greedy_only: bool = False):
     from overlapd.daemon.engine_api import GenerateParams
 
     out = []
     for i in range(12):
         prompt = [(13 * i + j) % 500 + 3 for j in range(5 + 3 * i)]
-        seeded = i % 2 == 1
+        seeded = i % 2 == 1 and not greedy_only
         out.append(GenerateParams(prompt_ids=prompt, max_tokens=24 + i, ignore_eos=True,
                                   temperature=0.8 if seeded else 0.0, top_p=0.9 if seeded else 1.0,
                                   top_k=40 if seeded else 0, seed=100 + i if seeded else None))
     return out
 
 
-async def _run(overlap: bool, dtype: str) -> tuple[list[list[int]], dict[int, list[int]], dict[int, list[int]]]:
+async def _run(overlap: bool, dtype: str, greedy_only: bool = False, graphs: bool = True):
     from overlapd.kernels.ring import RingReader, Step
     from overlapd.stages.engine_config import EngineConfig
     from overlapd.stages.pipeline import Pipeline
@@ -53,11 +53,13 @@ async def _run(overlap: bool, dtype: str) -> tuple[list[list[int]], dict[int, li
                        max_model_len=256, block_size=16)
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-test-{os.getpid()}.ring"))
     p = Pipeline(cfg, PipelineConfig(overlap=overlap), ring)
+    if not graphs:
+        p.engine.runner.graphs = None
     await p.start()
     reader = RingReader(ring.path, from_head=True)
     loop = asyncio.get_running_loop()
     sinks, ids = [], []
-    for params in _requests():
+    for params in _requests(greedy_only):
         s = Sink(loop)
         ids.append(p.submit(params, s))
         sinks.append(s)
@@ -73,15 +75,28 @@ async def _run(overlap: bool, dtype: str) -> tuple[list[list[int]], dict[int, li
                 break
     reader.close()
     os.unlink(ring.path)
-    return [s.tokens for s in sinks], dict(zip(ids, (s.tokens for s in sinks))), dict(ring_tokens)
+    g = p.engine.runner.graphs
+    replays = g.replays if g is not None else 0
+    return [s.tokens for s in sinks], dict(zip(ids, (s.tokens for s in sinks))), dict(ring_tokens), replays
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_overlap_and_sync_give_identical_tokens_and_the_ring_matches_the_sinks(dtype):
     cuda_torch()
-    sync_tokens, sync_by_id, sync_ring = asyncio.run(_run(False, dtype))
-    ovl_tokens, ovl_by_id, ovl_ring = asyncio.run(_run(True, dtype))
+    sync_tokens, sync_by_id, sync_ring, _ = asyncio.run(_run(False, dtype))
+    ovl_tokens, ovl_by_id, ovl_ring, _ = asyncio.run(_run(True, dtype))
     assert [len(t) for t in ovl_tokens] == [24 + i for i in range(12)]
     assert ovl_tokens == sync_tokens
     assert ovl_ring == ovl_by_id and sync_ring == sync_by_id
     assert len({tuple(t) for t in ovl_tokens}) > 6  # not one degenerate stream
+
+
+def test_cuda_graph_replay_gives_the_eager_tokens_in_both_modes():
+    """Greedy requests: decode steps replay captured graphs (padded row buckets
+    as requests finish); tokens equal the eager run's, with and without overlap."""
+    cuda_torch()
+    eager, *_ = asyncio.run(_run(True, "float32", greedy_only=True, graphs=False))
+    ovl, _, ovl_ring, replays = asyncio.run(_run(True, "float32", greedy_only=True))
+    sync, _, _, sync_replays = asyncio.run(_run(False, "float32", greedy_only=True))
+    assert replays > 20 and sync_replays > 20
+    assert ovl == eager and sync == eager
