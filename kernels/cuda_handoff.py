@@ -9,6 +9,11 @@ engine, its tests and CI run unchanged without CUDA.
 - `signal_after(stream, fd)`: a host function queued on the stream adds 1 to
   the pipeline's eventfd once everything queued before it (the step's copies
   too) has run, so the loop wakes through add_reader and never polls.
+- `spin_waiter(fd)`: the latency-mode alternative: a native thread (no GIL)
+  polls an event recorded behind each step and writes the same eventfd; it
+  costs a core while steps are in flight. It is the execute stage's default
+  on a GPU (measured faster); `OVERLAPD_WAKE=hostfunc` selects the host
+  function. bench/gpu.py measures both.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ def signal_after(stream: int, fd: int) -> bool:
         return False
     mod.signal_eventfd(stream, fd)
     return True
+
+
+def spin_waiter(fd: int) -> object | None:
+    """A native SpinWaiter signalling `fd` (its `watch(stream)` queues a step), or None without CUDA."""
+    mod = native()
+    return mod.SpinWaiter(fd) if mod is not None else None
 
 
 class PendingCopy:
@@ -113,4 +124,4 @@ class PinnedCopies:
         return int(self.pool.available)
 
 
-__all__ = ["PendingCopy", "PinnedCopies", "native", "signal_after"]
+__all__ = ["PendingCopy", "PinnedCopies", "native", "signal_after", "spin_waiter"]

@@ -13,17 +13,24 @@
 // step's work on the stream; the driver's callback thread runs it once every
 // earlier operation (the device-to-host copies included) has finished, and it
 // only adds 1 to an eventfd (no CUDA call is allowed there, and no Python runs),
-// which wakes the asyncio loop through add_reader.
+// which wakes the asyncio loop through add_reader. SpinWaiter is the
+// latency-mode alternative (a native thread polling an event); bench/gpu.py
+// measures both.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <immintrin.h>
+
 #include <cerrno>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace py = pybind11;
@@ -150,6 +157,70 @@ class Event {
   cudaEvent_t ev_{};
 };
 
+// The latency-mode alternative to the host function: one native thread (no
+// GIL, no Python) takes events in launch order and spins on cudaEventQuery
+// until each completes, then writes the eventfd. It sleeps on a condition
+// variable while nothing is in flight, and burns a core while steps are.
+class SpinWaiter {
+ public:
+  explicit SpinWaiter(int fd) : fd_(fd) {
+    if (fd < 0) throw std::invalid_argument("SpinWaiter needs an open eventfd");
+    check(cudaGetDevice(&device_), "cudaGetDevice");
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~SpinWaiter() {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+    if (thread_.joinable()) thread_.join();  // finishes (and signals) what was queued
+  }
+  SpinWaiter(const SpinWaiter&) = delete;
+  SpinWaiter& operator=(const SpinWaiter&) = delete;
+
+  // Record an event behind the stream's work; the eventfd gets 1 once it completes.
+  void watch(uintptr_t stream) {
+    cudaEvent_t ev;
+    check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
+    cudaError_t err = cudaEventRecord(ev, as_stream(stream));
+    if (err != cudaSuccess) {
+      cudaEventDestroy(ev);
+      check(err, "cudaEventRecord");
+    }
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      queue_.push_back(ev);
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void loop() {
+    cudaSetDevice(device_);
+    for (;;) {
+      cudaEvent_t ev;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [this] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        ev = queue_.front();
+        queue_.pop_front();
+      }
+      while (cudaEventQuery(ev) == cudaErrorNotReady) _mm_pause();
+      cudaEventDestroy(ev);
+      write_eventfd(reinterpret_cast<void*>(static_cast<intptr_t>(fd_)));
+    }
+  }
+  int fd_;
+  int device_ = 0;
+  bool stop_ = false;
+  std::deque<cudaEvent_t> queue_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread thread_;  // last: starts after every member above exists
+};
+
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -189,6 +260,9 @@ PYBIND11_MODULE(_cuda, m) {
       .def_property_readonly("available", &PinnedPool::available)
       .def_property_readonly("slot_bytes", &PinnedPool::slot_bytes)
       .def_property_readonly("slots", &PinnedPool::slots);
+  py::class_<SpinWaiter>(m, "SpinWaiter")
+      .def(py::init<int>(), py::arg("fd"))
+      .def("watch", &SpinWaiter::watch, py::arg("stream"));
   py::class_<Event>(m, "Event")
       .def(py::init<bool>(), py::arg("timing") = false)
       .def("record", &Event::record, py::arg("stream"))
