@@ -5,7 +5,8 @@
 Sections, all in one process on one GPU:
 - copy bandwidth (device-to-device, bytes read + written) and the batch-1 HBM roofline;
 - handoff latency: copy -> host function -> eventfd -> loop wake-up, against a
-  thread that synchronizes on an event and wakes the loop;
+  thread that synchronizes on an event and wakes the loop, and a native thread
+  spinning on the event (OVERLAPD_WAKE=spin);
 - the pipeline (four stages, runner, ring) at batch 64 and batch 1, overlap and
   --no-overlap, greedy with ignore_eos: output tokens/s; CUDA events around each
   launch give the decode step period and the GPU idle gap between consecutive
@@ -80,9 +81,11 @@ def handoff_latency(n: int = 300) -> dict[str, float]:
     async def run() -> dict[str, list[float]]:
         loop = asyncio.get_running_loop()
         cq = CompletionQueue(loop)
-        out: dict[str, list[float]] = {"hostfunc_eventfd": [], "event_sync_thread": []}
-        for i in range(2 * n + 20):
-            mode = "hostfunc_eventfd" if i % 2 == 0 else "event_sync_thread"
+        out: dict[str, list[float]] = {"hostfunc_eventfd": [], "event_sync_thread": [], "spin_thread": []}
+        modes = list(out)
+        spin = cuda_handoff.spin_waiter(cq.fd)
+        for i in range(3 * n + 30):
+            mode = modes[i % 3]
             torch.cuda.synchronize()
             await asyncio.sleep(0.0003)  # the stream and the loop are idle
             t0 = time.perf_counter_ns()
@@ -91,12 +94,17 @@ def handoff_latency(n: int = 300) -> dict[str, float]:
                 fut = cq.wait()
                 cuda_handoff.signal_after(stream, cq.fd)
                 await fut
+            elif mode == "spin_thread":
+                fut = cq.wait()
+                spin.watch(stream)
+                await fut
             else:
                 await loop.run_in_executor(waiter, pending._event.synchronize)
             t1 = time.perf_counter_ns()
             assert int(pending.result()[-1]) == x.numel() - 1
-            if i >= 20:
+            if i >= 30:
                 out[mode].append((t1 - t0) / 1e3)
+        del spin
         cq.close()
         return out
 
@@ -187,11 +195,13 @@ async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int
 
 
 async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_len: int, max_tokens: int,
-                       probe_every: int = 0, graphs: bool = True) -> tuple[dict, list[list[int]]]:
+                       probe_every: int = 0, graphs: bool = True,
+                       wake: str = "hostfunc") -> tuple[dict, list[list[int]]]:
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
     p = Pipeline(cfg, PipelineConfig(overlap=overlap), ring)
     if not graphs:
         p.engine.runner.graphs = None
+    os.environ["OVERLAPD_WAKE"] = wake  # read by the execute stage at start
     await p.start()
     # Warm-up: with graphs, the same workload once, so every (rows, context)
     # bucket is captured before the timed pass; eagerly, one short request.
@@ -207,7 +217,7 @@ async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_l
     await p.drain(timeout=5)
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
-    out = {"overlap": overlap, "graphs": graphs, "elapsed_s": elapsed,
+    out = {"overlap": overlap, "graphs": graphs, "wake": wake, "elapsed_s": elapsed,
            "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
                                                                                       if g is not None else 0), "tokens": sum(map(len, tokens)),
            "tokens_per_s": sum(map(len, tokens)) / elapsed, "probe_every": probe_every,
@@ -225,17 +235,18 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
                        max_model_len=args.prompt_len + args.max_tokens + 16, kv_cache_bytes=8 << 30)
     res = {}
     toks = {}
-    for name, overlap, probe, graphs in MODES:
+    for name, overlap, probe, graphs, wake in MODES:
         res[name], toks[name] = asyncio.run(pipeline_run(cfg, overlap, requests, args.prompt_len, max_tokens, probe,
-                                                         graphs))
+                                                         graphs, wake))
         print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
     res["identical_tokens"] = all(t == toks["sync"] for t in toks.values())
     return res
 
 
-# (name, overlap, probe every n-th decode step, CUDA graphs)
-MODES = (("sync", False, 0, True), ("overlap", True, 0, True), ("probe", True, 8, True),
-         ("sync_eager", False, 0, False), ("overlap_eager", True, 0, False))
+# (name, overlap, probe every n-th decode step, CUDA graphs, completion wake-up)
+MODES = (("sync", False, 0, True, "hostfunc"), ("overlap", True, 0, True, "hostfunc"),
+         ("overlap_spin", True, 0, True, "spin"), ("probe", True, 8, True, "hostfunc"),
+         ("sync_eager", False, 0, False, "hostfunc"), ("overlap_eager", True, 0, False, "hostfunc"))
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -346,22 +357,23 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
               f"roofline {r['roofline_ms']:.3f} ms/step")
     if "handoff" in r:
         h = r["handoff"]
-        print(f"copy-to-wake us: hostfunc+eventfd p50 {h['hostfunc_eventfd_p50_us']:.1f} p99 "
-              f"{h['hostfunc_eventfd_p99_us']:.1f} | event-sync thread p50 {h['event_sync_thread_p50_us']:.1f} "
-              f"p99 {h['event_sync_thread_p99_us']:.1f}")
+        print("copy-to-wake us: " + " | ".join(
+            f"{m} p50 {h[m + '_p50_us']:.1f} p99 {h[m + '_p99_us']:.1f}"
+            for m in ("hostfunc_eventfd", "event_sync_thread", "spin_thread")))
     for key, label in (("engine_b64", f"batch {args.requests}"), ("engine_b1", "batch 1")):
         if key not in r:
             continue
         e = r[key]
         modes = [m[0] for m in MODES if m[0] in e]
         print(f"\n{label}: identical tokens in every mode: {e['identical_tokens']}")
-        print(f"{'':22}" + "".join(f"{m:>14}" for m in modes))
+        print(f"{'':20}" + "".join(f"{m:>14}" for m in modes))
         for k in ("tokens_per_s", "step_period_ms_p50", "step_events_ms_p50", "device_only_ms_p50", "gap_us_p50",
                   "gap_us_p99", "host_launch_ms_p50", "launch_ms", "wait_ms", "postprocess_ms", "decode_steps",
                   "timed_captures"):
-            print(f"{k:<22}" + "".join(f"{e[m].get(k, float('nan')):>14.3f}" for m in modes))
+            print(f"{k:<20}" + "".join(f"{e[m].get(k, float('nan')):>14.3f}" for m in modes))
         dev = e["probe"]["device_only_ms_p50"]
-        print(f"overlap/sync {e['overlap']['tokens_per_s'] / e['sync']['tokens_per_s']:.2f}x (graphs), "
+        print(f"overlap_spin/overlap {e['overlap_spin']['tokens_per_s'] / e['overlap']['tokens_per_s']:.2f}x; "
+              f"overlap/sync {e['overlap']['tokens_per_s'] / e['sync']['tokens_per_s']:.2f}x (graphs), "
               f"{e['overlap_eager']['tokens_per_s'] / e['sync_eager']['tokens_per_s']:.2f}x (eager); "
               f"step period / device-only {e['overlap']['step_period_ms_p50'] / dev:.2f}")
         if key == "engine_b1" and "roofline_ms" in r:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, build with the CUDA handoff, GPU tests, then the GPU bench.
-# Usage (on the GPU host, repo root): OUT=/some/dir bash bench/gpu_session.sh [bench args...]
+# Usage (on the GPU host, repo root): OUT=/some/dir [BENCH=0] bash bench/gpu_session.sh [bench args...]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/overlapd-out}; mkdir -p "$OUT"
@@ -13,4 +13,5 @@ OVERLAPD_CUDA=1 python3 -m pip install --no-build-isolation --no-deps --no-compi
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "from overlapd.kernels import cuda_handoff as c; print('native _cuda:', c.native())"
 python3 -m pytest -q -p no:cacheprovider tests/gpu -ra 2>&1 | tee "$OUT/tests_gpu.log" | tail -25
+[ "${BENCH:-1}" = 1 ] || exit 0  # BENCH=0: build and tests only
 python3 bench/gpu.py --out "$OUT/gpu_bench.json" "$@" 2>&1 | tee "$OUT/bench.log"

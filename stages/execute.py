@@ -4,14 +4,16 @@ The framework releases the GIL inside its kernels, so the loop keeps running
 while the device (or, on a CPU, this thread) works. Completion is signalled in
 launch order through the pipeline's `CompletionQueue`: the loop never polls and
 this stage never waits for the device. On a GPU (with the `_cuda` extension) the
-signal is a host function queued on the stream behind the step's output copies,
-so the loop wakes when the outputs are on the host, not when launch returns.
+signal comes from behind the step's output copies on the stream (a native
+thread polling an event, or a host function), so the loop wakes when the
+outputs are on the host, not when launch returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,14 @@ class Executor:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlapd-execute")
         ops = p.engine.ops
         self._on_device = ops.device == "gpu" and cuda_handoff.native() is not None
+        # How the loop learns a step finished (bench/gpu.py measures both; see
+        # docs/benchmarks.md "GPU (H100)"). "spin" (default): a native thread
+        # polls an event behind each step: the loop woke ~35 us sooner and the
+        # GPU idled ~1 us between steps instead of ~120 us, for one core kept
+        # busy while steps are in flight. "hostfunc": cudaLaunchHostFunc
+        # writes the eventfd; no thread, no busy core.
+        self._spin = cuda_handoff.spin_waiter(p.completions.fd) \
+            if self._on_device and os.environ.get("OVERLAPD_WAKE", "spin") == "spin" else None
 
     async def run(self) -> None:
         p = self._p
@@ -56,8 +66,12 @@ class Executor:
             handle = self._p.engine.runner.launch(prepared)
             if self._on_device:
                 # The stream is this thread's current one: the one launch used.
-                queued = cuda_handoff.signal_after(self._p.engine.ops.current_stream_handle(),
-                                                   self._p.completions.fd)
+                stream = self._p.engine.ops.current_stream_handle()
+                if self._spin is not None:
+                    self._spin.watch(stream)
+                    queued = True
+                else:
+                    queued = cuda_handoff.signal_after(stream, self._p.completions.fd)
             return handle
         finally:
             self._p.times.add("launch", time.perf_counter() - t0)
@@ -68,3 +82,4 @@ class Executor:
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=False)
+        self._spin = None  # joins its thread (after signalling what was queued) before the eventfd closes

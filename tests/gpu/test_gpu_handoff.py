@@ -75,21 +75,33 @@ def test_host_function_wakes_the_loop_after_the_copy_and_the_loop_stays_free(tor
     assert ticks > 10  # the loop ran other work while the device was busy
 
 
-def test_every_signal_arrives_in_order(torch, handoff):
+@pytest.mark.parametrize("mode", ["hostfunc", "spin"])
+def test_every_signal_arrives_in_order_and_only_after_its_work(torch, handoff, mode):
     from overlapd.kernels.handoff import CompletionQueue
 
-    async def main() -> list[int]:
+    async def main() -> tuple[list[int], list[bool]]:
         cq = CompletionQueue(asyncio.get_running_loop())
         stream = torch.cuda.current_stream().cuda_stream
+        spin = handoff.spin_waiter(cq.fd) if mode == "spin" else None
         order: list[int] = []
-        futs = []
+        futs, events, ready = [], [], []
         for i in range(300):
+            if i % 50 == 0:
+                torch.cuda._sleep(2_000_000)  # some signals wait behind real device work
+            ev = torch.cuda.Event()
+            ev.record()
             f = cq.wait()
-            f.add_done_callback(lambda _f, i=i: order.append(i))
+            f.add_done_callback(lambda _f, i=i, ev=ev: (order.append(i), ready.append(ev.query())))
             futs.append(f)
-            handoff.signal_after(stream, cq.fd)
+            events.append(ev)
+            if spin is not None:
+                spin.watch(stream)
+            else:
+                handoff.signal_after(stream, cq.fd)
         await asyncio.wait_for(asyncio.gather(*futs), 10)
+        del spin
         cq.close()
-        return order
+        return order, ready
 
-    assert asyncio.run(main()) == list(range(300))
+    order, ready = asyncio.run(main())
+    assert order == list(range(300)) and all(ready)

@@ -80,9 +80,10 @@ async def _run(overlap: bool, dtype: str, greedy_only: bool = False, graphs: boo
     return [s.tokens for s in sinks], dict(zip(ids, (s.tokens for s in sinks))), dict(ring_tokens), replays
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_overlap_and_sync_give_identical_tokens_and_the_ring_matches_the_sinks(dtype):
+@pytest.mark.parametrize("dtype,wake", [("float32", "spin"), ("bfloat16", "spin"), ("float32", "hostfunc")])
+def test_overlap_and_sync_give_identical_tokens_and_the_ring_matches_the_sinks(dtype, wake, monkeypatch):
     cuda_torch()
+    monkeypatch.setenv("OVERLAPD_WAKE", wake)  # how the execute stage signals completion
     sync_tokens, sync_by_id, sync_ring, _ = asyncio.run(_run(False, dtype))
     ovl_tokens, ovl_by_id, ovl_ring, _ = asyncio.run(_run(True, dtype))
     assert [len(t) for t in ovl_tokens] == [24 + i for i in range(12)]
