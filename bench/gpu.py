@@ -27,13 +27,13 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 import traceback
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from overlapd.daemon.engine_api import GenerateParams
+from overlapd.daemon.sinks import CollectSink
 from overlapd.kernels import cuda_handoff
 from overlapd.kernels.handoff import CompletionQueue
 from overlapd.stages import engine as engine_mod
@@ -169,24 +169,9 @@ class StepTimer:
         }
 
 
-class Sink:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.tokens: list[int] = []
-        self.done = loop.create_future()
-
-    def on_tokens(self, token_ids, text, logprobs) -> None:
-        self.tokens.extend(token_ids)
-
-    def on_done(self, reason, prompt_tokens, completion_tokens) -> None:
-        self.done.set_result(reason)
-
-    def on_error(self, code, message) -> None:
-        self.done.set_exception(RuntimeError(f"{code}: {message}"))
-
-
-async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int, salt: int) -> list[Sink]:
+async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int, salt: int) -> list[CollectSink]:
     loop = asyncio.get_running_loop()
-    sinks = [Sink(loop) for _ in range(requests)]
+    sinks = [CollectSink(loop) for _ in range(requests)]
     for i, s in enumerate(sinks):
         prompt = [(7 * i + 11 * salt + j) % 30000 + 3 for j in range(prompt_len)]
         p.submit(GenerateParams(prompt_ids=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True), s)

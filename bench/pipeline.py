@@ -19,24 +19,10 @@ import tempfile
 import time
 
 from overlapd.daemon.engine_api import GenerateParams
+from overlapd.daemon.sinks import CollectSink
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.pipeline import Pipeline
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
-
-
-class CollectSink:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.tokens: list[int] = []
-        self.done = loop.create_future()
-
-    def on_tokens(self, token_ids, text, logprobs) -> None:
-        self.tokens.extend(token_ids)
-
-    def on_done(self, reason, prompt_tokens, completion_tokens) -> None:
-        self.done.set_result(reason)
-
-    def on_error(self, code, message) -> None:
-        self.done.set_exception(RuntimeError(f"{code}: {message}"))
 
 
 async def run_mode(engine_cfg: EngineConfig, overlap: bool, args: argparse.Namespace) -> tuple[dict, list[list[int]], float]:

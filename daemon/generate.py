@@ -39,27 +39,9 @@ def _request_fields(args: argparse.Namespace) -> dict:
     )
 
 
-class PrintSink:
-    """Streams text to stdout; resolves when the request ends."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.finished: asyncio.Future[tuple[str, str]] = loop.create_future()
-
-    def on_tokens(self, token_ids: list[int], text: str, logprobs: object) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def on_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        if not self.finished.done():
-            self.finished.set_result(("done", f"{finish_reason}: {prompt_tokens} prompt + {completion_tokens} generated tokens"))
-
-    def on_error(self, code: str, message: str) -> None:
-        if not self.finished.done():
-            self.finished.set_result(("error", f"{code}: {message}"))
-
-
 async def _in_process(args: argparse.Namespace) -> int:
     from overlapd.daemon.engine_api import EngineError, GenerateParams
+    from overlapd.daemon.sinks import PrintSink, RequestFailed
     from overlapd.stages.pipeline import Pipeline
     from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 
@@ -68,14 +50,17 @@ async def _in_process(args: argparse.Namespace) -> int:
     sink = PrintSink(asyncio.get_running_loop())
     try:
         pipeline.submit(GenerateParams(**_request_fields(args)), sink)
-        kind, summary = await sink.finished
+        reason = await sink.done
+        summary, ok = f"{reason}: {sink.usage[0]} prompt + {sink.usage[1]} generated tokens", True
     except EngineError as exc:
-        kind, summary = "error", f"{exc.code}: {exc.message}"
+        summary, ok = f"{exc.code}: {exc.message}", False
+    except RequestFailed as exc:
+        summary, ok = str(exc), False
     finally:
         await pipeline.drain(timeout=0)
     print(file=sys.stdout)
     print(f"[{summary}]", file=sys.stderr)
-    return 0 if kind == "done" else 1
+    return 0 if ok else 1
 
 
 def _via_socket(args: argparse.Namespace) -> int:

@@ -11,23 +11,9 @@ import tempfile
 
 import pytest
 from gpu_support import cuda_torch, requires_gpu
+from overlapd.daemon.sinks import CollectSink
 
 pytestmark = requires_gpu
-
-
-class Sink:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.tokens: list[int] = []
-        self.done = loop.create_future()
-
-    def on_tokens(self, token_ids, text, logprobs) -> None:
-        self.tokens.extend(token_ids)
-
-    def on_done(self, reason, prompt_tokens, completion_tokens) -> None:
-        self.done.set_result(reason)
-
-    def on_error(self, code, message) -> None:
-        self.done.set_exception(RuntimeError(f"{code}: {message}"))
 
 
 def _requests(greedy_only: bool = False):
@@ -60,7 +46,7 @@ async def _run(overlap: bool, dtype: str, greedy_only: bool = False, graphs: boo
     loop = asyncio.get_running_loop()
     sinks, ids = [], []
     for params in _requests(greedy_only):
-        s = Sink(loop)
+        s = CollectSink(loop)
         ids.append(p.submit(params, s))
         sinks.append(s)
     await asyncio.wait_for(asyncio.gather(*(s.done for s in sinks)), 120)
