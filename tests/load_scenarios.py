@@ -234,3 +234,61 @@ async def overload(path: str, pid: int, bounds: Bounds, *, factor: int = 10, dur
 def _ms(seconds: list[float]) -> dict[str, float]:
     return {"n": len(seconds), "p50": round(pct(seconds, 0.5) * 1e3, 2), "p99": round(pct(seconds, 0.99) * 1e3, 2),
             "max": round(max(seconds, default=0.0) * 1e3, 2)}
+
+
+# ---------------------------------------------------------------- memory over engine steps
+
+
+@dataclass
+class StepMemoryFigures:
+    steps: int
+    requests: int
+    rss_kib: list[int]  # after the warm-up, then after each round
+    growth_kib_per_1000_steps: float
+
+
+async def _sequential(path: str, i: int, n: int, max_tokens: int) -> None:
+    conn = await AsyncRawConn.open(path)
+    try:
+        for j in range(n):
+            conn.send({"type": "generate", "id": f"s{i}-{j}", "prompt": f"steady {i} {j}", "max_tokens": max_tokens,
+                       "ignore_eos": True, "temperature": 0.0 if j % 2 else 0.8, "seed": j})
+            while True:
+                frame = await conn.recv(WAIT_S)
+                assert frame is not None and not isinstance(frame, ErrorFrame), frame
+                if isinstance(frame, DoneFrame):
+                    break
+    finally:
+        await conn.close()
+
+
+def step_memory(path: str, pid: int, rounds: int = 3, clients: int = 4, per_client: int = 10,
+                max_tokens: int = 48) -> StepMemoryFigures:
+    """Plain traffic in rounds after a warm-up round; RSS after each. Every
+    buffer is preallocated, so a daemon that does not leak stays flat: the
+    figure is the growth per 1000 engine steps (least squares over the rounds)."""
+
+    def one_round() -> None:
+        async def run() -> None:
+            await asyncio.gather(*[_sequential(path, i, per_client, max_tokens) for i in range(clients)])
+
+        asyncio.run(run())
+
+    async def steps_now() -> int:
+        conn = await AsyncRawConn.open(path)
+        try:
+            return int((await stats(conn))["steps"])
+        finally:
+            await conn.close()
+
+    one_round()  # warm-up: shapes, allocator pools, free lists
+    rss = [rss_kib(pid)]
+    points = [(asyncio.run(steps_now()), rss[0])]
+    for _ in range(rounds):
+        one_round()
+        rss.append(rss_kib(pid))
+        points.append((asyncio.run(steps_now()), rss[-1]))
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in points) / max(1e-9, sum((x - mx) ** 2 for x in xs))
+    return StepMemoryFigures(xs[-1] - xs[0], rounds * clients * per_client, rss, round(slope * 1000, 1))

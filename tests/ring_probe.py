@@ -23,6 +23,7 @@ class RingHeader:
     pid: int
     flags: int
     tail: int
+    heartbeat_s: float  # CLOCK_MONOTONIC, comparable with time.monotonic()
     slots: list[tuple[int, int, int]]  # (cursor, pid, active) per backpressure reader slot
 
     def active_slots(self) -> list[tuple[int, int, int]]:
@@ -34,8 +35,9 @@ def ring_header(path: Path | str) -> RingHeader:
         b = f.read(8192)
     epoch, pid, flags = struct.unpack_from("<QII", b, 24)
     (tail,) = struct.unpack_from("<Q", b, 64)
+    (heartbeat_ns,) = struct.unpack_from("<Q", b, 320)
     slots = [struct.unpack_from("<QII", b, 4096 + 64 * i) for i in range(64)]
-    return RingHeader(epoch, pid, flags, tail, slots)
+    return RingHeader(epoch, pid, flags, tail, heartbeat_ns / 1e9, slots)
 
 
 class JsonLines:
