@@ -105,7 +105,7 @@ def build_plan(meta: AttentionMetadata, kv_heads: int, slots_per_head: int) -> A
         all_tokens = all_rows and n * qlen == meta.num_tokens  # no padding: tok is 0..T-1
         specs.append((n, qlen, -(-int(seqlens[rows].max()) // bs), all_rows, all_tokens))
         pieces += [rows.astype(np.int64), tok.reshape(-1), qpos.reshape(-1)]
-    packed = paddle.to_tensor(np.concatenate(pieces + [out_index]))
+    packed = paddle.assign(np.concatenate(pieces + [out_index]))  # to_tensor leaks (paddle_ops.from_numpy)
     groups, at = [], 0
     for n, qlen, nblocks, all_rows, all_tokens in specs:
         rows_t = packed[at: at + n]
@@ -115,7 +115,9 @@ def build_plan(meta: AttentionMetadata, kv_heads: int, slots_per_head: int) -> A
         tables = meta.block_tables if all_rows else paddle.index_select(meta.block_tables, rows_t)
         kv_blocks = paddle.reshape(paddle.slice(tables, [1], [0], [nblocks]), [n * nblocks])
         kpos = paddle.reshape(paddle.arange(nblocks * bs, dtype=paddle.int64), [1, 1, nblocks * bs])
-        bias = paddle.where(kpos <= paddle.reshape(qpos_t, [n, qlen, 1]), 0.0, _MASKED).astype(paddle.float32)
+        visible = kpos <= paddle.reshape(qpos_t, [n, qlen, 1])
+        zeros = paddle.zeros(visible.shape, dtype=paddle.float32)  # tensors, not scalars: where() leaks on scalars
+        bias = paddle.where(visible, zeros, paddle.full_like(zeros, _MASKED))
         shape = [1, n, 1, nblocks * bs] if qlen == 1 else [1, n, qlen, 1, nblocks * bs]
         groups.append(_Group(n, qlen, nblocks * bs, None if all_tokens else tok_t, kv_blocks,
                              paddle.reshape(bias, shape)))
