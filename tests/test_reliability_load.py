@@ -67,13 +67,9 @@ def test_overload_at_10x_capacity_is_refused_promptly_within_bounds(tmp_path):
 LEAK_KIB_PER_1000_STEPS = 256
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Paddle 3.3.1 never frees a Tensor made by paddle.to_tensor, nor the ones paddle.where makes of "
-    "Python scalar operands (~110-220 B each; paddle.assign(ndarray) does not leak). stages/runtime makes several "
-    "per engine step (paddle_attention.py's packed plan and mask, PaddleOps uploads and where): ~0.7 KiB a step. "
-    "For the runtime's owners; this test passes, and so must lose this marker, once they are gone.",
-)
+# Paddle 3.3.1 never frees a tensor made by paddle.to_tensor, nor the ones
+# paddle.where makes of Python scalars (~110 B each); the runtime once made
+# several per step (~0.7 KiB a step). This test found it.
 def test_rss_stays_flat_over_engine_steps(crowd_daemon):
     fig = step_memory(str(crowd_daemon.socket_path), crowd_daemon.proc.pid, per_client=8)
     assert fig.steps > 1000, fig
