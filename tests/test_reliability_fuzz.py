@@ -22,11 +22,12 @@ CI_INBAND = 2500
 CI_STREAMS = 800
 WARMUP_INBAND = 500
 WARMUP_STREAMS = 200
-# Paddle's CPU allocator, glibc's arenas and Python's free lists settle after
-# the warm-up; what is left is noise of a few MiB (bench/reliability.py
-# measured the figure in docs/reliability.md over 100,000 frames). A leak of
-# a few hundred bytes a frame would show over the bench's run, not over CI's.
-RSS_TOLERANCE_KIB = 16 * 1024
+# After the warm-up, error-only traffic moves RSS by nothing at all and the
+# allocators' noise is a few hundred KiB; Paddle's known per-step leak
+# (docs/reliability.md, Known gaps) adds under 1 MiB at this size. 8 MiB
+# still fails a leak of ~3 KiB a frame; bench/reliability.py's 100,000
+# frames and the per-step test in test_reliability_load.py are the fine ones.
+RSS_TOLERANCE_KIB = 8 * 1024
 
 
 @pytest.fixture(scope="module")
