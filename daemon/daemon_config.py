@@ -12,8 +12,13 @@ import argparse
 from typing import Any
 
 import msgspec
-
-from overlapd.daemon.config import S, ConfigError, ServerConfig, read_toml_file, struct_from_table
+from overlapd.daemon.config import (
+    ConfigError,
+    S,
+    ServerConfig,
+    read_toml_file,
+    struct_from_table,
+)
 from overlapd.daemon.engine_options import engine_config_from_args
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig

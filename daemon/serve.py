@@ -45,11 +45,15 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
     import structlog
-
     from overlapd.daemon.logs import configure_logging
     from overlapd.daemon.server import SocketServer
     from overlapd.daemon.socket_setup import SocketSetupError
-    from overlapd.daemon.systemd_notify import Notifier, inherited_unix_listener, watchdog_interval, watchdog_loop
+    from overlapd.daemon.systemd_notify import (
+        Notifier,
+        inherited_unix_listener,
+        watchdog_interval,
+        watchdog_loop,
+    )
     from overlapd.stages.pipeline import Pipeline
 
     logs = configure_logging(args.log_file, args.log_level)

@@ -40,7 +40,12 @@ from .protocol import (
     StatsFrame,
     StatsQuery,
 )
-from .socket_setup import BoundSocket, SocketSetupError, bind_unix_socket, peer_credentials
+from .socket_setup import (
+    BoundSocket,
+    SocketSetupError,
+    bind_unix_socket,
+    peer_credentials,
+)
 
 __all__ = ["ServerCounters", "SocketServer"]
 

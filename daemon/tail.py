@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 import msgspec
-
 from overlapd.kernels.ring import DEFAULT_RING_PATH
 
 
@@ -46,7 +45,14 @@ def step_json(seq: int, publish_ns: int, view: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from overlapd.kernels.ring import EpochChanged, Lost, ProducerGone, RingError, RingReader, Step
+    from overlapd.kernels.ring import (
+        EpochChanged,
+        Lost,
+        ProducerGone,
+        RingError,
+        RingReader,
+        Step,
+    )
 
     if args.count < 0:
         print("overlapd tail: --count must be >= 0", file=sys.stderr)

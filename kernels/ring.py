@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from overlapd.kernels import _native
 from overlapd.kernels.meta import StepView, step_columns, unpack_step, write_step
 

@@ -24,7 +24,13 @@ import numpy as np
 
 from .decode_graphs import CaptureFn, DecodeGraphs
 from .engine_config import EngineConfig
-from .input_batch import BatchLimits, DeviceInputs, StagedCounts, StagingBuffer, StagingPool
+from .input_batch import (
+    BatchLimits,
+    DeviceInputs,
+    StagedCounts,
+    StagingBuffer,
+    StagingPool,
+)
 from .model.loader import LoadedModel
 from .model.paged_metadata import build_attention_metadata
 from .runtime.ops import HostFuture, Ops

@@ -20,9 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-
+from overlapd.daemon.engine_api import (
+    EngineError,
+    GenerateParams,
+    RequestSink,
+    TokenLogprob,
+)
 from overlapd.daemon.socket_setup import resolve_gid
-from overlapd.daemon.engine_api import EngineError, GenerateParams, RequestSink, TokenLogprob
 from overlapd.kernels.handoff import CompletionQueue
 from overlapd.kernels.ring import RingWriter
 from overlapd.stages.emit import emit_loop

@@ -4,28 +4,26 @@ applies stop conditions, detokenizes, frees finished requests' KV blocks."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
-from overlapd.stages.step_types import FinishReason
-
 if TYPE_CHECKING:
     from overlapd.stages.execute import InFlight
+    from overlapd.stages.output_processor import RequestOutput, RingRows
     from overlapd.stages.pipeline import Pipeline
 
 log = structlog.get_logger("overlapd.postprocess")
 
 
+@dataclass(slots=True)
 class Processed:
     """One step's results, ready to be written to the ring and the sockets."""
 
-    __slots__ = ("step_id", "outputs", "ring_rows")
-
-    def __init__(self, step_id: int, outputs: list[Any], ring_rows: Any) -> None:
-        self.step_id = step_id
-        self.outputs = outputs
-        self.ring_rows = ring_rows
+    step_id: int
+    outputs: list[RequestOutput]
+    ring_rows: RingRows | None  # None when the step failed
 
 
 async def postprocess_loop(p: Pipeline) -> None:
@@ -46,6 +44,3 @@ async def postprocess_loop(p: Pipeline) -> None:
         p.inflight.release()
         p.work_available.set()
         await p.q_processed.put(Processed(item.so.step_id, outputs, ring_rows))
-
-
-__all__ = ["Processed", "postprocess_loop", "FinishReason"]

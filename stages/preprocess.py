@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from overlapd.stages.step_types import SchedulerOutput
 
 if TYPE_CHECKING:
+    from overlapd.stages.model_runner import PreparedStep
     from overlapd.stages.pipeline import Pipeline
 
 
+@dataclass(slots=True)
 class Prepared:
-    __slots__ = ("so", "prepared")
+    """A scheduled step whose inputs are staged, waiting for the execute stage."""
 
-    def __init__(self, so: SchedulerOutput, prepared: object) -> None:
-        self.so = so
-        self.prepared = prepared
+    so: SchedulerOutput
+    prepared: PreparedStep
 
 
 async def preprocess_loop(p: Pipeline) -> None:

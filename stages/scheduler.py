@@ -43,7 +43,13 @@ from .request import (
     validate_fits_cache,
     validate_request,
 )
-from .step_types import FinishReason, SamplingParams, ScheduledRow, SchedulerOutput, StepOutput
+from .step_types import (
+    FinishReason,
+    SamplingParams,
+    ScheduledRow,
+    SchedulerOutput,
+    StepOutput,
+)
 
 
 class SchedulerFull(RuntimeError):

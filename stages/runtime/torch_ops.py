@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from overlapd.kernels import cuda_handoff
 
 from .ops import INT64, AttentionMetadata, HostFuture, Tensor
