@@ -109,7 +109,9 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
 
     notifier.stopping("draining")
     log.info("draining", live=server.live_requests, timeout_s=cfg.server.drain_timeout_s)
-    await server.drain(cfg.server.drain_timeout_s)
+    # After a pipeline failure nothing live can progress: abort at once
+    # instead of waiting out the drain timeout.
+    await server.drain(0 if code else cfg.server.drain_timeout_s)
     await pipeline.drain(timeout=0)  # anything still live was aborted above; closes the ring
     await server.close()
     if wd_task is not None:
