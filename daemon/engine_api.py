@@ -32,7 +32,7 @@ from typing import Final, Protocol, runtime_checkable
 
 import msgspec
 
-from .protocol import GenerateFrame, TokenLogprob
+from .protocol import GenerateFields, GenerateFrame, TokenLogprob
 
 __all__ = [
     "ENGINE_ERROR_CODES",
@@ -64,40 +64,16 @@ SERVER_COUNTER_NAMES: Final = frozenset(
 )
 
 
-class GenerateParams(msgspec.Struct, kw_only=True):
+class GenerateParams(GenerateFields, kw_only=True):
     """A validated generate request (SPEC 2.2 without the connection-local `id`).
 
     Exactly one of `prompt` / `prompt_ids` is set; token ids are in [0, 2^31);
     `seed` is None or in [0, 2^64); ranges are as SPEC 2.2 and `validate.py`.
     """
 
-    prompt: str | None = None
-    prompt_ids: list[int] | None = None
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = msgspec.field(default_factory=list)
-    stop_token_ids: list[int] = msgspec.field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int = 0
-
 
 def params_from_frame(frame: GenerateFrame) -> GenerateParams:
-    return GenerateParams(
-        prompt=frame.prompt,
-        prompt_ids=frame.prompt_ids,
-        max_tokens=frame.max_tokens,
-        temperature=frame.temperature,
-        top_p=frame.top_p,
-        top_k=frame.top_k,
-        seed=frame.seed,
-        stop=frame.stop,
-        stop_token_ids=frame.stop_token_ids,
-        ignore_eos=frame.ignore_eos,
-        logprobs=frame.logprobs,
-    )
+    return GenerateParams(**{name: getattr(frame, name) for name in GenerateFields.__struct_fields__})
 
 
 @runtime_checkable

@@ -30,8 +30,10 @@ CLIENT_FRAME_TYPES: Final = ("generate", "abort", "health", "stats")
 # client -> daemon
 
 
-class GenerateFrame(msgspec.Struct, tag_field="type", tag="generate", kw_only=True):
-    id: str
+class GenerateFields(msgspec.Struct, kw_only=True):
+    """A generate request's fields with SPEC 2.2's defaults, written once: the
+    wire frame adds the connection-local `id`, the engine's GenerateParams nothing."""
+
     prompt: str | None = None
     prompt_ids: list[int] | None = None
     max_tokens: int = 16
@@ -43,6 +45,10 @@ class GenerateFrame(msgspec.Struct, tag_field="type", tag="generate", kw_only=Tr
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int = 0
+
+
+class GenerateFrame(GenerateFields, tag_field="type", tag="generate", kw_only=True):
+    id: str
 
 
 class AbortFrame(msgspec.Struct, tag_field="type", tag="abort"):
