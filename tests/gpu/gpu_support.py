@@ -25,3 +25,22 @@ def cuda_torch():
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
     return torch
+
+
+# OVERLAPD_GPU_TESTS_ON_CPU=1 runs the suite's daemon tests with `--device cpu`:
+# device time is scarce, so every GPU path is first proven on the CPU through
+# the same code (only the device differs).
+ON_CPU_SWITCH = "OVERLAPD_GPU_TESTS_ON_CPU"
+
+
+def on_cpu_requested() -> bool:
+    return os.environ.get(ON_CPU_SWITCH) == "1"
+
+
+def device_params() -> list:
+    """pytest params for a test taking `device`: "gpu" where a GPU is, "cpu" when asked for."""
+    return [
+        pytest.param("gpu", marks=requires_gpu, id="gpu"),
+        pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
+            not on_cpu_requested(), reason=f"the GPU test on the CPU runs only with {ON_CPU_SWITCH}=1")),
+    ]
