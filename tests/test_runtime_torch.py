@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,4 +20,34 @@ def test_torch_runtime_gives_reference_tokens_and_batch_invariant_seeds() -> Non
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["greedy_ok"]
     assert r["logprob_err"] < 1e-4
+    assert r["seeded_same"] and r["distinct"] > 3
+
+
+_NO_TRITON = importlib.util.find_spec("torch") is None or importlib.util.find_spec("triton") is None
+
+
+def _run_check(script: str, env: dict[str, str]) -> dict:
+    path = Path(__file__).with_name(script)
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(_NO_TRITON, reason="torch and triton are not installed (optional)")
+def test_fused_decode_kernels_match_the_ops_they_replace() -> None:
+    """kernels/triton_decode.py under Triton's CPU interpreter, float32, against the op path."""
+    r = _run_check("triton_kernels_check.py", {"TRITON_INTERPRET": "1"})
+    for name in ("add_rms_norm", "rms_norm", "silu_and_mul", "rope_q", "rope_k", "attention_direct",
+                 "attention_partitioned"):
+        assert r[name] < 1e-5, (name, r[name])
+    assert r["residual_in_place"] and r["rms_norm_returns_x"] and r["cache_v_exact"]
+    assert r["attention_direct_parts"] == 1 and r["attention_partitioned_parts"] > 1
+
+
+@pytest.mark.skipif(_NO_TRITON, reason="torch and triton are not installed (optional)")
+def test_the_model_with_fused_kernels_gives_reference_tokens() -> None:
+    """The whole engine with every fused kernel on (as on a GPU), run by the interpreter."""
+    r = _run_check("torch_runtime_check.py", {"TRITON_INTERPRET": "1", "OVERLAPD_FUSED": "1"})
+    assert r["fused"] and r["greedy_ok"] and r["logprob_err"] < 1e-4
     assert r["seeded_same"] and r["distinct"] > 3

@@ -58,6 +58,7 @@ def main() -> None:
         "logprob_err": lp_err,
         "seeded_same": batched.outputs == alone.outputs,
         "distinct": len(set(alone.outputs)),
+        "fused": ops._fused is not None,
     }))
 
 

@@ -90,13 +90,15 @@ class LlamaModel:
         ops = self.ops
         plan = ops.attention_plan(meta, kv_caches[0])  # built once, shared by every layer
         rope = ops.rope_plan(meta.positions, self.rope)
+        eps = self.config.rms_norm_eps
         h = ops.embedding(input_ids, self.embed_tokens)
+        residual = None  # the running sum of the residual stream; h is each block's output
         for layer, cache in zip(self.layers, kv_caches):
-            x = ops.rms_norm(h, layer.input_layernorm, self.config.rms_norm_eps)
-            h = ops.add(h, self._attention(x, layer, cache, meta, plan, rope))
-            x = ops.rms_norm(h, layer.post_attention_layernorm, self.config.rms_norm_eps)
-            h = ops.add(h, self._mlp(x, layer))
-        return h
+            x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm, eps)
+            h = self._attention(x, layer, cache, meta, plan, rope)
+            x, residual = ops.add_rms_norm(h, residual, layer.post_attention_layernorm, eps)
+            h = self._mlp(x, layer)
+        return ops.add(residual, h)
 
     def compute_logits(self, hidden: Tensor, logits_indices: Tensor) -> Tensor:
         """float32 logits [R, vocab] of the tokens at `logits_indices` (each row's last)."""
@@ -109,9 +111,7 @@ class LlamaModel:
         ops, c = self.ops, self.config
         hq, hk = c.num_attention_heads, c.num_key_value_heads
         qkv = ops.reshape(ops.linear(x, layer.qkv_proj), [x.shape[0], hq + 2 * hk, c.head_dim])
-        qk, v = ops.split(qkv, [hq + hk, hk], axis=1)
-        q, k = ops.split(ops.rotary_embedding(qk, rope), [hq, hk], axis=1)  # q and k heads rotated together
-        ops.write_kv_cache_(cache, k, v, plan)
+        q = ops.rope_and_cache_kv(qkv, hq, hk, rope, cache, plan)
         return ops.linear(ops.paged_attention(q, cache, plan, self.scale), layer.o_proj)
 
     def _mlp(self, x: Tensor, layer: _Layer) -> Tensor:

@@ -160,6 +160,14 @@ class Ops(Protocol):
     def silu_and_mul(self, x: Tensor) -> Tensor:
         """[..., 2n] -> silu(x[..., :n]) * x[..., n:]"""
         ...
+    def add_rms_norm(self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """(rms_norm(residual + x), residual + x); with no residual, (rms_norm(x), x).
+        May overwrite `residual` with the sum (composed.py is the reference)."""
+        ...
+    def rope_and_cache_kv(self, qkv: Tensor, num_q_heads: int, num_kv_heads: int, rope: Any, cache: Any,
+                          plan: Any) -> Tensor:
+        """qkv [T, Hq + 2 Hk, D]: RoPE on q and k, k and v stored at the step's slots; returns q [T, Hq, D]."""
+        ...
 
     # --- paged KV cache and attention -------------------------------------
     def allocate_kv_cache(

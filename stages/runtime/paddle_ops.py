@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import composed
 from .ops import INT64, AttentionMetadata, Tensor
 
 
@@ -272,6 +273,9 @@ class PaddleOps:
 
     def silu_and_mul(self, x: Tensor) -> Tensor:
         return F.swiglu(x)  # one op: splits x in halves itself
+
+    add_rms_norm = composed.add_rms_norm
+    rope_and_cache_kv = composed.rope_and_cache_kv
 
     # --- paged KV cache and attention -------------------------------------
     def allocate_kv_cache(

@@ -1,10 +1,11 @@
 """The ops layer on Torch: the same model, sampler and runner on torch tensors.
 
 Optional (torch is not a project dependency): `load_runtime("torch", device)`.
-The paged attention here is plain tensor ops like the Paddle runtime's, so it
-runs on the CPU for tests; on a GPU it is the correct but slow reference
-that a FlashAttention-style kernel replaces. The KV cache uses the layout
-such kernels take, [num_blocks, block_size, kv_heads, head_dim].
+On the CPU every op is a plain tensor op (the tests' path). On a GPU with
+Triton, the decode path's fused kernels (kernels/triton_decode.py) replace
+the norm, RoPE + KV write, SwiGLU and paged decode attention op chains;
+OVERLAPD_FUSED=0 turns them off. The KV cache layout and attention plans are
+in torch_attention.py.
 
 On CUDA nothing in a step may wait for the device: host-to-device copies go
 through pinned memory with non_blocking=True (a pageable `copy_` or
@@ -14,7 +15,9 @@ copies land in the `kernels` pool of page-locked buffers where it was built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import os
+from types import ModuleType
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from overlapd.kernels import cuda_handoff
 
+from . import composed
 from .ops import INT64, AttentionMetadata, HostFuture, Tensor
+from .torch_attention import PagedKV, AttentionGroup, AttentionPlan, attend_group, build_plan
 
 _DTYPES = {
     "float32": torch.float32,
@@ -61,22 +66,31 @@ class _HostCopy:
 
 
 class _RopePlan:
-    """A step's cos/sin rows, cast to the activations' dtype once per forward, not per layer."""
+    """A step's positions and the RoPE tables. The fused kernel reads the table
+    rows itself; the op path gathers them once per forward (not per layer) and
+    casts them to the activations' dtype once."""
 
-    __slots__ = ("cos", "sin", "_cast")
+    __slots__ = ("positions", "tables", "_rows", "_cast")
 
-    def __init__(self, cos: Tensor, sin: Tensor) -> None:
-        self.cos, self.sin = cos, sin
+    def __init__(self, positions: Tensor, tables: tuple[Tensor, Tensor]) -> None:
+        self.positions, self.tables = positions, tables
+        self._rows: tuple[Tensor, Tensor] | None = None
         self._cast: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        if self._rows is None:
+            self._rows = (self.tables[0][self.positions].unsqueeze(1), self.tables[1][self.positions].unsqueeze(1))
+        return self._rows
 
     def cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         cs = self._cast.get(dtype)
         if cs is None:
-            cs = self._cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+            cos, sin = self.rows()
+            cs = self._cast[dtype] = (cos.to(dtype), sin.to(dtype))
         return cs
 
     def __getitem__(self, i: int) -> Tensor:  # (cos, sin) as the ops Protocol's plan tuple
-        return (self.cos, self.sin)[i]
+        return self.rows()[i]
 
 
 class _TorchGraph:
@@ -101,31 +115,6 @@ class _TorchGraph:
         self.graph.replay()
 
 
-@dataclass(slots=True)
-class PagedKV:
-    k: Tensor  # [num_blocks, block_size, Hk, D]
-    v: Tensor
-    k_flat: Tensor  # [num_blocks * block_size, Hk, D] views for writes by slot
-    v_flat: Tensor
-
-
-@dataclass(slots=True)
-class _Group:
-    rows: int
-    qlen: int
-    kvlen: int
-    tok_idx: Tensor | None
-    kv_blocks: Tensor  # [rows * kvlen / block_size]
-    bias: Tensor  # bool [rows, 1, qlen, 1, kvlen]: True where a query may attend
-
-
-@dataclass(slots=True)
-class _Plan:
-    groups: list[_Group]
-    out_index: Tensor | None
-    slot_mapping: Tensor
-
-
 class TorchOps:
     name = "torch"
 
@@ -141,6 +130,7 @@ class TorchOps:
         # Landing buffers for step outputs: 8 x 1 MiB covers max_inflight steps'
         # ints and logprobs with room; a larger tensor takes torch's pinned path.
         self._pinned = cuda_handoff.PinnedCopies() if self._cuda and cuda_handoff.native() is not None else None
+        self._fused = _fused_kernels(self._cuda)
 
     def _to_device(self, a: np.ndarray) -> Tensor:
         """A new device tensor from host data without synchronizing the stream:
@@ -306,9 +296,24 @@ class TorchOps:
         return F.linear(x, weight)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        if self._fused is not None and x.dim() == 2:
+            return self._fused.add_rms_norm(x, None, weight, eps)[0]
         # F.rms_norm is one fused kernel on CUDA (five without it); float32 inside.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
         return normed.to(x.dtype) * weight
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        if self._fused is not None:
+            return self._fused.add_rms_norm(x, residual, weight, eps)
+        return composed.add_rms_norm(self, x, residual, weight, eps)
+
+    def rope_and_cache_kv(self, qkv: Tensor, num_q_heads: int, num_kv_heads: int, rope: "_RopePlan",
+                          cache: "PagedKV", plan: "AttentionPlan") -> Tensor:
+        if self._fused is not None:
+            cos, sin = rope.tables
+            return self._fused.rope_and_cache_kv(qkv, num_q_heads, num_kv_heads, rope.positions, cos, sin,
+                                                 plan.slot_mapping, cache.k_flat, cache.v_flat)
+        return composed.rope_and_cache_kv(self, qkv, num_q_heads, num_kv_heads, rope, cache, plan)
 
     def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[Tensor, Tensor]:
         c = np.concatenate([cos, cos], axis=-1)
@@ -316,13 +321,15 @@ class TorchOps:
         return self._to_device(c), self._to_device(s)
 
     def rope_plan(self, positions: Tensor, tables: tuple[Tensor, Tensor]) -> "_RopePlan":
-        return _RopePlan(tables[0][positions].unsqueeze(1), tables[1][positions].unsqueeze(1))
+        return _RopePlan(positions, tables)
 
     def rotary_embedding(self, x: Tensor, plan: "_RopePlan") -> Tensor:
         c, s = plan.cast(x.dtype)
         return torch.addcmul(x * c, torch.roll(x, x.shape[-1] // 2, dims=-1), s)
 
     def silu_and_mul(self, x: Tensor) -> Tensor:
+        if self._fused is not None and x.dim() == 2:
+            return self._fused.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -335,17 +342,23 @@ class TorchOps:
         v = torch.zeros(shape, dtype=_DTYPES[dtype], device=self._dev)
         return PagedKV(k, v, k.view(-1, num_kv_heads, head_dim), v.view(-1, num_kv_heads, head_dim))
 
-    def attention_plan(self, meta: AttentionMetadata, cache: PagedKV) -> _Plan:
-        return _build_plan(meta, self._dev, self._to_device)
+    def attention_plan(self, meta: AttentionMetadata, cache: PagedKV) -> AttentionPlan:
+        return build_plan(meta, self._dev, self._to_device, fused_decode=self._fused is not None)
 
-    def write_kv_cache_(self, cache: PagedKV, k: Tensor, v: Tensor, plan: _Plan) -> None:
+    def write_kv_cache_(self, cache: PagedKV, k: Tensor, v: Tensor, plan: AttentionPlan) -> None:
         cache.k_flat.index_copy_(0, plan.slot_mapping, k.to(cache.k.dtype))
         cache.v_flat.index_copy_(0, plan.slot_mapping, v.to(cache.v.dtype))
 
-    def paged_attention(self, q: Tensor, cache: PagedKV, plan: _Plan, scale: float) -> Tensor:
-        outs = [_attend_group(q, cache, g, scale) for g in plan.groups]
+    def paged_attention(self, q: Tensor, cache: PagedKV, plan: AttentionPlan, scale: float) -> Tensor:
+        outs = [attend_group(q, cache, g, scale) if g.tables is None else self._decode_group(q, cache, g, scale)
+                for g in plan.groups]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         return out if plan.out_index is None else out.index_select(0, plan.out_index)
+
+    def _decode_group(self, q: Tensor, cache: PagedKV, g: AttentionGroup, scale: float) -> Tensor:
+        assert self._fused is not None and g.tables is not None and g.seq_lens is not None
+        qg = q if g.tok_idx is None else q.index_select(0, g.tok_idx)
+        return self._fused.paged_decode_attention(qg, cache.k, cache.v, g.tables, g.seq_lens, g.kvlen, scale)
 
     # --- CUDA graphs ------------------------------------------------------------
     def capture_graph(self, fn: Callable[[], object]) -> "_TorchGraph":
@@ -367,60 +380,19 @@ class TorchOps:
         return int(torch.cuda.current_stream().cuda_stream) if self.device == "gpu" else 0
 
 
-def _build_plan(meta: AttentionMetadata, dev: torch.device, to_dev: Callable[[np.ndarray], Tensor]) -> _Plan:
-    """Decode rows and the rest, each padded to its longest query and context
-    (the same grouping as the Paddle runtime's; see paddle_attention.py).
-
-    When the decode rows are the step's first rows (the scheduler puts running
-    requests first), their query positions and block tables come from the
-    device tensors alone: nothing is uploaded, so a decode step can be
-    captured in a CUDA graph and replayed with new contents."""
-    qlens, seqlens, bs = meta.query_lens_host, meta.seq_lens_host, meta.block_size
-    starts = np.concatenate([[0], np.cumsum(qlens)[:-1]]).astype(np.int64)
-    out_index = np.empty(meta.num_tokens, dtype=np.int64)
-    groups, offset = [], 0
-    for rows in (np.flatnonzero(qlens == 1), np.flatnonzero(qlens > 1)):
-        if len(rows) == 0:
-            continue
-        n, qlen = len(rows), int(qlens[rows].max())
-        nblocks = -(-int(seqlens[rows].max()) // bs)
-        j = np.arange(qlen, dtype=np.int64)
-        valid = j[None, :] < qlens[rows][:, None]
-        tok = starts[rows][:, None] + np.where(valid, j[None, :], 0)
-        if qlen == 1 and rows[-1] == n - 1:  # decode rows 0..n-1
-            qpos = (meta.seq_lens[:n] - 1).unsqueeze(1)
-            tables = meta.block_tables[:n, :nblocks]
-        else:
-            qpos = to_dev((seqlens[rows] - qlens[rows])[:, None] + j[None, :])
-            tables = meta.block_tables.index_select(0, to_dev(rows.astype(np.int64)))[:, :nblocks]
-        out_index[tok[valid]] = offset + np.flatnonzero(valid.reshape(-1))
-        offset += n * qlen
-        kpos = torch.arange(nblocks * bs, device=dev)
-        mask = kpos[None, None, :] <= qpos[:, :, None]  # causal over the row's own keys
-        tok_t = None if n * qlen == meta.num_tokens and (tok.reshape(-1) == np.arange(meta.num_tokens)).all() \
-            else to_dev(tok.reshape(-1))
-        groups.append(_Group(n, qlen, nblocks * bs, tok_t, tables.reshape(-1), mask.view(n, 1, qlen, 1, -1)))
-    identity = len(groups) == 1 and groups[0].tok_idx is None
-    return _Plan(groups, None if identity else to_dev(out_index), meta.slot_mapping)
-
-
-def _attend_group(q: Tensor, cache: PagedKV, g: _Group, scale: float) -> Tensor:
-    """One fused attention call (torch SDPA) per group. Grouped-query heads fold
-    into the query axis ([n, Hk, qlen * grp, D] against [n, Hk, kvlen, D]), so
-    the kernel sees plain multi-head attention with a boolean mask and no
-    repeated keys."""
-    heads, dim = q.shape[1], q.shape[2]
-    kv_heads = cache.k.shape[2]
-    grp = heads // kv_heads
-    n, qlen, kvlen = g.rows, g.qlen, g.kvlen
-    qg = (q if g.tok_idx is None else q.index_select(0, g.tok_idx)).to(cache.k.dtype)
-    qg = qg.view(n, qlen, kv_heads, grp, dim).permute(0, 2, 1, 3, 4).reshape(n, kv_heads, qlen * grp, dim)
-    k = cache.k.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).transpose(1, 2)
-    v = cache.v.index_select(0, g.kv_blocks).view(n, kvlen, kv_heads, dim).transpose(1, 2)
-    mask = g.bias.expand(n, 1, qlen, grp, kvlen).reshape(n, 1, qlen * grp, kvlen)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    out = out.view(n, kv_heads, qlen, grp, dim).permute(0, 2, 1, 3, 4)
-    return out.reshape(n * qlen, heads * dim).to(q.dtype)
+def _fused_kernels(cuda: bool) -> ModuleType | None:
+    """kernels/triton_decode.py where it can run: on a GPU with Triton
+    installed, unless OVERLAPD_FUSED=0; OVERLAPD_FUSED=1 also takes it on the
+    CPU (tests, under TRITON_INTERPRET=1)."""
+    want = os.environ.get("OVERLAPD_FUSED", "")
+    if want == "0" or not (cuda or want == "1"):
+        return None
+    try:
+        return importlib.import_module("overlapd.kernels.triton_decode")
+    except ImportError:
+        if want == "1":
+            raise
+        return None
 
 
 __all__ = ["PagedKV", "TorchOps"]

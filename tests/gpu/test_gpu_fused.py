@@ -1,0 +1,121 @@
+"""The fused decode kernels (kernels/triton_decode.py) on the device, bfloat16 and float32,
+against a float64 reference and against the op path they replace (OVERLAPD_FUSED=0)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_support import cuda_torch, requires_gpu
+
+pytestmark = requires_gpu
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return cuda_torch()
+
+
+@pytest.fixture(scope="module")
+def fused(torch):
+    from overlapd.stages.runtime.torch_ops import TorchOps
+
+    ops = TorchOps("gpu")
+    if ops._fused is None:
+        pytest.fail("Triton is missing on the GPU host: the fused decode kernels did not load")
+    return ops
+
+
+@pytest.fixture(scope="module")
+def plain(torch):
+    from overlapd.stages.runtime.torch_ops import TorchOps
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OVERLAPD_FUSED", "0")
+    ops = TorchOps("gpu")
+    mp.undo()
+    assert ops._fused is None
+    return ops
+
+
+def _rel(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    assert bool(a.isfinite().all())
+    return float((a - b).norm() / b.norm())
+
+
+def _decode_step(torch, ops, dtype: str, seq_lens: list[int], hq=32, hk=8, dim=64, bs=16, seed=0):
+    from overlapd.stages.runtime.ops import AttentionMetadata
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rows = len(seq_lens)
+    max_blocks = -(-max(seq_lens) // bs)
+    num_blocks = rows * max_blocks + 3
+    cache = ops.allocate_kv_cache(num_blocks, bs, hk, dim, dtype)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g).to(cache.k.dtype))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g).to(cache.v.dtype))
+    tables = torch.randperm(num_blocks, generator=g)[: rows * max_blocks].reshape(rows, max_blocks)
+    seq = np.array(seq_lens, np.int64)
+    pos = seq - 1
+    slots = tables[torch.arange(rows), torch.from_numpy(pos // bs)] * bs + torch.from_numpy(pos % bs)
+    meta = AttentionMetadata(
+        num_tokens=rows, num_rows=rows, block_size=bs, positions=ops.from_numpy(pos),
+        token_rows=ops.from_numpy(np.arange(rows)), query_start_loc=ops.from_numpy(np.arange(rows + 1)),
+        seq_lens=ops.from_numpy(seq), block_tables=tables.cuda(), slot_mapping=slots.cuda(),
+        query_lens_host=np.ones(rows, np.int64), seq_lens_host=seq)
+    q = torch.randn(rows, hq, dim, generator=g).to(cache.k.dtype).cuda()
+    return meta, cache, q, tables, seq
+
+
+def _reference(torch, q, cache, tables, seq, scale):
+    rows, hq, dim = q.shape
+    bs, hk = cache.k.shape[1], cache.k.shape[2]
+    out = torch.empty(rows, hq * dim, dtype=torch.float64)
+    k_all, v_all = cache.k.double().cpu(), cache.v.double().cpu()
+    for r in range(rows):
+        p = torch.arange(int(seq[r]))
+        b = tables[r][p // bs]
+        k, v = k_all[b, p % bs], v_all[b, p % bs]
+        for h in range(hq):
+            w = torch.softmax(k[:, h // (hq // hk)] @ q[r, h].double().cpu() * scale, 0)
+            out[r, h * dim:(h + 1) * dim] = w @ v[:, h // (hq // hk)]
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("seq_lens", [[1], [640], [2047], [1, 17, 300, 64, 1000, 33], list(range(1, 700, 11))])
+def test_paged_decode_attention_reads_the_cache_in_place_correctly(torch, fused, dtype, tol, seq_lens):
+    meta, cache, q, tables, seq = _decode_step(torch, fused, dtype, seq_lens)
+    plan = fused.attention_plan(meta, cache)
+    assert [g.tables is not None for g in plan.groups] == [True]  # the fused decode path was taken
+    out = fused.paged_attention(q, cache, plan, 0.125)
+    assert _rel(out, _reference(torch, q, cache, tables, seq, 0.125)) < tol
+
+
+def test_the_fused_layer_pieces_match_the_op_path_in_bfloat16(torch, fused, plain):
+    from overlapd.stages.model.config import NAMED_SHAPES
+    from overlapd.stages.model.rope import cos_sin_tables
+
+    x = torch.randn(64, 2048, device="cuda").bfloat16()
+    res = torch.randn(64, 2048, device="cuda").bfloat16()
+    w = (torch.rand(2048, device="cuda") + 0.5).bfloat16()
+    got, got_res = fused.add_rms_norm(x, res.clone(), w, 1e-5)
+    want, want_res = plain.add_rms_norm(x, res.clone(), w, 1e-5)
+    assert torch.equal(got_res, want_res)  # the sum is rounded exactly as the op path rounds it
+    assert _rel(got, want) < 1e-2
+
+    g = torch.randn(64, 2 * 8192, device="cuda").bfloat16()
+    assert _rel(fused.silu_and_mul(g), plain.silu_and_mul(g)) < 1e-2
+
+    cfg = NAMED_SHAPES["llama-3.2-1b"]
+    tables_f = fused.rope_tables(*cos_sin_tables(cfg, 4096))
+    tables_p = plain.rope_tables(*cos_sin_tables(cfg, 4096))
+    meta, cache_f, *_ = _decode_step(torch, fused, "bfloat16", [5, 4096, 77, 1, 2000])
+    _, cache_p, *_ = _decode_step(torch, plain, "bfloat16", [5, 4096, 77, 1, 2000])
+    qkv = torch.randn(5, 48, 64, device="cuda").bfloat16()
+    q_f = fused.rope_and_cache_kv(qkv, 32, 8, fused.rope_plan(meta.positions, tables_f), cache_f,
+                                  fused.attention_plan(meta, cache_f))
+    q_p = plain.rope_and_cache_kv(qkv, 32, 8, plain.rope_plan(meta.positions, tables_p), cache_p,
+                                  plain.attention_plan(meta, cache_p))
+    assert _rel(q_f, q_p) < 1e-2
+    assert _rel(cache_f.k, cache_p.k) < 1e-2
+    assert torch.equal(cache_f.v, cache_p.v)

@@ -1,0 +1,96 @@
+"""Checks kernels/triton_decode.py against the Torch ops it replaces; prints one JSON line.
+
+Run by test_runtime_torch.py in a subprocess under TRITON_INTERPRET=1 (Triton's
+interpreter runs the kernels on the CPU with numpy), so torch never shares a
+process with paddle. float32 only: the interpreter's bfloat16 dot products
+are not faithful; tests/gpu checks bfloat16 on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from overlapd.kernels import triton_decode as td  # noqa: E402
+from overlapd.stages.runtime import composed  # noqa: E402
+from overlapd.stages.runtime.torch_ops import TorchOps  # noqa: E402
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def dense_decode_reference(q, k_cache, v_cache, tables, seq_lens, scale) -> torch.Tensor:
+    rows, hq, d = q.shape
+    bs, hk = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(rows, hq * d, dtype=torch.float64)
+    for r in range(rows):
+        pos = torch.arange(int(seq_lens[r]))
+        blocks = tables[r][pos // bs]
+        k, v = k_cache[blocks, pos % bs].double(), v_cache[blocks, pos % bs].double()
+        for h in range(hq):
+            p = torch.softmax(k[:, h // (hq // hk)] @ q[r, h].double() * scale, 0)
+            out[r, h * d:(h + 1) * d] = p @ v[:, h // (hq // hk)]
+    return out
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    ops = TorchOps("cpu")  # OVERLAPD_FUSED unset: the op path, the reference here
+    assert ops._fused is None
+    r: dict[str, object] = {}
+
+    x, res, w = torch.randn(5, 2048), torch.randn(5, 2048), torch.rand(2048) + 0.5
+    want, want_sum = composed.add_rms_norm(ops, x, res.clone(), w, 1e-5)
+    got, got_sum = td.add_rms_norm(x, res, w, 1e-5)
+    r["add_rms_norm"] = max(err(got, want), err(got_sum, want_sum))
+    r["residual_in_place"] = got_sum is res
+    got, same = td.add_rms_norm(x, None, w, 1e-5)
+    r["rms_norm"] = err(got, ops.rms_norm(x, w, 1e-5))
+    r["rms_norm_returns_x"] = same is x
+
+    g = torch.randn(3, 2 * 1500)
+    r["silu_and_mul"] = err(td.silu_and_mul(g), torch.nn.functional.silu(g[:, :1500]) * g[:, 1500:])
+
+    # Llama-3.2-1B heads: 32 q, 8 kv, head_dim 64
+    hq, hk, d, bs, nblocks = 32, 8, 64, 16, 40
+    from overlapd.stages.model.config import NAMED_SHAPES
+    from overlapd.stages.model.rope import cos_sin_tables
+
+    tables = ops.rope_tables(*cos_sin_tables(NAMED_SHAPES["llama-3.2-1b"], 1024))
+    pos = torch.tensor([0, 1, 17, 300, 1023])
+    slots = torch.tensor([3, 640, 17, 99, 5])
+    qkv = torch.randn(len(pos), hq + 2 * hk, d)
+    cache_ref = ops.allocate_kv_cache(nblocks + 1, bs, hk, d, "float32")
+    cache = ops.allocate_kv_cache(nblocks + 1, bs, hk, d, "float32")
+
+    class Plan:
+        slot_mapping = slots
+
+    q_ref = composed.rope_and_cache_kv(ops, qkv, hq, hk, ops.rope_plan(pos, tables), cache_ref, Plan)
+    q = td.rope_and_cache_kv(qkv, hq, hk, pos, tables[0], tables[1], slots, cache.k_flat, cache.v_flat)
+    r["rope_q"] = err(q, q_ref)
+    r["rope_k"] = err(cache.k, cache_ref.k)
+    r["cache_v_exact"] = bool(torch.equal(cache.v, cache_ref.v))
+
+    # decode attention: a one-token row, rows ending mid-block, one spanning many blocks
+    seq_lens = torch.tensor([1, 37, 300, 129])
+    rows = len(seq_lens)
+    kc, vc = torch.randn(nblocks, bs, hk, d), torch.randn(nblocks, bs, hk, d)
+    bt = torch.stack([torch.randperm(nblocks)[:32] for _ in range(rows)])
+    qd = torch.randn(rows, hq, d)
+    ref = dense_decode_reference(qd, kc, vc, bt, seq_lens, 0.125)
+    for name, target in (("direct", 1), ("partitioned", 128)):
+        per, parts = td.decode_partitions(rows, hk, 320, target)
+        out = td.paged_decode_attention(qd, kc, vc, bt, seq_lens, 320, 0.125, target_programs=target)
+        r[f"attention_{name}"] = err(out, ref)
+        r[f"attention_{name}_parts"] = parts
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
