@@ -141,16 +141,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
                              stride_q_t, stride_q_h, stride_tables, stride_k_blk, stride_k_tok, stride_k_h,
-                             stride_o_t, scale,
+                             stride_o_t, scale, part_len, num_parts,
                              G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                             BLOCK_N: tl.constexpr, PART: tl.constexpr, NUM_PARTS: tl.constexpr,
-                             DIRECT: tl.constexpr, PRECISION: tl.constexpr):
+                             BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr):
+    # part_len and num_parts are run-time values: a new context length needs no new compile
     row = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + row)
-    start = part * PART
-    end = tl.minimum(start + PART, seq_len)
+    start = part * part_len
+    end = tl.minimum(start + part_len, seq_len)
     g = tl.arange(0, BLOCK_H)
     d = tl.arange(0, D)
     heads = kvh * G + g  # the query heads that share this kv head
@@ -184,23 +184,23 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_
         has = l > 0
         o = acc / tl.where(has, l, 1.0)[:, None]
         lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
-        at_part = (row * (G * tl.num_programs(1)) + heads) * NUM_PARTS + part
+        at_part = (row * (G * tl.num_programs(1)) + heads) * num_parts + part
         tl.store(part_out_ptr + at_part[:, None] * D + d[None, :], o, mask=hmask)
         tl.store(part_lse_ptr + at_part, lse, mask=g < G)
 
 
 @triton.jit
-def _merge_partitions_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_o_t, num_heads,
-                             D: tl.constexpr, NUM_PARTS: tl.constexpr, BLOCK_P: tl.constexpr):
+def _merge_partitions_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_o_t, num_heads, num_parts,
+                             D: tl.constexpr, BLOCK_P: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, D)
-    at = (row * num_heads + h) * NUM_PARTS + p
-    lse = tl.load(part_lse_ptr + at, mask=p < NUM_PARTS, other=float("-inf"))
+    at = (row * num_heads + h) * num_parts + p
+    lse = tl.load(part_lse_ptr + at, mask=p < num_parts, other=float("-inf"))
     w = tl.exp(lse - tl.max(lse, axis=0))
     w = w / tl.sum(w, axis=0)
-    o = tl.load(part_out_ptr + at[:, None] * D + d[None, :], mask=(p < NUM_PARTS)[:, None], other=0.0)
+    o = tl.load(part_out_ptr + at[:, None] * D + d[None, :], mask=(p < num_parts)[:, None], other=0.0)
     tl.store(out_ptr + row * stride_o_t + h * D + d, tl.sum(o * w[:, None], axis=0).to(out_ptr.dtype.element_ty))
 
 
@@ -243,11 +243,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_attention_kernel[(rows, hk, parts)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), scale,
-        G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=BLOCK_N, PART=per,
-        NUM_PARTS=parts, DIRECT=direct, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        out.stride(0), scale, per, parts,
+        G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=BLOCK_N, DIRECT=direct, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     if not direct:
-        _merge_partitions_kernel[(rows, hq)](part_out, part_lse, out, out.stride(0), hq, D=d, NUM_PARTS=parts,
+        _merge_partitions_kernel[(rows, hq)](part_out, part_lse, out, out.stride(0), hq, parts, D=d,
                                             BLOCK_P=triton.next_power_of_2(parts), num_warps=4)
     return out
 
