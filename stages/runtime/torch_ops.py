@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from overlapd.kernels import cuda_handoff
 
+from ..model.tiny import cache_root
 from . import composed
 from .ops import INT64, AttentionMetadata, HostFuture, Tensor
 from .torch_attention import PagedKV, AttentionGroup, AttentionPlan, attend_group, build_plan
@@ -387,6 +388,9 @@ def _fused_kernels(cuda: bool) -> ModuleType | None:
     want = os.environ.get("OVERLAPD_FUSED", "")
     if want == "0" or not (cuda or want == "1"):
         return None
+    # Compiled kernels are cached on disk; under the systemd unit the home
+    # directory is hidden (ProtectHome), so the cache goes to overlapd's own.
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
     try:
         return importlib.import_module("overlapd.kernels.triton_decode")
     except ImportError:
