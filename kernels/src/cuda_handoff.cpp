@@ -35,6 +35,9 @@
 
 namespace py = pybind11;
 
+// The per-step device kernels (step_kernels.cu) register themselves here.
+void register_step_kernels(py::module_& m);
+
 namespace {
 
 void check(cudaError_t err, const char* what) {
@@ -269,4 +272,5 @@ PYBIND11_MODULE(_cuda, m) {
       .def("query", &Event::query)
       .def("synchronize", &Event::synchronize)
       .def("elapsed_ms", &Event::elapsed_ms, py::arg("since"));
+  register_step_kernels(m);
 }
