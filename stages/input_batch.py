@@ -6,8 +6,8 @@ buffers never change address, so a CUDA graph captured over them stays valid.
 
 Requests keep a persistent row ("slot") while they run. Per-slot state lives on
 the device and is written only when it changes: the block table row when the
-request's block list changes, the sampling parameters and seed state when the
-request enters a slot. Everything else is per step and small.
+request's block list changes, the sampling parameters, seed state and stop
+conditions when the request enters a slot. Everything else is per step and small.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+from overlapd.kernels import step_kernels
 
 from .runtime.ops import FLOAT32, INT64, Ops, Tensor
 from .sampler import PersistentSamplingParams
+from .step_types import STOP_TABLE_WIDTH
+from .stop_flags import PersistentStopFlags
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +40,7 @@ def step_layout(lim: BatchLimits) -> list[tuple[str, int, int]]:
     so a step's inputs reach the device in a single copy."""
     t, r = lim.max_tokens, lim.max_rows
     sizes = [("query_start_loc", r + 1), ("start_pos", r), ("seq_lens", r), ("row_slots", r),
-             ("sample_mask", r), ("input_ids", t), ("prev_rows", t)]
+             ("sample_mask", r), ("out_index", r), ("input_ids", t), ("prev_rows", t)]
     layout, at = [], 0
     for name, n in sizes:
         layout.append((name, at, n))
@@ -54,7 +57,8 @@ class StagingBuffer:
         self.step = np.zeros(sum(n for _, _, n in layout), np.int64)
         # views into `step`: input_ids, prev_rows (the previous step's output row of a
         # decode's input token, -1: token given here), query_start_loc, start_pos,
-        # seq_lens, row_slots, sample_mask (1: the row's last token is sampled)
+        # seq_lens, row_slots, sample_mask (1: the row's last token is sampled),
+        # out_index (the output index of the token a row samples)
         for name, at, n in layout:
             setattr(self, name, self.step[at: at + n])
         # requests entering a slot this step
@@ -63,6 +67,9 @@ class StagingBuffer:
         self.new_top_p = np.ones(r, np.float32)
         self.new_top_k = np.zeros(r, np.int64)
         self.new_seed_state = np.zeros(r, np.int64)
+        self.new_stop_ids = np.full((r, STOP_TABLE_WIDTH), -1, np.int64)  # TokenStops.table, -1 padded
+        self.new_num_eos = np.zeros(r, np.int64)
+        self.new_max_outputs = np.zeros(r, np.int64)
         # block-table rows that changed this step
         self.table_slots = np.zeros(r, np.int64)
         self.table_rows = np.zeros((r, b), np.int64)
@@ -112,33 +119,40 @@ class StagedCounts:
 
 
 class DeviceInputs:
-    """The persistent device side of the batch."""
+    """The persistent device side of the batch.
 
-    def __init__(self, ops: Ops, lim: BatchLimits) -> None:
+    `use_kernels` (None: wherever they can run) picks the CUDA step kernels of
+    kernels/step_kernels.py over the ops fallbacks; the GPU tests compare both."""
+
+    def __init__(self, ops: Ops, lim: BatchLimits, use_kernels: bool | None = None) -> None:
         r, b = lim.max_rows, lim.max_blocks
         self.ops = ops
+        self.use_kernels = step_kernels.available(ops) if use_kernels is None else use_kernels
         layout = step_layout(lim)
         self.step = ops.zeros([sum(n for _, _, n in layout)], INT64)
         for name, at, n in layout:  # views into `step` (first-axis slices keep its memory)
             setattr(self, name, self.step[at: at + n])
         self.block_tables = ops.zeros([r, b], INT64)  # by slot
-        self.sampling = PersistentSamplingParams(ops, r)  # by slot
+        self.sampling = PersistentSamplingParams(ops, r, self.use_kernels)  # by slot
+        self.stops = PersistentStopFlags(ops, r, STOP_TABLE_WIDTH, self.use_kernels)  # by slot
         self.prev_sampled = ops.zeros([r], INT64)  # the last step's sampled ids, by its row
         # landing areas for the per-slot updates, scattered into place from here
         self._new_slots = ops.zeros([r], INT64)
         self._new_f32 = ops.zeros([r], FLOAT32)
         self._new_i64 = ops.zeros([r], INT64)
+        self._new_stop_ids = ops.zeros([r, STOP_TABLE_WIDTH], INT64)
         self._table_slots = ops.zeros([r], INT64)
         self._table_rows = ops.zeros([r, b], INT64)
 
     def persistent_tensors(self) -> dict[str, Tensor]:
         """Every buffer whose address must never change (tests check it)."""
-        s = self.sampling
+        s, st = self.sampling, self.stops
         return {
             "step": self.step, "input_ids": self.input_ids, "prev_rows": self.prev_rows, "query_start_loc": self.query_start_loc,
             "start_pos": self.start_pos, "seq_lens": self.seq_lens, "row_slots": self.row_slots,
-            "sample_mask": self.sample_mask, "block_tables": self.block_tables,
+            "sample_mask": self.sample_mask, "out_index": self.out_index, "block_tables": self.block_tables,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed_state": s.seed_state,
+            "stop_ids": st.stop_ids, "num_eos": st.num_eos, "max_outputs": st.max_outputs,
             "prev_sampled": self.prev_sampled,
         }
 
@@ -148,10 +162,7 @@ class DeviceInputs:
         t = n.num_tokens
         ops.copy_from_host_(self.step, buf.step)  # all per-step arrays in one copy
         if n.any_prev:
-            # decode inputs sampled by the previous launch, taken on the device
-            prev = self.prev_rows[:t]
-            taken = ops.index_select(self.prev_sampled, ops.maximum(prev, 0))
-            ops.copy_(self.input_ids, ops.where(ops.ge(prev, 0), taken, self.input_ids[:t]))
+            self.update_input_ids(t)
         if n.num_tables:
             k = n.num_tables
             ops.copy_from_host_(self._table_slots, buf.table_slots[:k])
@@ -160,8 +171,16 @@ class DeviceInputs:
         if n.num_new:
             self._load_new_slots(buf, n.num_new)
 
+    def update_input_ids(self, t: int) -> None:
+        """The first `t` inputs' decode tokens sampled by the previous launch, taken on the device."""
+        ops, prev = self.ops, self.prev_rows[:t]
+        if self.use_kernels and step_kernels.update_input_ids(ops, self.input_ids, prev, self.prev_sampled):
+            return
+        taken = ops.index_select(self.prev_sampled, ops.maximum(prev, 0))
+        ops.copy_(self.input_ids, ops.where(ops.ge(prev, 0), taken, self.input_ids[:t]))
+
     def _load_new_slots(self, buf: StagingBuffer, k: int) -> None:
-        ops, s = self.ops, self.sampling
+        ops, s, st = self.ops, self.sampling, self.stops
         ops.copy_from_host_(self._new_slots, buf.new_slots[:k])
         slots = self._new_slots[:k]
         for dst, src, landing in (
@@ -169,6 +188,9 @@ class DeviceInputs:
             (s.top_p, buf.new_top_p, self._new_f32),
             (s.top_k, buf.new_top_k, self._new_i64),
             (s.seed_state, buf.new_seed_state, self._new_i64),
+            (st.stop_ids, buf.new_stop_ids, self._new_stop_ids),
+            (st.num_eos, buf.new_num_eos, self._new_i64),
+            (st.max_outputs, buf.new_max_outputs, self._new_i64),
         ):
             ops.copy_from_host_(landing, src[:k])
             ops.scatter_rows_(dst, slots, landing[:k])

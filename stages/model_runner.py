@@ -55,13 +55,13 @@ class PreparedStep:
 @dataclass(slots=True)
 class StepHandle:
     prepared: PreparedStep
-    ints: HostFuture | None  # int64 [R, 2 + k]: sampled, rank, top-k ids
+    ints: HostFuture | None  # int64 [R, 2] or [R, 3 + k]: sampled, finish, then rank and top-k ids
     logprobs: HostFuture | None  # float32 [R, k + 1]
 
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, ops: Ops, cfg: EngineConfig, num_blocks: int,
-                 staging_depth: int = DEFAULT_STAGING_DEPTH) -> None:
+                 staging_depth: int = DEFAULT_STAGING_DEPTH, use_kernels: bool | None = None) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -85,7 +85,8 @@ class ModelRunner:
         # decode step write their keys and values there, never into a request's.
         self.kv_caches = self.model.allocate_kv_caches(num_blocks + 1, cfg.block_size)
         self._spare_slot = num_blocks * cfg.block_size
-        self.inputs = DeviceInputs(ops, self.limits)
+        # use_kernels None: the CUDA step kernels wherever they run (False: the ops path)
+        self.inputs = DeviceInputs(ops, self.limits, use_kernels)
         self.sampler = Sampler(ops, loaded.config.vocab_size)
         self._stager = StepStager(self.limits)
         self._pool = StagingPool(self.limits, staging_depth)
@@ -187,11 +188,12 @@ class ModelRunner:
             meta.slot_mapping = ops.where(ops.gt(inp.sample_mask[:r], 0), meta.slot_mapping, self._spare_slot)
         hidden = self.model.forward(inp.input_ids[:num_tokens], meta, self.kv_caches)
         logits = self.model.compute_logits(hidden, ops.sub(inp.query_start_loc[1: r + 1], 1))
-        params = inp.sampling.build(inp.row_slots[:r])
-        out = self.sampler(logits, params, any_random=any_random, num_logprobs=num_logprobs)
-        if any_random:
-            inp.sampling.advance_seeds_(inp.row_slots[:r], params.seed_state, inp.sample_mask[:r])
-        ops.copy_(inp.prev_sampled, out.sampled)  # the next launch's decode inputs
+        slots, mask = inp.row_slots[:r], inp.sample_mask[:r]
+        params = inp.sampling.build(slots, mask, advance=any_random)
+        sampled = self.sampler.sample(logits, params, any_random=any_random)
+        finish = inp.stops.finish_codes(sampled, slots, mask, inp.out_index[:r])
+        out = self.sampler.pack(logits, sampled, finish, num_logprobs)
+        ops.copy_(inp.prev_sampled, sampled)  # the next launch's decode inputs
         return out
 
     def collect(self, handle: StepHandle) -> StepOutput:
@@ -212,8 +214,9 @@ class ModelRunner:
             sampled=ints[:, 0].astype(np.int32),
             k=k,
             logprobs=lps.astype(np.float32) if lps is not None else None,
-            top_ids=ints[:, 2:].astype(np.int32) if k else None,
-            ranks=ints[:, 1].astype(np.int32) if k else None,
+            top_ids=ints[:, 3:].astype(np.int32) if k else None,
+            ranks=ints[:, 2].astype(np.int32) if k else None,
+            finish=ints[:, 1].astype(np.int32),
         )
 
     def execute(self, so: SchedulerOutput) -> StepOutput:
@@ -245,6 +248,7 @@ def _pad_decode_rows(buf: StagingBuffer, r: int, rows: int) -> None:
     buf.seq_lens[r:rows] = 1
     buf.row_slots[r:rows] = 0
     buf.sample_mask[r:rows] = 0
+    buf.out_index[r:rows] = 0
 
 
 def _empty_output(step_id: int) -> StepOutput:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import AbstractSet, Sequence
+from typing import AbstractSet, Iterable, Sequence
 
-from .step_types import MAX_LOGPROBS, FinishReason, SamplingParams
+from .step_types import MAX_LOGPROBS, FinishReason, SamplingParams, TokenStops
 
 U64_MAX = (1 << 64) - 1
 I64_MAX = (1 << 63) - 1
@@ -50,6 +50,7 @@ class Request:
         "finish_reason",
         "num_preemptions",
         "last_sample_step",
+        "stops",
     )
 
     def __init__(
@@ -73,6 +74,7 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.last_sample_step = 0  # step id of the latest row that sampled for this request
+        self.stops: TokenStops | None = None  # set by the scheduler at admission (it knows eos and the context)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -204,3 +206,28 @@ def token_stop_reason(
     if req.num_prompt_tokens + len(req.output_token_ids) >= max_model_len:
         return FinishReason.LENGTH
     return None
+
+
+def token_stops(
+    params: SamplingParams, eos_token_ids: Iterable[int], num_prompt_tokens: int, max_model_len: int
+) -> TokenStops:
+    """`token_stop_reason`'s conditions as the device checks them: one list of
+    stop ids in precedence order (eos first) and one output limit."""
+    eos = [] if params.ignore_eos else sorted(set(eos_token_ids))
+    ids = list(dict.fromkeys([*eos, *params.stop_token_ids]))  # first occurrence wins: eos before stop
+    return TokenStops(tuple(ids), len(eos), min(params.max_tokens, max_model_len - num_prompt_tokens))
+
+
+def device_stop_reason(code: int, token: int, stops: TokenStops) -> FinishReason | None:
+    """The device's finish code for `token`, completed with the stop ids that did
+    not fit its table; equals `token_stop_reason` for the request the stops were
+    built for (the tests compare the two)."""
+    if code in (FinishReason.EOS, FinishReason.STOP):
+        return FinishReason(code)
+    overflow = stops.overflow
+    if overflow and token in overflow:
+        # The ids are distinct, so the table did not hold this one: the device
+        # saw no id and at most the length limit, which an id outranks.
+        at = len(stops.ids) - len(overflow) + overflow.index(token)
+        return FinishReason.EOS if at < stops.num_eos else FinishReason.STOP
+    return FinishReason(code) if code else None

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from overlapd.kernels import step_kernels
 
 from .runtime.ops import FLOAT32, INT64, Ops, Tensor
 
@@ -67,27 +68,42 @@ class SamplingTensors:
     top_p: Tensor  # float32 in (0, 1]
     top_k: Tensor  # int64, 0 = off
     seed_state: Tensor  # int64 in [0, 2**31)
+    uniform: Tensor | None = None  # float32: uniforms(seed_state) where already computed (the CUDA kernel)
 
 
 class PersistentSamplingParams:
     """Sampling parameters per persistent row, written only when a request enters a row."""
 
-    def __init__(self, ops: Ops, max_rows: int) -> None:
+    def __init__(self, ops: Ops, max_rows: int, use_kernels: bool | None = None) -> None:
         self.ops = ops
         self.temperature = ops.zeros([max_rows], FLOAT32)
         self.top_p = ops.full([max_rows], 1.0, FLOAT32)
         self.top_k = ops.zeros([max_rows], INT64)
         self.seed_state = ops.zeros([max_rows], INT64)
+        # None: the CUDA kernel wherever it can run (tests pass False for the ops path)
+        self.use_kernels = step_kernels.available(ops) if use_kernels is None else use_kernels
 
-    def build(self, row_slots: Tensor) -> SamplingTensors:
-        """The step's per-row parameters (FastDeploy's build_sampling_params, one token a row)."""
+    def build(self, row_slots: Tensor, sample_mask: Tensor, *, advance: bool) -> SamplingTensors:
+        """The step's per-row parameters (FastDeploy's build_sampling_params, one token a row);
+        with `advance`, rows that sample move their seed state on, after it was read."""
         ops = self.ops
-        return SamplingTensors(
+        if self.use_kernels:
+            r = row_slots.shape[0]
+            out = SamplingTensors(ops.empty([r], FLOAT32), ops.empty([r], FLOAT32), ops.empty([r], INT64),
+                                  ops.empty([r], INT64), ops.empty([r], FLOAT32))
+            if step_kernels.build_sampling_params(
+                    ops, self.temperature, self.top_p, self.top_k, self.seed_state, row_slots, sample_mask,
+                    out.temperature, out.top_p, out.top_k, out.seed_state, out.uniform, advance=advance):
+                return out
+        params = SamplingTensors(
             ops.index_select(self.temperature, row_slots),
             ops.index_select(self.top_p, row_slots),
             ops.index_select(self.top_k, row_slots),
             ops.index_select(self.seed_state, row_slots),
         )
+        if advance:  # index_select copied the states: the step keeps the old ones
+            self.advance_seeds_(row_slots, params.seed_state, sample_mask)
+        return params
 
     def advance_seeds_(self, row_slots: Tensor, step_state: Tensor, sample_mask: Tensor) -> None:
         """Rows that sampled this step (sample_mask int64 1) move to their next state, in place."""
@@ -99,7 +115,9 @@ class PersistentSamplingParams:
 @dataclass(slots=True)
 class SamplerOutput:
     sampled: Tensor  # int64 [R]
-    ints: Tensor  # int64 [R, 2 + k]: sampled, rank, top-k ids (one device-to-host copy)
+    # int64 [R, 2] without logprobs, [R, 3 + k] with: sampled, finish code,
+    # then rank and the top-k ids (all in the step's one device-to-host copy)
+    ints: Tensor
     logprobs: Tensor | None  # float32 [R, k + 1]: sampled token's, then the top-k
 
 
@@ -118,22 +136,36 @@ class Sampler:
         x = ops.bitwise_xor(ops.floor_divide(x, 1 << 16), x)
         return ops.mul(ops.cast(ops.floor_divide(x, 1 << 8), FLOAT32), 2.0**-24)
 
-    def __call__(self, logits: Tensor, params: SamplingTensors, *, any_random: bool, num_logprobs: int) -> SamplerOutput:
-        """logits: float32 [R, V]. `any_random` and `num_logprobs` are host facts
-        about the step (they choose which work runs, never a row's result)."""
+    def __call__(self, logits: Tensor, params: SamplingTensors, *, any_random: bool, num_logprobs: int,
+                 finish: Tensor | None = None) -> SamplerOutput:
+        """`sample` then `pack` (finish None: all zeros)."""
+        sampled = self.sample(logits, params, any_random=any_random)
+        if finish is None:
+            finish = self.ops.zeros([logits.shape[0]], INT64)
+        return self.pack(logits, sampled, finish, num_logprobs)
+
+    def sample(self, logits: Tensor, params: SamplingTensors, *, any_random: bool) -> Tensor:
+        """int64 [R] from float32 logits [R, V]. `any_random` is a host fact about
+        the step (it chooses which work runs, never a row's result)."""
         ops = self.ops
         greedy = ops.argmax(logits, axis=-1)
-        sampled = ops.where(ops.gt(params.temperature, 0.0), self._sample(logits, params), greedy) \
+        return ops.where(ops.gt(params.temperature, 0.0), self._sample(logits, params), greedy) \
             if any_random else greedy
+
+    def pack(self, logits: Tensor, sampled: Tensor, finish: Tensor, num_logprobs: int) -> SamplerOutput:
+        """The step's outputs: `finish` (int64 [R], the rows' stop codes) rides in
+        `ints` with the sampled ids; logprobs when `num_logprobs` (a host fact) > 0."""
+        ops = self.ops
         rows = logits.shape[0]
         column = ops.reshape(sampled, [rows, 1])
+        stops = ops.reshape(finish, [rows, 1])
         if num_logprobs == 0:
-            return SamplerOutput(sampled, column, None)
+            return SamplerOutput(sampled, ops.concat([column, stops], axis=1), None)
         lp = ops.log_softmax(logits, axis=-1)
         top_lp, top_ids = ops.topk(lp, num_logprobs)
         sampled_lp = ops.gather(lp, column, axis=-1)
         rank = ops.add(ops.sum(ops.gt(lp, sampled_lp), axis=-1, keepdim=True, dtype=INT64), 1)
-        ints = ops.concat([column, rank, top_ids], axis=1)
+        ints = ops.concat([column, stops, rank, top_ids], axis=1)
         return SamplerOutput(sampled, ints, ops.concat([sampled_lp, top_lp], axis=1))
 
     def _sample(self, logits: Tensor, p: SamplingTensors) -> Tensor:
@@ -151,7 +183,8 @@ class Sampler:
         keep = ops.logical_and(keep, ops.lt(before, ops.reshape(p.top_p, [rows, 1])))
         cdf = ops.cumsum(ops.where(keep, probs, 0.0), axis=-1)
         total = ops.gather(cdf, ops.full([rows, 1], vocab - 1, INT64), axis=-1)
-        target = ops.mul(ops.reshape(self.uniforms(p.seed_state), [rows, 1]), total)
+        u = p.uniform if p.uniform is not None else self.uniforms(p.seed_state)
+        target = ops.mul(ops.reshape(u, [rows, 1]), total)
         idx = ops.sum(ops.le(cdf, target), axis=-1, keepdim=True, dtype=INT64)
         # rounding can put target at the total: stay inside the kept prefix
         idx = ops.minimum(idx, ops.sub(ops.sum(keep, axis=-1, keepdim=True, dtype=INT64), 1))

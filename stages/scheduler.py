@@ -19,9 +19,9 @@ Overlap: schedule() may run before the previous step's outputs are known.
 Each sampling row leaves a placeholder output on its request (its KV position
 advances), so the next schedule() can decode it with `from_prev_step=True`.
 update() turns placeholders into tokens in step order and applies the
-token-level stop conditions. Sync mode runs the same code with update()
-between schedules, so both modes make the same decisions wherever the
-outputs they know are the same.
+token-level stop conditions (the device's verdict where the step carries
+one). Sync mode runs the same code with update() between schedules, so both
+modes make the same decisions wherever the outputs they know are the same.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from .request import (
     InvalidRequest,
     Request,
     RequestStatus,
+    device_stop_reason,
     token_stop_reason,
+    token_stops,
     validate_fits_cache,
     validate_request,
 )
@@ -141,6 +143,7 @@ class Scheduler:
         # stream of requests gets the same seeds whatever the mode.
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
         req = Request(req_id, prompt_ids, params, seed, self._next_arrival)
+        req.stops = token_stops(params, self.eos_token_ids, req.num_prompt_tokens, self.max_model_len)
         self._next_arrival += 1
         self.waiting.append(req)
         self._requests[req_id] = req
@@ -342,6 +345,7 @@ class Scheduler:
             block_ids=list(req.block_ids),  # a snapshot: later steps grow the request's table
             params=req.params,
             seed=req.seed,
+            stops=req.stops,
         )
 
     # ---- outputs ---------------------------------------------------------
@@ -373,7 +377,11 @@ class Scheduler:
             # and recomputes it with the rest when it runs again.
             token = int(out.sampled[i])
             req.output_token_ids.append(token)
-            reason = token_stop_reason(req, token, self.eos_token_ids, self.max_model_len)
+            if out.finish is not None and row.stops is not None:
+                # the device checked the row's stops: only ids past its table are left
+                reason = device_stop_reason(int(out.finish[i]), token, row.stops)
+            else:
+                reason = token_stop_reason(req, token, self.eos_token_ids, self.max_model_len)
             if reason is not None:
                 self._finish(req, reason)
             accepted.append(SampledToken(req, req.req_id, i, token, row.output_index, reason))

@@ -17,6 +17,7 @@ import numpy as np
 from .input_batch import BatchLimits, StagedCounts, StagingBuffer
 from .sampler import seed_state
 from .step_types import MAX_LOGPROBS, ScheduledRow, SchedulerOutput
+from .stop_flags import NO_LIMIT
 
 
 class StepStager:
@@ -50,6 +51,7 @@ class StepStager:
             buf.seq_lens[i] = row.start_pos + n
             buf.row_slots[i] = slot
             buf.sample_mask[i] = row.sample
+            buf.out_index[i] = row.output_index
             qlens[i] = n
             token += n
             if new:
@@ -110,6 +112,12 @@ class StepStager:
         buf.new_top_k[k] = p.top_k
         # (seed, output_index): a request re-entering after preemption resumes its stream
         buf.new_seed_state[k] = seed_state(row.seed, row.output_index)
+        stops = row.stops
+        table = stops.table if stops is not None else ()
+        buf.new_stop_ids[k, : len(table)] = table
+        buf.new_stop_ids[k, len(table):] = -1
+        buf.new_num_eos[k] = stops.num_eos if stops is not None else 0
+        buf.new_max_outputs[k] = stops.max_outputs if stops is not None else NO_LIMIT
 
     # --- validation (before any state changes) -----------------------------------
     def _validate(self, so: SchedulerOutput) -> None:

@@ -18,6 +18,10 @@ import numpy as np
 # (SPEC 2.2: `logprobs` int 0..20).
 MAX_LOGPROBS = 20
 
+# Stop ids the device checks per request (stages/stop_flags.py); a request with
+# more eos + stop_token_ids than this has the rest checked on the host.
+STOP_TABLE_WIDTH = 16
+
 
 class FinishReason(IntEnum):
     """Finish codes exactly as the ring's `finish[]` column carries them (SPEC 1.3)."""
@@ -49,6 +53,25 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int = 0  # top-k candidates to return, 0..MAX_LOGPROBS
 
 
+class TokenStops(msgspec.Struct, frozen=True):
+    """A request's token-level stop conditions in the form the device checks them
+    (built once at admission: `request.token_stops`)."""
+
+    ids: tuple[int, ...]  # eos ids (unless ignore_eos), then the stop_token_ids not among them
+    num_eos: int  # the first num_eos ids end the request with EOS, the others with STOP
+    max_outputs: int  # LENGTH once the request has this many outputs
+
+    @property
+    def table(self) -> tuple[int, ...]:
+        """The ids the device holds."""
+        return self.ids[:STOP_TABLE_WIDTH]
+
+    @property
+    def overflow(self) -> tuple[int, ...]:
+        """The ids that did not fit the device's table: the host checks these."""
+        return self.ids[STOP_TABLE_WIDTH:]
+
+
 @dataclass(slots=True)
 class ScheduledRow:
     """One request's share of a step.
@@ -70,6 +93,9 @@ class ScheduledRow:
     block_ids: list[int]  # the request's whole block table after this step's allocation
     params: SamplingParams
     seed: int  # the request's effective seed (user's, or assigned at admission)
+    # None (rows made without a scheduler): the device never stops the row and
+    # whoever reads the outputs checks the stops itself
+    stops: TokenStops | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -108,3 +134,6 @@ class StepOutput:
     logprobs: np.ndarray | None  # f32 [num_rows, k + 1]: sampled token, then candidates
     top_ids: np.ndarray | None  # i32 [num_rows, k]
     ranks: np.ndarray | None  # i32 [num_rows]: rank of the sampled token, 1 = best
+    # i32 [num_rows]: the device's token-level verdict per row (FinishReason
+    # codes, 0 = running) for rows that carried `stops`; None: not computed
+    finish: np.ndarray | None = None
