@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # One device call: install, build with the CUDA handoff, GPU tests, then the GPU bench.
 # Usage (on the GPU host, repo root): OUT=/some/dir [BENCH=0] bash bench/gpu_session.sh [bench args...]
+# Files in $OUT (at most 8 come back from the device; keep this list at 6 or fewer):
+# build.log, tests_gpu.log, bench.log, gpu_bench.json (every section, the profile
+# included; gpu_bench.json.tmp only while it is rewritten), profile_b1.trace.json.gz
+# (batch-1 decode under torch.profiler, Chrome trace).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/overlapd-out}; mkdir -p "$OUT"
@@ -14,4 +18,5 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "from overlapd.kernels import cuda_handoff as c; print('native _cuda:', c.native())"
 python3 -m pytest -q -p no:cacheprovider tests/gpu -ra 2>&1 | tee "$OUT/tests_gpu.log" | tail -25
 [ "${BENCH:-1}" = 1 ] || exit 0  # BENCH=0: build and tests only
-python3 bench/gpu.py --out "$OUT/gpu_bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
+python3 bench/gpu.py --out "$OUT/gpu_bench.json" --profile-trace "$OUT/profile_b1.trace.json.gz" "$@" 2>&1 \
+  | tee "$OUT/bench.log"
