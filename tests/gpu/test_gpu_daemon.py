@@ -94,7 +94,8 @@ class Conn:
     """One client connection; every frame it ever gets is recorded by request id."""
 
     def __init__(self, path: Path) -> None:
-        self.raw = RawConn(path, timeout=30)
+        # Generous: a GPU daemon's first steps may JIT-compile its Triton kernels.
+        self.raw = RawConn(path, timeout=120)
         self.seen: dict[str, Seen] = {}
         self.stray: list[Any] = []  # frames naming no request of ours
 
