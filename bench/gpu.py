@@ -194,9 +194,11 @@ async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int
 
 async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_len: int, max_tokens: int,
                        probe_every: int = 0, graphs: bool = True,
-                       wake: str = "hostfunc") -> tuple[dict, list[list[int]]]:
+                       wake: str = "hostfunc", fused: bool = True) -> tuple[dict, list[list[int]]]:
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
+    os.environ["OVERLAPD_FUSED"] = "" if fused else "0"  # read when the engine's TorchOps is made
     p = Pipeline(cfg, PipelineConfig(overlap=overlap), ring)
+    os.environ.pop("OVERLAPD_FUSED")
     if not graphs:
         p.engine.runner.graphs = None
     os.environ["OVERLAPD_WAKE"] = wake  # read by the execute stage at start
@@ -215,7 +217,7 @@ async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_l
     await p.drain(timeout=5)
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
-    out = {"overlap": overlap, "graphs": graphs, "wake": wake, "elapsed_s": elapsed,
+    out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "elapsed_s": elapsed,
            "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
                                                                                       if g is not None else 0), "tokens": sum(map(len, tokens)),
            "tokens_per_s": sum(map(len, tokens)) / elapsed, "probe_every": probe_every,
@@ -233,18 +235,22 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
                        max_model_len=args.prompt_len + args.max_tokens + 16, kv_cache_bytes=8 << 30)
     res = {}
     toks = {}
-    for name, overlap, probe, graphs, wake in MODES:
+    for name, overlap, probe, graphs, wake, fused in MODES:
         res[name], toks[name] = asyncio.run(pipeline_run(cfg, overlap, requests, args.prompt_len, max_tokens, probe,
-                                                         graphs, wake))
+                                                         graphs, wake, fused))
         print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
-    res["identical_tokens"] = all(t == toks["sync"] for t in toks.values())
+    # bfloat16 rounds differently without the fused kernels, so near-ties may flip there
+    res["identical_tokens"] = all(t == toks["sync"] for n, t in toks.items() if res[n]["fused"])
+    same = [a == b for n, t in toks.items() if not res[n]["fused"] for a, b in zip(t, toks["sync"])]
+    res["unfused_same_requests"] = sum(same) / len(same) if same else float("nan")
     return res
 
 
-# (name, overlap, probe every n-th decode step, CUDA graphs, completion wake-up)
-MODES = (("sync", False, 0, True, "hostfunc"), ("overlap", True, 0, True, "hostfunc"),
-         ("overlap_spin", True, 0, True, "spin"), ("probe", True, 8, True, "hostfunc"),
-         ("sync_eager", False, 0, False, "hostfunc"), ("overlap_eager", True, 0, False, "hostfunc"))
+# (name, overlap, probe every n-th decode step, CUDA graphs, completion wake-up, fused kernels)
+MODES = (("sync", False, 0, True, "hostfunc", True), ("overlap", True, 0, True, "hostfunc", True),
+         ("overlap_spin", True, 0, True, "spin", True), ("probe", True, 8, True, "hostfunc", True),
+         ("unfused", True, 0, True, "spin", False), ("unfused_probe", True, 8, True, "hostfunc", False),
+         ("sync_eager", False, 0, False, "hostfunc", True), ("overlap_eager", True, 0, False, "hostfunc", True))
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -645,7 +651,8 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
             continue
         e = r[key]
         modes = [m[0] for m in MODES if m[0] in e]
-        print(f"\n{label}: identical tokens in every mode: {e['identical_tokens']}")
+        print(f"\n{label}: identical tokens in every fused mode: {e['identical_tokens']}; "
+              f"unfused: {e.get('unfused_same_requests', float('nan')):.0%} of requests the same")
         print(f"{'':20}" + "".join(f"{m:>14}" for m in modes))
         for k in ("tokens_per_s", "step_period_ms_p50", "step_events_ms_p50", "device_only_ms_p50", "gap_us_p50",
                   "gap_us_p99", "host_launch_ms_p50", "launch_ms", "wait_ms", "postprocess_ms", "decode_steps",
@@ -655,13 +662,16 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
         print(f"overlap_spin/overlap {e['overlap_spin']['tokens_per_s'] / e['overlap']['tokens_per_s']:.2f}x; "
               f"overlap/sync {e['overlap']['tokens_per_s'] / e['sync']['tokens_per_s']:.2f}x (graphs), "
               f"{e['overlap_eager']['tokens_per_s'] / e['sync_eager']['tokens_per_s']:.2f}x (eager); "
-              f"step period / device-only {e['overlap']['step_period_ms_p50'] / dev:.2f}")
+              f"step period / device-only {e['overlap_spin']['step_period_ms_p50'] / dev:.2f}")
+        if "unfused" in e:
+            print(f"fused/unfused {e['overlap_spin']['tokens_per_s'] / e['unfused']['tokens_per_s']:.2f}x tok/s; "
+                  f"device-only {e['unfused_probe']['device_only_ms_p50']:.3f} -> {dev:.3f} ms")
         if key == "engine_b1" and "roofline_ms" in r:
-            print(f"batch-1 roofline fraction: {r['roofline_ms'] / e['overlap']['step_period_ms_p50']:.2f}")
+            print(f"batch-1 roofline fraction: {r['roofline_ms'] / e['overlap_spin']['step_period_ms_p50']:.2f}")
     for key in ("hf_b64", "hf_b1"):
         if key in r:
             h = r[key]
-            eng = r.get("engine_b64" if key == "hf_b64" else "engine_b1", {}).get("overlap", {})
+            eng = r.get("engine_b64" if key == "hf_b64" else "engine_b1", {}).get("overlap_spin", {})
             ratio = eng.get("tokens_per_s", float("nan")) / h["tokens_per_s"]
             print(f"HF static cache batch {h['batch']}: {h['tokens_per_s']:.0f} tok/s, {h['step_ms']:.2f} ms/step; "
                   f"engine/HF {ratio:.2f}x")
