@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import weakref
 from types import ModuleType
 from typing import Callable, Sequence
 
@@ -366,11 +367,21 @@ class TorchOps:
         """Capture `fn`'s kernels once (stages/decode_graphs.py decides when)."""
         if not self._cuda:
             raise RuntimeError("CUDA graphs need device='gpu'")
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
-        return _TorchGraph(fn, self._graph_pool)
+        # One pool for all graphs (they replay one at a time), but only while one
+        # of them lives: torch's allocator refuses to capture into a pool whose
+        # graphs were all freed (a runner dropped while this ops object lives on).
+        if self._live_graphs == 0:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        g = _TorchGraph(fn, self._graph_pool)
+        self._live_graphs += 1
+        weakref.finalize(g, self._graph_freed)
+        return g
+
+    def _graph_freed(self) -> None:
+        self._live_graphs -= 1
 
     _graph_pool = None
+    _live_graphs = 0
 
     # --- device ---------------------------------------------------------------
     def synchronize(self) -> None:
