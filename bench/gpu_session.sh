@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install, build with the CUDA handoff, GPU tests, then the GPU bench.
-# Usage (on the GPU host, repo root): OUT=/some/dir [BENCH=0] bash bench/gpu_session.sh [bench args...]
+# Usage (on the GPU host, repo root): OUT=/some/dir [BENCH=0] [TESTS=0] bash bench/gpu_session.sh [bench args...]
 # Files in $OUT (at most 8 come back from the device; keep this list at 6 or fewer):
 # build.log, tests_gpu.log, bench.log, gpu_bench.json (every section, the profile
 # included; gpu_bench.json.tmp only while it is rewritten), profile_b1.trace.json.gz
@@ -16,7 +16,8 @@ OVERLAPD_CUDA=1 python3 -m pip install --no-build-isolation --no-deps --no-compi
   || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "from overlapd.kernels import cuda_handoff as c; print('native _cuda:', c.native())"
-python3 -m pytest -q -p no:cacheprovider tests/gpu -ra 2>&1 | tee "$OUT/tests_gpu.log" | tail -25
-[ "${BENCH:-1}" = 1 ] || exit 0  # BENCH=0: build and tests only
+[ "${TESTS:-1}" = 1 ] && python3 -m pytest -q -p no:cacheprovider tests/gpu -ra --durations=8 2>&1 \
+  | tee "$OUT/tests_gpu.log" | tail -40
+[ "${BENCH:-1}" = 1 ] || exit 0  # BENCH=0: build and tests only; TESTS=0: build and bench only
 python3 bench/gpu.py --out "$OUT/gpu_bench.json" --profile-trace "$OUT/profile_b1.trace.json.gz" "$@" 2>&1 \
   | tee "$OUT/bench.log"
