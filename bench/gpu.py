@@ -532,6 +532,7 @@ def _load_once(load):
             t0 = time.perf_counter()
             cache[key] = load(cfg, ops)
             print(f"  loaded {cfg.model} in {time.perf_counter() - t0:.1f} s", flush=True)
+        cache[key].model.ops = ops  # the model runs on this engine's ops (fused or not), not the first one's
         return cache[key]
 
     return wrapped
