@@ -446,7 +446,9 @@ def profile_run(cfg: EngineConfig, rows: int, prompt_len: int, skip: int, steps:
     if not graphs:
         engine.runner.graphs = None
     vocab = engine.vocab_size
-    max_tokens = skip + steps + 4  # the first token comes from the prefill; a few spare decode steps
+    # The first token comes from the prefill; rows whose chunked prefill ends in a
+    # later step start decoding later, and a few spare decode steps.
+    max_tokens = skip + steps + 4 + -(-rows * prompt_len // cfg.max_num_batched_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
     def prompts(salt: int) -> list[list[int]]:
