@@ -41,7 +41,7 @@ def test_fused_decode_kernels_match_the_ops_they_replace() -> None:
     for name in ("add_rms_norm", "rms_norm", "silu_and_mul", "rope_q", "rope_k", "attention_direct",
                  "attention_partitioned"):
         assert r[name] < 1e-5, (name, r[name])
-    assert r["residual_in_place"] and r["rms_norm_returns_x"] and r["cache_v_exact"]
+    assert r["residual_in_place"] and r["rms_norm_returns_x"] and r["cache_v_exact"] and r["argmax_same"]
     assert r["attention_direct_parts"] == 1 and r["attention_partitioned_parts"] > 1
 
 

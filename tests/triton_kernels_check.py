@@ -56,6 +56,12 @@ def main() -> None:
     g = torch.randn(3, 2 * 1500)
     r["silu_and_mul"] = err(td.silu_and_mul(g), torch.nn.functional.silu(g[:, :1500]) * g[:, 1500:])
 
+    logits = torch.randn(6, 128256)
+    logits[1, [5000, 9000, 128000]] = 50.0  # ties across blocks: the first index wins
+    logits[2, [4095, 4096]] = 50.0  # a tie across a block boundary
+    logits[3, -1] = 50.0  # the last, partial block
+    r["argmax_same"] = bool(torch.equal(td.argmax_rows(logits), logits.argmax(dim=1)))
+
     # Llama-3.2-1B heads: 32 q, 8 kv, head_dim 64
     hq, hk, d, bs, nblocks = 32, 8, 64, 16, 40
     from overlapd.stages.model.config import NAMED_SHAPES

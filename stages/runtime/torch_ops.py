@@ -275,6 +275,9 @@ class TorchOps:
         return torch.cumsum(x, dim=axis)
 
     def argmax(self, x: Tensor, axis: int) -> Tensor:
+        if self._fused is not None and x.dim() == 2 and axis in (1, -1) and x.dtype == torch.float32 \
+                and x.shape[1] >= 8192:
+            return self._fused.argmax_rows(x)
         return torch.argmax(x, dim=axis)
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:

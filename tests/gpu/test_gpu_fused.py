@@ -119,3 +119,12 @@ def test_the_fused_layer_pieces_match_the_op_path_in_bfloat16(torch, fused, plai
     assert _rel(q_f, q_p) < 1e-2
     assert _rel(cache_f.k, cache_p.k) < 1e-2
     assert torch.equal(cache_f.v, cache_p.v)
+
+
+def test_greedy_argmax_takes_the_first_maximum_like_torch(torch, fused):
+    logits = torch.randn(64, 128256, device="cuda")
+    logits[1, [5000, 9000, 128000]] = 50.0  # ties across blocks
+    logits[2, [4095, 4096]] = 50.0  # across a block boundary
+    logits[3, -1] = 50.0  # in the last, partial block
+    assert torch.equal(fused.argmax(logits, axis=-1), torch.argmax(logits, dim=-1))
+    assert torch.equal(fused.argmax(logits[:1], axis=-1), torch.argmax(logits[:1], dim=-1))
