@@ -358,6 +358,8 @@ class Scheduler:
             raise ValueError(f"step output {out.step_id} ({len(out.sampled)} rows) does not match step {so.step_id}")
         self._last_updated_step = so.step_id
         accepted: list[SampledToken] = []
+        sampled = out.sampled.tolist()  # Python ints: indexing numpy per row costs more than the row
+        finish = out.finish.tolist() if out.finish is not None else None
         for i, row in enumerate(so.rows):
             if not row.sample:
                 continue
@@ -375,11 +377,11 @@ class Scheduler:
                 raise RuntimeError(f"{req}: output {row.output_index} arrived out of order")
             # A preempted request still takes this output (FastDeploy #6176)
             # and recomputes it with the rest when it runs again.
-            token = int(out.sampled[i])
+            token = sampled[i]
             req.output_token_ids.append(token)
-            if out.finish is not None and row.stops is not None:
+            if finish is not None and row.stops is not None:
                 # the device checked the row's stops: only ids past its table are left
-                reason = device_stop_reason(int(out.finish[i]), token, row.stops)
+                reason = device_stop_reason(finish[i], token, row.stops)
             else:
                 reason = token_stop_reason(req, token, self.eos_token_ids, self.max_model_len)
             if reason is not None:

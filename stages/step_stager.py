@@ -26,7 +26,9 @@ class StepStager:
         self.slots: dict[int, int] = {}  # req_id -> persistent slot
         self._free = list(range(lim.max_rows))  # a heap: lowest free slot first, deterministic
         self._tables = np.zeros((lim.max_rows, lim.max_blocks), np.int64)  # mirror of the device tables
-        self._table_lens = np.zeros(lim.max_rows, np.int64)
+        # the same tables as lists: comparing a row's block list with its slot's
+        # is the per-row, per-step check, and list equality is the cheap one
+        self._table_lists: list[list[int]] = [[] for _ in range(lim.max_rows)]
         self._prev_rows: dict[int, int] = {}  # req_id -> its row in the last staged step (rows that sampled)
 
     def stage(self, so: SchedulerOutput, buf: StagingBuffer) -> StagedCounts:
@@ -88,18 +90,17 @@ class StepStager:
     def _release(self, req_id: int) -> None:
         slot = self.slots.pop(req_id, None)
         if slot is not None:
-            self._table_lens[slot] = 0
+            self._table_lists[slot] = []
             heapq.heappush(self._free, slot)
 
     def _table_changed(self, slot: int, block_ids: list[int]) -> bool:
-        n = len(block_ids)
-        return n != self._table_lens[slot] or not np.array_equal(self._tables[slot, :n], block_ids)
+        return block_ids != self._table_lists[slot]
 
     def _stage_table(self, buf: StagingBuffer, k: int, slot: int, block_ids: list[int]) -> None:
         n = len(block_ids)
         self._tables[slot, :n] = block_ids
         self._tables[slot, n:] = 0  # unused entries point at block 0, never read past seq_len
-        self._table_lens[slot] = n
+        self._table_lists[slot] = list(block_ids)
         buf.table_slots[k] = slot
         buf.table_rows[k] = self._tables[slot]
 
@@ -151,7 +152,11 @@ class StepStager:
         if len(row.block_ids) > lim.max_blocks:
             raise ValueError(f"request {rid}: block_ids has {len(row.block_ids)} blocks; at most "
                              f"{lim.max_blocks} fit max_model_len")
-        if row.block_ids and (min(row.block_ids) < 0 or max(row.block_ids) >= lim.num_blocks):
+        slot = self.slots.get(rid)
+        # A running request's table and parameters were checked when they were
+        # staged; a decode row usually brings the same ones again.
+        if (slot is None or self._table_changed(slot, row.block_ids)) and row.block_ids \
+                and (min(row.block_ids) < 0 or max(row.block_ids) >= lim.num_blocks):
             raise ValueError(f"request {rid}: block_ids must lie in [0, {lim.num_blocks})")
         if row.from_prev_step:
             if n != 1:
@@ -160,6 +165,8 @@ class StepStager:
                 raise ValueError(f"request {rid}: from_prev_step, but it did not sample in the previous step")
         elif min(row.token_ids) < 0 or max(row.token_ids) >= lim.vocab_size:
             raise ValueError(f"request {rid}: token_ids must lie in [0, {lim.vocab_size})")
+        if slot is not None:
+            return
         p = row.params
         if not (math.isfinite(p.temperature) and p.temperature >= 0):
             raise ValueError(f"request {rid}: temperature must be a finite number >= 0, got {p.temperature}")
