@@ -17,3 +17,11 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("OVERLAPD_CACHE_DIR", None)
     else:
         os.environ["OVERLAPD_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """torch on a visible CUDA device (the test skips without one); imported only when asked for."""
+    from gpu_support import cuda_torch
+
+    return cuda_torch()

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_support import cuda_torch, requires_gpu
+from gpu_support import requires_gpu
 
 pytestmark = requires_gpu
-
-
-@pytest.fixture(scope="module")
-def torch():
-    return cuda_torch()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_support import cuda_torch, requires_gpu
+from gpu_support import requires_gpu
 
 pytestmark = requires_gpu
 
@@ -18,11 +18,6 @@ SLOTS = 1000
 # an allocator assertion. The module's runners and graphs share one ops, so
 # they stay alive until the module ends.
 _KEEP: list[object] = []
-
-
-@pytest.fixture(scope="module")
-def torch():
-    return cuda_torch()
 
 
 @pytest.fixture(scope="module")
