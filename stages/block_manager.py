@@ -62,7 +62,9 @@ class BlockManager:
 
     def grow(self, block_ids: list[int], num_tokens: int) -> None:
         """Extend `block_ids` in place so it holds `num_tokens` positions."""
-        block_ids.extend(self.allocate(self.num_new_blocks(block_ids, num_tokens)))
+        need = self.num_new_blocks(block_ids, num_tokens)
+        if need:  # most decode steps land in the last block: nothing to allocate
+            block_ids.extend(self.allocate(need))
 
     def free(self, block_ids: list[int]) -> None:
         """Return every block of a table; the whole call fails if any id is bad."""

@@ -13,7 +13,7 @@ import math
 from enum import Enum
 from typing import AbstractSet, Iterable, Sequence
 
-from .step_types import MAX_LOGPROBS, FinishReason, SamplingParams, TokenStops
+from .step_types import MAX_LOGPROBS, STOP_TABLE_WIDTH, FinishReason, SamplingParams, TokenStops
 
 U64_MAX = (1 << 64) - 1
 I64_MAX = (1 << 63) - 1
@@ -222,6 +222,8 @@ def device_stop_reason(code: int, token: int, stops: TokenStops) -> FinishReason
     """The device's finish code for `token`, completed with the stop ids that did
     not fit its table; equals `token_stop_reason` for the request the stops were
     built for (the tests compare the two)."""
+    if not code and len(stops.ids) <= STOP_TABLE_WIDTH:
+        return None  # the common row: running, every stop id on the device
     if code in (FinishReason.EOS, FinishReason.STOP):
         return FinishReason(code)
     overflow = stops.overflow

@@ -291,7 +291,8 @@ class Scheduler:
         """
         bm = self.block_manager
         preempted = False
-        while bm.tokens_that_fit(req.block_ids, req.num_computed_tokens) == 0:
+        fit = bm.tokens_that_fit(req.block_ids, req.num_computed_tokens)
+        while fit == 0:
             victim = self._pick_victim(req, scheduled, allow_self)
             if victim is None:
                 return 0, preempted
@@ -299,7 +300,8 @@ class Scheduler:
             preempted = True
             if victim is req:
                 return 0, preempted
-        n = min(want, bm.tokens_that_fit(req.block_ids, req.num_computed_tokens))
+            fit = bm.tokens_that_fit(req.block_ids, req.num_computed_tokens)
+        n = min(want, fit)
         bm.grow(req.block_ids, req.num_computed_tokens + n)
         return n, preempted
 
