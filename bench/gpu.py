@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import gc
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from typing import Any
 
 import numpy as np
@@ -192,9 +194,9 @@ async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int
     return sinks
 
 
-async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_len: int, max_tokens: int,
-                       probe_every: int = 0, graphs: bool = True,
-                       wake: str = "hostfunc", fused: bool = True) -> tuple[dict, list[list[int]]]:
+async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_len: int,
+                       max_tokens: int) -> tuple[dict, list[list[int]]]:
+    overlap, probe_every, graphs, wake, fused = mode.overlap, mode.probe, mode.graphs, mode.wake, mode.fused
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
     os.environ["OVERLAPD_FUSED"] = "" if fused else "0"  # read when the engine's TorchOps is made
     p = Pipeline(cfg, PipelineConfig(overlap=overlap), ring)
@@ -208,6 +210,9 @@ async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_l
     await _workload(p, requests if graphs else 1, prompt_len, max_tokens if graphs else 8, salt=1)
     timer = StepTimer(p.engine.runner, probe_every)
     p.times.__init__()
+    if mode.gc_freeze:  # what `overlapd serve` does once it is ready
+        gc.collect()
+        gc.freeze()
     g = p.engine.runner.graphs
     captures_before = g.captures if g is not None else 0
     t0 = time.perf_counter()
@@ -217,7 +222,8 @@ async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_l
     await p.drain(timeout=5)
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
-    out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "elapsed_s": elapsed,
+    out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "gc_freeze": mode.gc_freeze,
+           "elapsed_s": elapsed,
            "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
                                                                                       if g is not None else 0), "tokens": sum(map(len, tokens)),
            "tokens_per_s": sum(map(len, tokens)) / elapsed, "probe_every": probe_every,
@@ -225,6 +231,8 @@ async def pipeline_run(cfg: EngineConfig, overlap: bool, requests: int, prompt_l
                                     "step_interval_ms") if k in stats},
            **timer.summary()}
     del p
+    if mode.gc_freeze:
+        gc.unfreeze()
     torch.cuda.empty_cache()
     return out, tokens
 
@@ -235,9 +243,9 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
                        max_model_len=args.prompt_len + args.max_tokens + 16, kv_cache_bytes=8 << 30)
     res = {}
     toks = {}
-    for name, overlap, probe, graphs, wake, fused in MODES:
-        res[name], toks[name] = asyncio.run(pipeline_run(cfg, overlap, requests, args.prompt_len, max_tokens, probe,
-                                                         graphs, wake, fused))
+    for mode in MODES:
+        name = mode.name
+        res[name], toks[name] = asyncio.run(pipeline_run(cfg, mode, requests, args.prompt_len, max_tokens))
         print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
     # bfloat16 rounds differently without the fused kernels, so near-ties may flip there
     res["identical_tokens"] = all(t == toks["sync"] for n, t in toks.items() if res[n]["fused"])
@@ -246,11 +254,22 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
     return res
 
 
-# (name, overlap, probe every n-th decode step, CUDA graphs, completion wake-up, fused kernels)
-MODES = (("sync", False, 0, True, "hostfunc", True), ("overlap", True, 0, True, "hostfunc", True),
-         ("overlap_spin", True, 0, True, "spin", True), ("probe", True, 8, True, "hostfunc", True),
-         ("unfused", True, 0, True, "spin", False), ("unfused_probe", True, 8, True, "hostfunc", False),
-         ("sync_eager", False, 0, False, "hostfunc", True), ("overlap_eager", True, 0, False, "hostfunc", True))
+class Mode(NamedTuple):
+    name: str
+    overlap: bool
+    probe: int  # queue a sleep before every n-th decode step (device-only timing); 0 = never
+    graphs: bool = True  # CUDA graphs for decode
+    wake: str = "spin"  # completion wake-up: the native spin thread or the CUDA host function
+    fused: bool = True  # the Triton decode kernels
+    gc_freeze: bool = False  # gc.freeze() before the timed pass, as `overlapd serve` does
+
+
+MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake="hostfunc"),
+         Mode("overlap_spin", True, 0), Mode("overlap_spin_gc", True, 0, gc_freeze=True),
+         Mode("probe", True, 8, wake="hostfunc"),
+         Mode("unfused", True, 0, fused=False), Mode("unfused_probe", True, 8, wake="hostfunc", fused=False),
+         Mode("sync_eager", False, 0, graphs=False, wake="hostfunc"),
+         Mode("overlap_eager", True, 0, graphs=False, wake="hostfunc"))
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -653,7 +672,7 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
         if key not in r:
             continue
         e = r[key]
-        modes = [m[0] for m in MODES if m[0] in e]
+        modes = [m.name for m in MODES if m.name in e]
         print(f"\n{label}: identical tokens in every fused mode: {e['identical_tokens']}; "
               f"unfused: {e.get('unfused_same_requests', float('nan')):.0%} of requests the same")
         print(f"{'':20}" + "".join(f"{m:>14}" for m in modes))
