@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 
@@ -94,6 +95,11 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
         if pipeline is not None:
             await pipeline.drain(timeout=0)
         return 1
+    # Everything built so far (model, tables, modules) lives as long as the
+    # process: keep it out of the collector's scans, which otherwise run
+    # inside the step loop (one H100 run, batch 64: 20.6k -> 22.0k tokens/s).
+    gc.collect()
+    gc.freeze()
     notifier.ready(f"serving {cfg.engine.model} on {server.address}")
     log.info("ready", socket=server.address, ring=cfg.ring.path if cfg.ring.enabled else None)
 
