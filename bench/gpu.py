@@ -245,11 +245,14 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
     toks = {}
     for mode in MODES:
         name = mode.name
+        if args.modes and name not in args.modes.split(","):
+            continue
         res[name], toks[name] = asyncio.run(pipeline_run(cfg, mode, requests, args.prompt_len, max_tokens))
         print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
     # bfloat16 rounds differently without the fused kernels, so near-ties may flip there
-    res["identical_tokens"] = all(t == toks["sync"] for n, t in toks.items() if res[n]["fused"])
-    same = [a == b for n, t in toks.items() if not res[n]["fused"] for a, b in zip(t, toks["sync"])]
+    ref = next(t for n, t in toks.items() if res[n]["fused"])
+    res["identical_tokens"] = all(t == ref for n, t in toks.items() if res[n]["fused"])
+    same = [a == b for n, t in toks.items() if not res[n]["fused"] for a, b in zip(t, ref)]
     res["unfused_same_requests"] = sum(same) / len(same) if same else float("nan")
     return res
 
@@ -580,6 +583,7 @@ def main() -> None:
     ap.add_argument("--batch1-tokens", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--sections", default="bw,handoff,engine,hf,profile")
+    ap.add_argument("--modes", default="", help="engine modes to run, comma-separated (default: all of MODES)")
     ap.add_argument("--profile-trace", default="", help="write batch 1's (graphs) Chrome trace here (.json.gz)")
     ap.add_argument("--profile-timeout", type=float, default=300,
                     help="seconds the profile section may take before the process dumps its stacks and exits")
@@ -675,11 +679,13 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
         modes = [m.name for m in MODES if m.name in e]
         print(f"\n{label}: identical tokens in every fused mode: {e['identical_tokens']}; "
               f"unfused: {e.get('unfused_same_requests', float('nan')):.0%} of requests the same")
-        print(f"{'':20}" + "".join(f"{m:>14}" for m in modes))
+        print(f"{'':20}" + "".join(f"{m:>16}" for m in modes))
         for k in ("tokens_per_s", "step_period_ms_p50", "step_events_ms_p50", "device_only_ms_p50", "gap_us_p50",
                   "gap_us_p99", "host_launch_ms_p50", "launch_ms", "wait_ms", "postprocess_ms", "decode_steps",
                   "timed_captures"):
-            print(f"{k:<20}" + "".join(f"{e[m].get(k, float('nan')):>14.3f}" for m in modes))
+            print(f"{k:<20}" + "".join(f"{e[m].get(k, float('nan')):>16.3f}" for m in modes))
+        if not all(m.name in e for m in MODES):
+            continue  # --modes ran a subset: the ratios below need them all
         dev = e["probe"]["device_only_ms_p50"]
         print(f"overlap_spin/overlap {e['overlap_spin']['tokens_per_s'] / e['overlap']['tokens_per_s']:.2f}x; "
               f"overlap/sync {e['overlap']['tokens_per_s'] / e['sync']['tokens_per_s']:.2f}x (graphs), "
