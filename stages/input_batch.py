@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 from overlapd.kernels import step_kernels
@@ -48,13 +49,25 @@ def step_layout(lim: BatchLimits) -> list[tuple[str, int, int]]:
     return layout
 
 
-class StagingBuffer:
-    """Host arrays a step is prepared into; reused through a bounded pool."""
+HostZeros = Callable[[Sequence[int], str], np.ndarray]  # Ops.host_zeros: (shape, dtype name) -> array
 
-    def __init__(self, lim: BatchLimits) -> None:
+
+def _np_zeros(shape: Sequence[int], dtype: str) -> np.ndarray:
+    return np.zeros(shape, dtype)
+
+
+class StagingBuffer:
+    """Host arrays a step is prepared into; reused through a bounded pool.
+
+    `zeros` allocates them: the runtime's `host_zeros` gives page-locked memory
+    where it copies to a device, so a step's inputs go up without being copied
+    into a pinned buffer first. That is safe because a buffer returns to the
+    pool only after its step's outputs came back: its uploads ran long before."""
+
+    def __init__(self, lim: BatchLimits, zeros: HostZeros = _np_zeros) -> None:
         r, b = lim.max_rows, lim.max_blocks
         layout = step_layout(lim)
-        self.step = np.zeros(sum(n for _, _, n in layout), np.int64)
+        self.step = zeros([sum(n for _, _, n in layout)], INT64)
         # views into `step`: input_ids, prev_rows (the previous step's output row of a
         # decode's input token, -1: token given here), query_start_loc, start_pos,
         # seq_lens, row_slots, sample_mask (1: the row's last token is sampled),
@@ -62,26 +75,28 @@ class StagingBuffer:
         for name, at, n in layout:
             setattr(self, name, self.step[at: at + n])
         # requests entering a slot this step
-        self.new_slots = np.zeros(r, np.int64)
-        self.new_temperature = np.zeros(r, np.float32)
-        self.new_top_p = np.ones(r, np.float32)
-        self.new_top_k = np.zeros(r, np.int64)
-        self.new_seed_state = np.zeros(r, np.int64)
-        self.new_stop_ids = np.full((r, STOP_TABLE_WIDTH), -1, np.int64)  # TokenStops.table, -1 padded
-        self.new_num_eos = np.zeros(r, np.int64)
-        self.new_max_outputs = np.zeros(r, np.int64)
+        self.new_slots = zeros([r], INT64)
+        self.new_temperature = zeros([r], FLOAT32)
+        self.new_top_p = zeros([r], FLOAT32)
+        self.new_top_p[:] = 1.0
+        self.new_top_k = zeros([r], INT64)
+        self.new_seed_state = zeros([r], INT64)
+        self.new_stop_ids = zeros([r, STOP_TABLE_WIDTH], INT64)  # TokenStops.table, -1 padded
+        self.new_stop_ids[:] = -1
+        self.new_num_eos = zeros([r], INT64)
+        self.new_max_outputs = zeros([r], INT64)
         # block-table rows that changed this step
-        self.table_slots = np.zeros(r, np.int64)
-        self.table_rows = np.zeros((r, b), np.int64)
+        self.table_slots = zeros([r], INT64)
+        self.table_rows = zeros([r, b], INT64)
 
 
 class StagingPool:
     """A fixed number of staging buffers: the bound on steps prepared but not collected."""
 
-    def __init__(self, lim: BatchLimits, depth: int) -> None:
+    def __init__(self, lim: BatchLimits, depth: int, zeros: HostZeros = _np_zeros) -> None:
         if depth < 1:
             raise ValueError(f"staging depth must be >= 1, got {depth}")
-        self._free = [StagingBuffer(lim) for _ in range(depth)]
+        self._free = [StagingBuffer(lim, zeros) for _ in range(depth)]
         self._lock = threading.Lock()  # prepare and collect may run on different threads
         self.depth = depth
 

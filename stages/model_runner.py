@@ -89,7 +89,7 @@ class ModelRunner:
         self.inputs = DeviceInputs(ops, self.limits, use_kernels)
         self.sampler = Sampler(ops, loaded.config.vocab_size)
         self._stager = StepStager(self.limits)
-        self._pool = StagingPool(self.limits, staging_depth)
+        self._pool = StagingPool(self.limits, staging_depth, ops.host_zeros)
         self._lock = threading.Lock()  # prepare may run beside launch/collect
         self._prepared = 0
         self._launched = 0

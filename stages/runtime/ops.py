@@ -82,6 +82,11 @@ class Ops(Protocol):
     def to_host_async(self, x: Tensor) -> HostFuture:
         """Starts copying `x` to the host; never blocks where the runtime allows."""
         ...
+    def host_zeros(self, shape: Sequence[int], dtype: str) -> np.ndarray:
+        """A zeroed host array that `copy_from_host_` uploads directly (page-locked
+        where the device needs it). The caller must not refill it while an
+        upload from it may still be in flight."""
+        ...
     def copy_from_host_(self, dst: Tensor, src: np.ndarray) -> None:
         """dst[:len(src)] = src, in place (dst keeps its address)."""
         ...

@@ -115,6 +115,9 @@ class PaddleOps:
         # result() (on the CPU the data is already final when launch returns).
         return _Ready(self, x)
 
+    def host_zeros(self, shape: Sequence[int], dtype: str) -> np.ndarray:
+        return np.zeros(shape, dtype)  # uploads go through Paddle's own copy
+
     def copy_from_host_(self, dst: Tensor, src: np.ndarray) -> None:
         n = len(src)
         if n:

@@ -175,10 +175,15 @@ class TorchOps:
                                            self.current_stream_handle())
         return _HostCopy(x)
 
+    def host_zeros(self, shape: Sequence[int], dtype: str) -> np.ndarray:
+        if not self._cuda:
+            return np.zeros(list(shape), dtype)
+        return torch.zeros(list(shape), dtype=_DTYPES[dtype], pin_memory=True).numpy()  # the array keeps it alive
+
     def copy_from_host_(self, dst: Tensor, src: np.ndarray) -> None:
         if len(src):
             t = torch.from_numpy(np.ascontiguousarray(src)).to(dst.dtype)
-            if self._cuda:
+            if self._cuda and not t.is_pinned():
                 t = t.pin_memory()  # pageable copy_ would synchronize the stream
             dst[: len(src)].copy_(t, non_blocking=self._cuda)
 

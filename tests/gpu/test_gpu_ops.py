@@ -137,3 +137,15 @@ def test_tiny_model_on_gpu_gives_the_float64_reference_tokens(torch, ops):
     config, weights, _ = tiny_in_memory()
     ref = log_softmax(reference_logits(config, weights, reqs[0].prompt)[-1])
     assert abs(reqs[0].logprob_rows[0][0][0] - ref[reqs[0].outputs[0]]) < 1e-3
+
+
+def test_host_zeros_are_page_locked_and_upload_exactly(torch, ops):
+    """Staging arrays come from host_zeros: uploads from them skip the extra pinned copy."""
+    a = ops.host_zeros([3, 1000], "int64")
+    assert torch.from_numpy(a).is_pinned() and not a.any()
+    a[:] = np.arange(3000).reshape(3, 1000)
+    dst = ops.zeros([5, 1000], "int64")
+    ops.copy_from_host_(dst, a)
+    ops.copy_from_host_(dst[3:], np.full((2, 1000), 7, np.int64))  # pageable: still correct
+    got = dst.cpu().numpy()
+    assert np.array_equal(got[:3], a) and (got[3:] == 7).all()
