@@ -199,7 +199,7 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     overlap, probe_every, graphs, wake, fused = mode.overlap, mode.probe, mode.graphs, mode.wake, mode.fused
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
     os.environ["OVERLAPD_FUSED"] = "" if fused else "0"  # read when the engine's TorchOps is made
-    p = Pipeline(cfg, PipelineConfig(overlap=overlap), ring)
+    p = Pipeline(cfg, PipelineConfig(overlap=overlap, overlap_depth=mode.depth), ring)
     os.environ.pop("OVERLAPD_FUSED")
     if not graphs:
         p.engine.runner.graphs = None
@@ -223,6 +223,7 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
     out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "gc_freeze": mode.gc_freeze,
+           "depth": mode.depth,
            "elapsed_s": elapsed,
            "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
                                                                                       if g is not None else 0), "tokens": sum(map(len, tokens)),
@@ -265,10 +266,12 @@ class Mode(NamedTuple):
     wake: str = "spin"  # completion wake-up: the native spin thread or the CUDA host function
     fused: bool = True  # the Triton decode kernels
     gc_freeze: bool = False  # gc.freeze() before the timed pass, as `overlapd serve` does
+    depth: int = 2  # PipelineConfig.overlap_depth: steps in flight with overlap
 
 
 MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake="hostfunc"),
          Mode("overlap_spin", True, 0), Mode("overlap_spin_gc", True, 0, gc_freeze=True),
+         Mode("depth3", True, 0, gc_freeze=True, depth=3),
          Mode("probe", True, 8, wake="hostfunc"),
          Mode("unfused", True, 0, fused=False), Mode("unfused_probe", True, 8, wake="hostfunc", fused=False),
          Mode("sync_eager", False, 0, graphs=False, wake="hostfunc"),

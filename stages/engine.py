@@ -40,7 +40,8 @@ class GenerateResult:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, *, overlap: bool = False, max_waiting: int = 4096) -> None:
+    def __init__(self, cfg: EngineConfig, *, overlap: bool = False, max_waiting: int = 4096,
+                 max_inflight: int = 2) -> None:
         self.cfg = cfg
         self.overlap = overlap
         self.ops = load_runtime(cfg.runtime, cfg.device)
@@ -50,7 +51,8 @@ class LLMEngine:
         self.max_model_len = self.loaded.max_model_len
         self.max_num_seqs = cfg.max_num_seqs
         self.num_blocks = kv_cache_num_blocks(cfg, self.loaded.config)
-        self.runner = ModelRunner(self.loaded, self.ops, cfg, self.num_blocks)
+        # a staging buffer for each step in flight, and one being prepared
+        self.runner = ModelRunner(self.loaded, self.ops, cfg, self.num_blocks, staging_depth=max_inflight + 1)
         self.scheduler = Scheduler(
             cfg,
             num_blocks=self.num_blocks,

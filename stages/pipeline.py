@@ -55,7 +55,7 @@ class Pipeline:
     def __init__(self, engine_cfg: EngineConfig, cfg: PipelineConfig, ring_cfg: RingConfig) -> None:
         self.cfg = cfg
         self.ring_cfg = ring_cfg
-        self.engine = LLMEngine(engine_cfg)
+        self.engine = LLMEngine(engine_cfg, max_inflight=cfg.max_inflight)
         self.model_name = engine_cfg.model
         # Longer texts tokenize to more than max_model_len tokens (tokenizer.py).
         self.max_prompt_chars = self.engine.max_model_len * self.engine.tokenizer.max_chars_per_token
