@@ -13,11 +13,13 @@ class PipelineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     overlap: bool = True
     # With overlap, steps scheduled but not yet processed. 2: step N+1 is
     # prepared and launched while N runs, so the host's work for a step must
-    # fit in one device step. 3 gives it two, for small models whose device
-    # step is as short as the host's work (decode inputs still come from the
-    # previous launch on the device; a finished request costs up to two
-    # discarded rows instead of one).
-    overlap_depth: int = 2
+    # fit in one device step. 3 (the default) gives it two: on an H100 the 1B
+    # model's batch-64 step (1.8 ms) is as short as the host's work for it,
+    # and depth 3 took it from 1.08x to 1.04x of the device-only step time
+    # (docs/benchmarks.md). Decode inputs still come from the previous launch
+    # on the device; a finished request costs up to two discarded rows
+    # instead of one, and a new request waits one step longer for its first.
+    overlap_depth: int = 3
     max_waiting: int = 256  # admitted but not yet scheduled; more answers `overloaded`
     queue_depth: int = 2  # each inter-stage queue's bound
     heartbeat_interval_s: float = 0.5
