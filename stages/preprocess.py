@@ -1,9 +1,9 @@
 """Stage 1, preprocess: admission, scheduling and filling the step's inputs.
 
 Runs on the event loop. It holds one of `max_inflight` permits per step it
-schedules (1 without overlap, 2 with), so with overlap step N+1 is scheduled
-and prepared while step N is still on the device, and without it the order is
-strictly schedule, run, process.
+schedules (1 without overlap, `overlap_depth` with: 3 by default), so with
+overlap steps N+1 and N+2 are scheduled and prepared while step N is still on
+the device, and without it the order is strictly schedule, run, process.
 """
 
 from __future__ import annotations
