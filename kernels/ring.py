@@ -116,6 +116,10 @@ class RingWriter:
     def evict_dead_readers(self) -> int:
         return self._native.evict_dead_readers()
 
+    def readers_evicted(self) -> int:
+        """Dead readers' slots this writer freed, by `evict_dead_readers` or on its own while publishing."""
+        return self._native.readers_evicted()
+
     def active_readers(self) -> int:
         return self._native.active_readers()
 

@@ -34,5 +34,5 @@ async def publish(p: Pipeline, rows: RingRows) -> None:
         if seq is not None:
             p.ring_records += 1
             return
-        p.ring_evicted += p.ring.evict_dead_readers()
+        p.ring.evict_dead_readers()
         await asyncio.sleep(BACKPRESSURE_RETRY_S)

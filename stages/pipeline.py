@@ -68,7 +68,6 @@ class Pipeline:
         self._started = time.monotonic()
         self.ring: RingWriter | None = None
         self.ring_records = 0
-        self.ring_evicted = 0
         self.counters = collections.Counter[str]()
         self.failed: BaseException | None = None  # the error that killed a stage, if one died
 
@@ -120,7 +119,7 @@ class Pipeline:
         while True:
             if self.ring is not None:
                 self.ring.heartbeat()
-                self.ring_evicted += self.ring.evict_dead_readers()
+                self.ring.evict_dead_readers()
             await asyncio.sleep(self.cfg.heartbeat_interval_s)
 
     @property
@@ -295,7 +294,8 @@ class Pipeline:
             "kv_blocks_free": sched.num_free_blocks,
             "preemptions": sched.stats.num_preemptions,
             "ring_records": self.ring_records,
-            "ring_readers_evicted": self.ring_evicted,
+            # the writer's own count: it also frees dead readers while publishing
+            "ring_readers_evicted": self.ring.readers_evicted() if self.ring is not None else 0,
             "uptime_s": time.monotonic() - self._started,
         }
         out.update(self.times.snapshot())

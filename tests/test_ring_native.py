@@ -730,12 +730,14 @@ def test_killed_backpressure_reader_is_evicted(tmp_path, children):
     hold.kill()  # SIGKILL and reap it (a zombie still counts as alive)
     assert w.publish(bytes(1000)) == published, "the dead reader's slot is freed and the writer proceeds"
     assert w.active_readers() == 0
+    assert w.readers_evicted() == 1  # freed by the writer itself while publishing
 
     hold2 = children(role="hold", path=p, backpressure=True)
     hold2.line()
     assert w.active_readers() == 1 and w.evict_dead_readers() == 0
     hold2.kill()
     assert w.evict_dead_readers() == 1 and w.active_readers() == 0
+    assert w.readers_evicted() == 2
     w.close()
 
 

@@ -163,6 +163,8 @@ PYBIND11_MODULE(_native, m) {
            py::arg("body"), "reserve + copy + commit: the seq, or -1 while backpressure blocks.")
       .def("heartbeat", [](PyWriter& s) { auto l = lock_released(s.mu); s.w->heartbeat(); })
       .def("evict_dead_readers", [](PyWriter& s) { auto l = lock_released(s.mu); return s.w->evict_dead_readers(); })
+      .def("readers_evicted", [](PyWriter& s) { auto l = lock_released(s.mu); return s.w->readers_evicted(); },
+           "Dead readers' slots freed so far, by evict_dead_readers or while publishing.")
       .def("active_readers", [](PyWriter& s) { auto l = lock_released(s.mu); return s.w->active_readers(); })
       .def("close", [](PyWriter& s, bool clean) { auto l = lock_released(s.mu); s.w->close(clean); },
            py::arg("clean") = true)

@@ -407,21 +407,23 @@ bool RingWriter::slot_alive_or_free(int i) {
   // CAS on pid: if the owner released the slot and a new reader claimed it
   // meanwhile, pid is no longer the dead one and we leave the slot alone.
   if (__atomic_compare_exchange_n(u32(s, OVL_SLOT_OFF_PID), &pid, 0u, false, __ATOMIC_ACQ_REL,
-                                  __ATOMIC_RELAXED))
+                                  __ATOMIC_RELAXED)) {
     __atomic_store_n(u32(s, OVL_SLOT_OFF_ACTIVE), 0u, __ATOMIC_RELEASE);
+    readers_evicted_++;
+  }
   return false;
 }
 
 int RingWriter::evict_dead_readers() {
   if (!base_) return 0;
-  int freed = 0;
+  const uint64_t before = readers_evicted_;
   for (int i = 0; i < OVL_NUM_SLOTS; i++) {
     uint8_t* s = base_ + OVL_OFF_SLOTS + i * OVL_SLOT_SIZE;
     if (__atomic_load_n(u32(s, OVL_SLOT_OFF_ACTIVE), __ATOMIC_ACQUIRE) != 1u) continue;
     if (__atomic_load_n(u32(s, OVL_SLOT_OFF_PID), __ATOMIC_ACQUIRE) == 0) continue;
-    if (!slot_alive_or_free(i)) freed++;
+    slot_alive_or_free(i);
   }
-  return freed;
+  return static_cast<int>(readers_evicted_ - before);
 }
 
 int RingWriter::active_readers() const {

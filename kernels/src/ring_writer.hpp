@@ -69,6 +69,9 @@ class RingWriter {
   void heartbeat();
   // Frees backpressure slots whose pid is gone; returns how many.
   int evict_dead_readers();
+  // Slots of dead readers this writer freed, here or on its own while
+  // checking who holds the producer back.
+  uint64_t readers_evicted() const { return readers_evicted_; }
   int active_readers() const;
   // Final heartbeat, flag bit 0 if clean, then unmap. Idempotent.
   void close(bool clean = true);
@@ -137,6 +140,7 @@ class RingWriter {
   // Lower bound of every active reader's cursor as of the last scan (see
   // backpressure_allows): lets the common case skip scanning 64 slots.
   uint64_t bp_min_cursor_ = 0;
+  uint64_t readers_evicted_ = 0;
 };
 
 }  // namespace overlapd
