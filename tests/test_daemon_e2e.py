@@ -26,7 +26,12 @@ def daemon(tmp_path_factory):
 
 
 def idle_stats(d: EchoDaemon) -> dict:
-    return d.wait_stats(lambda s: s["live_requests"] == 0 and s["kv_blocks_used"] == 0)
+    def idle(s: dict) -> bool:
+        # The engine's keys are missing only when its stats() raised: show why.
+        assert "kv_blocks_used" in s, f"no engine stats in {sorted(s)}; daemon log:\n{d.log()}"
+        return s["live_requests"] == 0 and s["kv_blocks_used"] == 0
+
+    return d.wait_stats(idle)
 
 
 def test_streaming_generate_ends_with_done_and_usage(daemon):
