@@ -298,6 +298,9 @@ class Pipeline:
             "ring_readers_evicted": self.ring.readers_evicted() if self.ring is not None else 0,
             "uptime_s": time.monotonic() - self._started,
         }
+        graphs = self.engine.runner.graphs  # None where no CUDA graphs are captured (CPU, or turned off)
+        out["graph_captures"] = graphs.captures if graphs is not None else 0
+        out["graph_replays"] = graphs.replays if graphs is not None else 0
         out.update(self.times.snapshot())
         return out
 

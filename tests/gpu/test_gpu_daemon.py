@@ -219,6 +219,7 @@ class Run:
     drain_live: int
     stop_token: int | None
     strays: list[Any]
+    graph_replays: int  # stats before the drain: decode steps replayed from CUDA graphs
 
 
 def read_tail(path: Path) -> tuple[dict[int, RingRow], list[dict[str, Any]]]:
@@ -252,6 +253,7 @@ def serve_and_drive(tmp: Path, device: str, *flags: str) -> Run:
         # No fresh token to stop on: a stop token the probe never emits, so it ends as the probe did.
         stop_ids = [stop] if stop is not None else [next(t for t in range(3, 1000) if t not in probe.tokens)]
         seen |= run_phase(d, {"stopped": dict(PROBE, stop_token_ids=stop_ids)}, conns)
+        graph_replays = int(d.stats()["graph_replays"])
 
         c = Conn(d.socket_path)
         conns.append(c)
@@ -284,7 +286,7 @@ def serve_and_drive(tmp: Path, device: str, *flags: str) -> Run:
                   if x.startswith("{") and '"event": "draining"' in x]
     ring, lines = read_tail(tail_path)
     return Run(seen, ring, lines, tail_rc, daemon_rc, drain_live[0] if drain_live else -1, stop,
-               [f for c in conns for f in c.stray])
+               [f for c in conns for f in c.stray], graph_replays)
 
 
 def check_run(r: Run, label: str) -> None:
@@ -349,6 +351,8 @@ def test_real_daemon_serves_concurrent_clients_matches_the_ring_and_both_modes(d
         (tmp_path / label).mkdir()
         runs[label] = serve_and_drive(tmp_path / label, device, *flags)
         check_run(runs[label], label)
+        # the daemon really replays decode steps from CUDA graphs on a GPU (none on the CPU)
+        assert (runs[label].graph_replays > 0) == (device == "gpu"), (label, runs[label].graph_replays)
     ovl, sync = runs["overlap"].seen, runs["sync"].seen
     assert runs["overlap"].stop_token == runs["sync"].stop_token
     for name in ovl:
