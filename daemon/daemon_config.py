@@ -61,6 +61,8 @@ def load_daemon_config(args: argparse.Namespace) -> DaemonConfig:
         server = msgspec.structs.replace(server, drain_timeout_s=args.drain_timeout)
     if args.no_overlap:
         pipeline = msgspec.structs.replace(pipeline, overlap=False)
+    if args.overlap_depth is not None:
+        pipeline = PipelineConfig(**{**msgspec.structs.asdict(pipeline), "overlap_depth": args.overlap_depth})
     if args.ring:
         ring = msgspec.structs.replace(ring, path=args.ring)
     if args.no_ring:

@@ -7,6 +7,18 @@ import argparse
 from overlapd.stages.engine_config import EngineConfig
 
 
+def _overlap_depth(text: str) -> int:
+    from overlapd.stages.pipeline_config import MAX_OVERLAP_DEPTH
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 2 <= n <= MAX_OVERLAP_DEPTH:
+        raise argparse.ArgumentTypeError(f"must be between 2 and {MAX_OVERLAP_DEPTH}, not {n}")
+    return n
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help='"tiny" (embedded default), a checkpoint directory, or a shape name with --load-format dummy')
@@ -19,6 +31,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-blocks", type=int, default=None)
     g.add_argument("--no-overlap", action="store_true", help="run stages strictly in order (for comparison and debugging)")
+    g.add_argument("--overlap-depth", type=_overlap_depth, default=None,
+                   help="with overlap, steps in flight (2-4; default 3, or [pipeline] overlap_depth)")
 
 
 ENGINE_FLAGS = (

@@ -45,7 +45,9 @@ async def _in_process(args: argparse.Namespace) -> int:
     from overlapd.stages.pipeline import Pipeline
     from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 
-    pipeline = Pipeline(engine_config_from_args(args), PipelineConfig(overlap=not args.no_overlap), RingConfig(enabled=False))
+    depth = {"overlap_depth": args.overlap_depth} if args.overlap_depth is not None else {}
+    pipeline = Pipeline(engine_config_from_args(args), PipelineConfig(overlap=not args.no_overlap, **depth),
+                        RingConfig(enabled=False))
     await pipeline.start()
     sink = PrintSink(asyncio.get_running_loop())
     try:
