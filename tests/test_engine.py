@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +11,8 @@ from overlapd.stages.model.reference import reference_logits
 from overlapd.stages.model.tiny import tiny_checkpoint
 from overlapd.stages.request import InvalidRequest
 from overlapd.stages.step_types import FinishReason, SamplingParams
+
+from engine_test_support import tiny_cache  # noqa: F401
 
 MAX_LEN = 64
 BLOCK = 4
@@ -33,15 +34,7 @@ PARAMS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    old = os.environ.get("OVERLAPD_CACHE_DIR")
-    os.environ["OVERLAPD_CACHE_DIR"] = str(tmp_path_factory.mktemp("overlapd-cache"))
-    yield
-    if old is None:
-        os.environ.pop("OVERLAPD_CACHE_DIR", None)
-    else:
-        os.environ["OVERLAPD_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("tiny_cache")  # the tiny checkpoint goes to a temp dir
 
 
 def config(**kw) -> EngineConfig:

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
+import gpu_support  # noqa: F401  (puts tests/ on sys.path; imports no framework)
 import pytest
+from engine_test_support import tiny_cache  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _cache_dir(tmp_path_factory: pytest.TempPathFactory):
-    # The tiny checkpoint is created under a temp dir, never the user's cache.
-    old = os.environ.get("OVERLAPD_CACHE_DIR")
-    os.environ["OVERLAPD_CACHE_DIR"] = str(tmp_path_factory.mktemp("overlapd-gpu-cache"))
-    yield
-    if old is None:
-        os.environ.pop("OVERLAPD_CACHE_DIR", None)
-    else:
-        os.environ["OVERLAPD_CACHE_DIR"] = old
+def _cache_dir(tiny_cache: str) -> None:
+    """The tiny checkpoint is created under a temp dir, never the user's cache."""
 
 
 @pytest.fixture(scope="session")
