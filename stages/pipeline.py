@@ -212,6 +212,10 @@ class Pipeline:
         self.work_available.set()
         return req_id
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt the model's chat template makes of `messages` (ChatTemplateError, a ValueError, if bad)."""
+        return self.engine.loaded.chat_template.render(messages)
+
     def admit_waiting(self) -> None:
         """Hand admitted requests to the scheduler (preprocess stage, on the loop)."""
         while self._admission:

@@ -1,13 +1,18 @@
 """Turning EngineConfig.model into a runnable model: config, weights, tokenizer.
 
 Sources, in the order they are tried:
-- "tiny": the embedded default, created once under the user's cache as an HF
-  directory and then loaded like any other (tiny.py);
+- a packaged model (packaged.py): the default, SmolLM2-135M-Instruct, a GGUF
+  file that a Python package ships;
+- "tiny": the small random-weight model for tests, created once under the
+  user's cache as an HF directory and then loaded like any other (tiny.py);
+- a `.gguf` file: config, weights (dequantized at load) and tokenizer from the
+  file (gguf_checkpoint.py, gguf_tokenizer.py);
 - a directory: a Hugging Face checkpoint (config.json, *.safetensors or a
   sharded model.safetensors.index.json, tokenizer.json);
 - with load_format="dummy": a named shape (config.NAMED_SHAPES) or any of the
   above, with seeded random weights (random_weights.py).
-A model without tokenizer.json gets the byte-level fallback (tokenizer.py).
+A model without a tokenizer gets the byte-level fallback (tokenizer.py), and
+one without a chat template a plain one (chat_template.py).
 """
 
 from __future__ import annotations
@@ -15,15 +20,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
 from ..engine_config import TINY_MODEL, EngineConfig
 from ..runtime.ops import FLOAT_DTYPES, Ops, Tensor
 from ..sizing import DEFAULT_MAX_MODEL_LEN_CAP, resolve_max_model_len
+from .chat_template import ChatTemplate, ChatTemplateError
 from .config import NAMED_SHAPES, LlamaConfig, ModelConfigError
+from .gguf_checkpoint import GGUFCheckpoint, GGUFError
+from .gguf_tokenizer import special_token_text, tokenizer_from_gguf
 from .llama import LlamaModel, param_layout
+from .packaged import PACKAGED_MODELS, packaged_model_path
 from .random_weights import random_weight
 from .safetensors_io import CheckpointFiles
 from .tiny import ensure_tiny_checkpoint
@@ -44,13 +53,14 @@ class ModelLoadError(ValueError):
 @dataclass(slots=True)
 class LoadedModel:
     name: str  # what EngineConfig.model said
-    path: Path | None  # the checkpoint directory, None for a named dummy shape
+    path: Path | None  # the checkpoint directory or .gguf file, None for a named dummy shape
     config: LlamaConfig
     model: LlamaModel
     tokenizer: TokenizerLike
     eos_token_ids: tuple[int, ...]
     max_model_len: int
     dtype: str
+    chat_template: ChatTemplate
 
 
 def load_model(cfg: EngineConfig, ops: Ops) -> LoadedModel:
@@ -58,20 +68,17 @@ def load_model(cfg: EngineConfig, ops: Ops) -> LoadedModel:
         raise ModelLoadError(f"load_format must be one of {LOAD_FORMATS}, got {cfg.load_format!r}")
     if cfg.dtype not in FLOAT_DTYPES:
         raise ModelLoadError(f"dtype must be one of {FLOAT_DTYPES}, got {cfg.dtype!r}")
-    path, config = _resolve(cfg)
+    source = _resolve(cfg)
+    config = source.config
     try:
         max_len = resolve_max_model_len(cfg, config)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
-    if cfg.load_format == "dummy":
-        params = _load_params(config, _RandomWeights(config, cfg.seed), ops, cfg.dtype)
-    else:
-        assert path is not None
-        params = _load_params(config, _CheckpointWeights(path), ops, cfg.dtype)
-    eos = _eos_ids(path, config)
-    tokenizer = _tokenizer(path, config, eos)
+    weights = _RandomWeights(config, cfg.seed) if cfg.load_format == "dummy" else source.weights()
+    params = _load_params(config, weights, ops, cfg.dtype)
     model = LlamaModel(config, ops, params, max_len)
-    return LoadedModel(cfg.model, path, config, model, tokenizer, eos, max_len, cfg.dtype)
+    return LoadedModel(cfg.model, source.path, config, model, source.tokenizer, source.eos, max_len, cfg.dtype,
+                       source.chat_template)
 
 
 def build_model(config: LlamaConfig, weights: dict[str, np.ndarray], ops: Ops, dtype: str = "float32",
@@ -82,24 +89,82 @@ def build_model(config: LlamaConfig, weights: dict[str, np.ndarray], ops: Ops, d
     return LlamaModel(config, ops, params, max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP))
 
 
-def _resolve(cfg: EngineConfig) -> tuple[Path | None, LlamaConfig]:
+@dataclass(slots=True)
+class _Source:
+    """Everything a model name resolves to, weights not yet read."""
+
+    path: Path | None
+    config: LlamaConfig
+    weights: Callable[[], _WeightSource]  # opened only when the weights are read (not for dummy)
+    tokenizer: TokenizerLike
+    eos: tuple[int, ...]
+    chat_template: ChatTemplate
+
+
+def _resolve(cfg: EngineConfig) -> _Source:
+    if cfg.model in PACKAGED_MODELS:
+        try:
+            return _gguf_source(packaged_model_path(cfg.model))
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
     if cfg.model == TINY_MODEL:
-        path = ensure_tiny_checkpoint()
-    elif cfg.model in NAMED_SHAPES:
+        return _dir_source(ensure_tiny_checkpoint())
+    if cfg.model in NAMED_SHAPES:
         if cfg.load_format != "dummy":
             raise ModelLoadError(
                 f"model {cfg.model!r} is a named shape without weights; use load_format='dummy'")
-        return None, NAMED_SHAPES[cfg.model]
-    else:
-        path = Path(cfg.model).expanduser()
-        if not path.is_dir():
-            raise ModelLoadError(
-                f"model {cfg.model!r}: no such directory. Expected {TINY_MODEL!r}, a Hugging Face "
-                f"checkpoint directory, or with load_format='dummy' one of {sorted(NAMED_SHAPES)}")
+        config = NAMED_SHAPES[cfg.model]
+        eos = config.eos_token_ids
+        return _Source(None, config, lambda: _RandomWeights(config, cfg.seed),
+                       ByteTokenizer(config.vocab_size, config.bos_token_id, eos), eos, ChatTemplate(None))
+    path = Path(cfg.model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_source(path)
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {cfg.model!r}: no such directory or .gguf file. Expected {sorted(PACKAGED_MODELS)[0]!r} "
+            f"(the default), {TINY_MODEL!r}, a .gguf file, a Hugging Face checkpoint directory, or with "
+            f"load_format='dummy' one of {sorted(NAMED_SHAPES)}")
+    return _dir_source(path)
+
+
+def _dir_source(path: Path) -> _Source:
     try:
-        return path, LlamaConfig.from_dir(path)
+        config = LlamaConfig.from_dir(path)
     except ModelConfigError as e:
         raise ModelLoadError(str(e)) from None
+    eos = _eos_ids(path, config)
+    tokenizer = _tokenizer(path, config, eos)
+    return _Source(path, config, lambda: _CheckpointWeights(path), tokenizer, eos, _dir_chat_template(path))
+
+
+def _gguf_source(path: Path) -> _Source:
+    try:
+        ckpt = GGUFCheckpoint(path)
+        meta = ckpt.metadata
+        tok = tokenizer_from_gguf(meta)
+        eos = ckpt.config.eos_token_ids
+        template = ChatTemplate(ckpt.chat_template, special_token_text(meta, "bos"), special_token_text(meta, "eos"))
+    except (GGUFError, ChatTemplateError) as e:
+        raise ModelLoadError(str(e)) from None
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    return _Source(path, ckpt.config, lambda: ckpt, Tokenizer(tok, ckpt.config.bos_token_id, eos), eos, template)
+
+
+def _dir_chat_template(path: Path) -> ChatTemplate:
+    """tokenizer_config.json's chat_template (a string), else the plain template."""
+    file = path / "tokenizer_config.json"
+    source = None
+    if file.is_file():
+        try:
+            source = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ModelLoadError(f"{file} is not a valid JSON object: {e}") from None
+    try:
+        return ChatTemplate(source if isinstance(source, str) else None)
+    except ChatTemplateError as e:
+        raise ModelLoadError(f"{file}: {e}") from None
 
 
 class _CheckpointWeights:

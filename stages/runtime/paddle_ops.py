@@ -60,6 +60,9 @@ _DTYPES = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
+# Arrays at least this large are copied with to_tensor (see from_numpy).
+_BULK_ELEMENTS = 1 << 16
+
 class _Ready:
     """A host copy that is already complete (the CPU) or done on demand."""
 
@@ -99,9 +102,13 @@ class PaddleOps:
         return paddle.arange(n, dtype=_DTYPES[dtype])
 
     def from_numpy(self, a: np.ndarray, dtype: str | None = None) -> Tensor:
-        # Not paddle.to_tensor: in Paddle 3.3.1 every tensor it makes is never
-        # freed (~110 B each, measured), a leak per engine step in a daemon.
-        x = paddle.assign(np.ascontiguousarray(a))
+        # Not paddle.to_tensor for step-sized arrays: in Paddle 3.3.1 every
+        # tensor it makes is never freed (~110 B each, measured), a leak per
+        # engine step in a daemon. But assign copies element by element through
+        # Python lists (11 s for SmolLM2's 28M-element embedding), so large
+        # arrays, which only model loading makes, take to_tensor.
+        a = np.ascontiguousarray(a)
+        x = paddle.to_tensor(a) if a.size >= _BULK_ELEMENTS else paddle.assign(a)
         return x if dtype is None or _NAMES[x.dtype] == dtype else x.astype(_DTYPES[dtype])
 
     def to_numpy(self, x: Tensor) -> np.ndarray:
