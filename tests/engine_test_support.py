@@ -50,7 +50,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory):
 
 
 def engine_config(**kw: object) -> EngineConfig:
-    base = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=4)
+    base = dict(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=4)
     base.update(kw)
     return EngineConfig(**base)  # type: ignore[arg-type]
 

@@ -234,7 +234,7 @@ def test_generate_in_process_needs_no_daemon():
     import subprocess
 
     proc = subprocess.run(
-        [sys.executable, "-m", "overlapd.daemon", "generate", "Hello", "--max-tokens", "8", "--ignore-eos"],
+        [sys.executable, "-m", "overlapd.daemon", "generate", "Hello", "--max-tokens", "8", "--ignore-eos", "--model", "tiny"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

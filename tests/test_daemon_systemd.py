@@ -35,7 +35,7 @@ def test_socket_activation_and_sd_notify(tmp_path):
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(START_S)
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
-    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--ring", str(tmp_path / "act.ring")]
+    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--model", "tiny", "--ring", str(tmp_path / "act.ring")]
     proc = spawn_activated(listener, argv, name="overlapd", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         messages: list[str] = []
@@ -58,7 +58,8 @@ def test_socket_activation_and_sd_notify(tmp_path):
 
 def test_sighup_reopens_the_log_file(tmp_path):
     sock, log = tmp_path / "d.sock", tmp_path / "overlapd.log"
-    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--socket", str(sock), "--no-ring", "--log-file", str(log)]
+    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--model", "tiny", "--socket", str(sock), "--no-ring",
+            "--log-file", str(log)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: log.exists() and '"ready"' in log.read_text(), START_S, "daemon ready")

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("tiny_cache")  # the tiny checkpoint goes t
 
 
 def config(**kw) -> EngineConfig:
-    base = dict(max_model_len=MAX_LEN, block_size=BLOCK, max_num_seqs=8, max_num_batched_tokens=24, seed=5)
+    base = dict(model="tiny", max_model_len=MAX_LEN, block_size=BLOCK, max_num_seqs=8, max_num_batched_tokens=24, seed=5)
     base.update(kw)
     return EngineConfig(**base)
 

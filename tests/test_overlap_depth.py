@@ -25,7 +25,7 @@ def run(tmp_path, cfg: PipelineConfig, extra: list[GenerateParams] = ()) -> list
     peak = [0]  # most steps in flight at once
 
     async def main() -> list[tuple[list[int], str]]:
-        p = Pipeline(EngineConfig(max_model_len=128), cfg, RingConfig(path=str(tmp_path / f"{id(cfg)}.ring")))
+        p = Pipeline(EngineConfig(model="tiny", max_model_len=128), cfg, RingConfig(path=str(tmp_path / f"{id(cfg)}.ring")))
         # steps prepared and not yet processed: what the depth bounds
         runner, outputs = p.engine.runner, p.engine.output_processor
         prepare, process = runner.prepare, outputs.process

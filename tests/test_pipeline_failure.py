@@ -39,7 +39,7 @@ def test_a_dead_stage_does_not_hang_shutdown_and_live_requests_still_end(tmp_pat
     ring_path = tmp_path / "r.ring"
 
     async def main() -> None:
-        p = Pipeline(EngineConfig(max_model_len=64), PipelineConfig(), RingConfig(path=str(ring_path)))
+        p = Pipeline(EngineConfig(model="tiny", max_model_len=64), PipelineConfig(), RingConfig(path=str(ring_path)))
         await p.start()
         reader = RingReader(ring_path)
         sink = Ends()

@@ -209,7 +209,7 @@ def _drive(runner, sched: Scheduler, check: bool) -> tuple[dict[int, list[int]],
 
 @pytest.mark.parametrize("num_blocks", [128, 10])  # 10 blocks of 4: requests are preempted and re-enter
 def test_the_scheduler_takes_the_runners_stop_verdict(tiny_loaded, num_blocks: int) -> None:
-    cfg = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=4)
+    cfg = EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, block_size=4)
     prompts = [[0, 424, 13, 314, 338, 15, 370], [0, 7, 9], [0, 11, 5, 3, 2], [0, 99, 98], [0, 50, 51, 52]]
     free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
