@@ -1,8 +1,9 @@
 """Engine step time and tokens/s on the CPU, against a straightforward implementation.
 
 Measures the execute side (ModelRunner.execute: staging, forward, sampling,
-read-back; greedy) for the embedded tiny model and the Llama-3.2-1B shape with
-dummy weights, at batch 1 and 4: one prefill step of short prompts, then a few
+read-back; greedy) for the tiny model, the default model (SmolLM2-135M-Instruct,
+real weights from its GGUF) and the Llama-3.2-1B shape with dummy weights, at
+batch 1 and 4 (or --batches): one prefill step of short prompts, then a few
 dozen decode steps. The baseline runs the same weights in the same run:
 
 - Hugging Face transformers on torch's CPU build (`generate`-style loop with
@@ -19,6 +20,7 @@ since other work on the host inflates single runs.
 
     python bench/engine.py                       # tiny + llama-3.2-1b, batch 1 and 4
     python bench/engine.py --models tiny --steps 64
+    python bench/engine.py --models smollm2 --batches 1,16
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHAPES = {"tiny": ("tiny", "auto"), "llama-3.2-1b": ("llama-3.2-1b", "dummy")}
+SHAPES = {"tiny": ("tiny", "auto"), "smollm2": ("smollm2-135m-instruct", "auto"),
+          "llama-3.2-1b": ("llama-3.2-1b", "dummy")}
 
 
 def prompts(batch: int, length: int, bos: int) -> list[list[int]]:
@@ -62,8 +65,9 @@ def run_engine(model: str, batch: int, plen: int, steps: int, loaded_cache: dict
     from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput
 
     name, fmt = SHAPES[model]
-    cfg = EngineConfig(model=name, load_format=fmt, max_num_seqs=8, max_num_batched_tokens=256,
-                       max_model_len=256, block_size=16, num_blocks=8 * 16)
+    cfg = EngineConfig(model=name, load_format=fmt, max_num_seqs=max(8, batch),
+                       max_num_batched_tokens=max(256, batch * plen), max_model_len=256, block_size=16,
+                       num_blocks=max(8, batch) * 16)
     ops = loaded_cache.setdefault("ops", load_runtime("paddle", "cpu"))
     if model not in loaded_cache:
         t = time.perf_counter()
@@ -104,6 +108,13 @@ def _hf_model(model: str, seed: int):
 
     if model == "tiny":
         return LlamaForCausalLM.from_pretrained(str(ensure_tiny_checkpoint()), dtype=torch.float32).eval()
+    if model == "smollm2":  # transformers reads the same GGUF file (its own dequantization)
+        from transformers import AutoModelForCausalLM
+
+        from overlapd.stages.model.packaged import packaged_model_path
+
+        path = packaged_model_path(SHAPES[model][0])
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     config = NAMED_SHAPES[model]
     with torch.device("meta"):
         m = LlamaForCausalLM(LlamaConfig.from_dict(config.to_hf_dict()))
