@@ -275,6 +275,18 @@ class Pipeline:
         if not self._live:
             self.idle.set()
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        # Placeholder until the model's own chat template lands: one
+        # "role: content" line per message, then the assistant's turn.
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] needs a string `role` and a string `content`.")
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        decode = self.engine.tokenizer.decode
+        return [decode([t], skip_special_tokens=False) for t in token_ids]
+
     def stats(self) -> dict[str, int | float]:
         sched = self.engine.scheduler
         out: dict[str, int | float] = {
