@@ -7,6 +7,7 @@ loop (handlers.py) and differ only here.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Callable
@@ -37,6 +38,15 @@ FINISH: Final = {"eos": "stop", "stop": "stop", "length": "length", "aborted": "
 
 TokenTexts = Callable[[list[int]], list[str]]
 
+# Response ids: a random prefix per process and a counter (os.urandom per
+# request measured ~0.1 ms on a loaded 2-core machine).
+_ID_PREFIX: Final = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+
+def response_id(kind: str) -> str:
+    return f"{kind}-{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+
 
 def usage_of(end: Finished) -> Usage:
     return Usage(end.prompt_tokens, end.completion_tokens, end.prompt_tokens + end.completion_tokens)
@@ -44,7 +54,7 @@ def usage_of(end: Finished) -> Usage:
 
 class CompletionFormat:
     def __init__(self, model: str, token_texts: TokenTexts, top_logprobs: int | None) -> None:
-        self.id = "cmpl-" + secrets.token_hex(12)
+        self.id = response_id("cmpl")
         self.created = int(time.time())
         self.model = model
         self._texts = token_texts
@@ -86,7 +96,7 @@ class CompletionFormat:
 
 class ChatFormat:
     def __init__(self, model: str, token_texts: TokenTexts, top_logprobs: int | None) -> None:
-        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.id = response_id("chatcmpl")
         self.created = int(time.time())
         self.model = model
         self._texts = token_texts
