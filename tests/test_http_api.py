@@ -160,3 +160,12 @@ def test_metrics_parse_and_match_the_stats_frame(daemon, client):
                 for s in families["overlapd_http_requests"].samples if s.name.endswith("_total")}
     assert outcomes[("completions", "length")] >= 1
     assert families["overlapd_http_completion_tokens"].samples[0].value >= 3
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_aborts_it_too(daemon):
+    before = daemon.stats()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(daemon.base_url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"prompt": "never read", "max_tokens": 400, "ignore_eos": True}, timeout=httpx.Timeout(10, read=0.3))
+    after = daemon.wait_stats(lambda s: s["live_requests"] == 0 and s["kv_blocks_used"] == 0)
+    assert after["kv_blocks_used"] == 0 and after["aborted"] == before["aborted"] + 1
