@@ -159,3 +159,23 @@ def test_draining_is_503_and_live_streams_finish(tmp_path):
         assert d.proc.wait(30) == 0
     finally:
         d.kill()
+
+
+def test_a_taken_port_stops_the_daemon_with_a_reason(tmp_path):
+    import socket
+    import subprocess
+
+    from http_harness import serve_argv
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = taken.getsockname()[1]
+        done = subprocess.run(serve_argv(tmp_path, "--no-ring", "--http", f"127.0.0.1:{port}"),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        assert "overlapd serve:" in done.stderr and str(port) in done.stderr
+        assert not (tmp_path / "d.sock").exists()  # the socket server it had started was closed again
+    finally:
+        taken.close()
