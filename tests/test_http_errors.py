@@ -18,6 +18,7 @@ CONFIG = f"""
 [http]
 listen = "127.0.0.1:0"
 max_live = 3
+max_connections = 12
 max_body_bytes = {MAX_BODY}
 """
 
@@ -133,6 +134,41 @@ def test_over_max_live_is_429(daemon):
             s.close()
     daemon.wait_stats(lambda s: s["live_requests"] == 0)
     assert client.completions.create(model="tiny", prompt="again", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_over_max_connections_a_new_connection_gets_429_and_is_closed(daemon):
+    import socket
+
+    held: list[socket.socket] = []
+    refused = b""
+    try:
+        # Other tests' clients may still hold keep-alive connections: open until refused.
+        for _ in range(13):
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            held.append(s)
+            s.settimeout(0.3)
+            try:
+                refused = s.recv(4096)
+            except TimeoutError:
+                continue  # accepted, idle
+            break
+        assert refused.startswith(b"HTTP/1.1 429 "), refused
+        assert b'"code":"overloaded"' in refused and b"max_connections" in refused
+        held[-1].settimeout(10)
+        assert held[-1].recv(4096) == b""  # and closed
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:  # the held connections are let go
+        try:
+            r = httpx.get(daemon.base_url + "/health", timeout=10)
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_draining_is_503_and_live_streams_finish(tmp_path):

@@ -23,6 +23,7 @@ class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_key_file: str | None = None  # one bearer token per line; None: no keys asked for
     max_body_bytes: int = 1 << 20  # a bigger request body is answered 413 without being read
     max_live: int = 1024  # HTTP requests generating at once; more are answered 429
+    max_connections: int = 1024  # open HTTP connections (idle keep-alive ones too); more get a 429 and are closed
     # A stream whose client reads this many token events less than the engine
     # produced is cut off and aborted: the pipeline never waits for one client.
     max_buffered_events: int = 4096
@@ -31,7 +32,7 @@ class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.listen is not None:
             parse_listen(self.listen)  # raises ValueError naming the problem
-        for name in ("max_body_bytes", "max_live", "max_buffered_events", "default_chat_max_tokens"):
+        for name in ("max_body_bytes", "max_live", "max_connections", "max_buffered_events", "default_chat_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, not {getattr(self, name)}.")
         if self.max_body_bytes > 1 << 30:

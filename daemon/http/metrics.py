@@ -57,7 +57,12 @@ class StatsCollector(Collector):
 
 
 class HttpMetrics:
-    def __init__(self, stats: Callable[[], dict[str, int | float]], live: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], dict[str, int | float]],
+        live: Callable[[], int],
+        connections: Callable[[], int] = lambda: 0,
+    ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         r.register(StatsCollector(stats))
         self.requests = Counter(
@@ -82,6 +87,8 @@ class HttpMetrics:
         )
         live_gauge = Gauge("overlapd_http_live_requests", "HTTP requests generating now", registry=r)
         live_gauge.set_function(live)
+        conn_gauge = Gauge("overlapd_http_connections", "open HTTP connections", registry=r)
+        conn_gauge.set_function(connections)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

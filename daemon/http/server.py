@@ -30,6 +30,7 @@ from ..engine_api import Engine
 from .config import ApiKeys, HttpConfig, parse_listen
 from .errors import ApiError
 from .handlers import GenerationApi
+from .listener import bind_tcp, limited_factory
 from .metrics import CONTENT_TYPE, HttpMetrics
 from .schemas import Health, ModelCard, ModelList
 
@@ -37,6 +38,7 @@ __all__ = ["HttpServer"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ABORT_GRACE_S: Final = 2.0
+BACKLOG: Final = 1024
 _json = msgspec.json.Encoder()
 
 
@@ -59,11 +61,12 @@ class HttpServer:
         self._listen_sock = listen_sock
         # Read now: a missing or unsafe key file stops the daemon at start, not at the first request.
         self._keys = ApiKeys.from_file(config.api_key_file) if config.api_key_file else None
-        self.metrics = HttpMetrics(stats, live=lambda: len(self.api.live))
+        self.metrics = HttpMetrics(stats, live=lambda: len(self.api.live), connections=self._connections)
         self.api = GenerationApi(engine, config, self.metrics, self._refusal)
         self._draining = False
         self._started = time.time()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
         self.address = ""
         self._log = structlog.get_logger("overlapd.http")
         app = web.Application(client_max_size=config.max_body_bytes, middlewares=[self._errors, self._auth])
@@ -77,25 +80,26 @@ class HttpServer:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=ABORT_GRACE_S)
         await runner.setup()
         try:
-            if self._listen_sock is not None:
-                if self._listen_sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock = self._listen_sock
+            if sock is not None:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
                     raise ValueError("The inherited `http` socket is not a TCP socket; fix ListenStream= in overlapd-http.socket.")
-                site: web.BaseSite = web.SockSite(runner, self._listen_sock, shutdown_timeout=ABORT_GRACE_S)
             else:
                 if self.config.listen is None:
                     raise ValueError("The HTTP API has no address; pass --http HOST:PORT or set [http] listen.")
-                host, port = parse_listen(self.config.listen)
-                site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True,
-                                   shutdown_timeout=ABORT_GRACE_S)
-            await site.start()
+                sock = bind_tcp(*parse_listen(self.config.listen), backlog=BACKLOG)
+            assert runner.server is not None
+            factory = limited_factory(runner.server, self.config.max_connections)
+            self._listener = await asyncio.get_running_loop().create_server(factory, sock=sock, backlog=BACKLOG)
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        host, port = runner.addresses[0][:2]
+        host, port = sock.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._log.info("http_listening", address=self.address, inherited=self._listen_sock is not None,
                        api_keys=self._keys is not None)
@@ -103,6 +107,10 @@ class HttpServer:
     @property
     def draining(self) -> bool:
         return self._draining or bool(self.engine.draining)
+
+    def _connections(self) -> int:
+        server = self._runner.server if self._runner is not None else None
+        return len(server.connections) if server is not None else 0
 
     @property
     def live_requests(self) -> int:
@@ -132,6 +140,9 @@ class HttpServer:
 
     async def close(self) -> None:
         self.begin_drain()
+        if self._listener is not None:
+            self._listener.close()  # no new connections; an inherited socket's file stays systemd's
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
