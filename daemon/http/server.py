@@ -83,8 +83,8 @@ class HttpServer:
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                shutdown_timeout=ABORT_GRACE_S)
         await runner.setup()
+        sock = self._listen_sock
         try:
-            sock = self._listen_sock
             if sock is not None:
                 if sock.family not in (socket.AF_INET, socket.AF_INET6):
                     raise ValueError("The inherited `http` socket is not a TCP socket; fix ListenStream= in overlapd-http.socket.")
@@ -96,6 +96,8 @@ class HttpServer:
             factory = limited_factory(runner.server, self.config.max_connections)
             self._listener = await asyncio.get_running_loop().create_server(factory, sock=sock, backlog=BACKLOG)
         except BaseException:
+            if sock is not None and sock is not self._listen_sock:
+                sock.close()
             await runner.cleanup()
             raise
         self._runner = runner
