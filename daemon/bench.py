@@ -21,6 +21,8 @@ BAR_WIDTH = 30
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", metavar="PATH", help="daemon socket (default: as the client library finds it)")
+    parser.add_argument("--http", metavar="URL", help="drive the OpenAI-compatible HTTP API at URL (e.g. http://127.0.0.1:8000) instead of the socket")
+    parser.add_argument("--api-key", metavar="KEY", help="with --http: the bearer token, when the daemon asks for one")
     parser.add_argument("--clients", type=int, default=8, help="concurrent connections (default 8)")
     parser.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
@@ -94,8 +96,14 @@ async def _bench(args: argparse.Namespace) -> int:
         queue.put_nowait([(31 * i + j) % 250 + 3 for j in range(args.prompt_len)])
     totals = Totals()
     started = time.perf_counter()
+    if args.http:
+        from overlapd.daemon.bench_http import http_client
+
+        clients = [http_client(args, queue, totals, started, _progress) for _ in range(max(1, args.clients))]
+    else:
+        clients = [_client(args, queue, totals, started) for _ in range(max(1, args.clients))]
     try:
-        await asyncio.gather(*(_client(args, queue, totals, started) for _ in range(max(1, args.clients))))
+        await asyncio.gather(*clients)
     except (ClientError, OSError) as exc:
         print(f"\noverlapd bench: {exc}", file=sys.stderr)
         return 1

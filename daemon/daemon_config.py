@@ -4,6 +4,7 @@
     [engine]    model, runtime, batch and KV sizes (stages/engine_config.py)
     [pipeline]  overlap, queue bounds           (stages/pipeline_config.py)
     [ring]      path, capacity, mode, backpressure
+    [http]      the OpenAI-compatible API: address, API keys, limits (daemon/http/config.py)
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from overlapd.daemon.config import (
     struct_from_table,
 )
 from overlapd.daemon.engine_options import engine_config_from_args
+from overlapd.daemon.http.config import HttpConfig
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 
-TABLES = ("server", "engine", "pipeline", "ring")
+TABLES = ("server", "engine", "pipeline", "ring", "http")
 
 __all__ = ["ConfigError", "DaemonConfig", "load_daemon_config"]
 
@@ -33,6 +35,7 @@ class DaemonConfig(msgspec.Struct, kw_only=True):
     engine: EngineConfig
     pipeline: PipelineConfig
     ring: RingConfig
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -55,6 +58,7 @@ def load_daemon_config(args: argparse.Namespace) -> DaemonConfig:
     engine = engine_config_from_args(args, table("engine", EngineConfig))
     pipeline = table("pipeline", PipelineConfig)
     ring = table("ring", RingConfig)
+    http = table("http", HttpConfig)
     if args.socket:
         server = msgspec.structs.replace(server, socket_path=args.socket)
     if args.drain_timeout is not None:
@@ -69,4 +73,13 @@ def load_daemon_config(args: argparse.Namespace) -> DaemonConfig:
         ring = msgspec.structs.replace(ring, enabled=False)
     if args.ring_backpressure:
         ring = msgspec.structs.replace(ring, backpressure=True)
-    return DaemonConfig(server=server, engine=engine, pipeline=pipeline, ring=ring)
+    if getattr(args, "http", None):
+        http = _replace_checked(http, listen=args.http)
+    if getattr(args, "api_key_file", None):
+        http = _replace_checked(http, api_key_file=args.api_key_file)
+    return DaemonConfig(server=server, engine=engine, pipeline=pipeline, ring=ring, http=http)
+
+
+def _replace_checked(cfg: S, **changes: Any) -> S:
+    """msgspec.structs.replace without skipping __post_init__'s checks."""
+    return type(cfg)(**{**msgspec.structs.asdict(cfg), **changes})

@@ -95,6 +95,16 @@ class EchoEngine:
     def stats(self) -> dict[str, int | float]:
         return {**self._counts, "running": len(self._live), "capacity": self.capacity}
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] needs a string `role` and a string `content`.")
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        # Token id = byte value; a lone byte of a multi-byte character has no text of its own.
+        return [bytes([t]).decode("utf-8", "replace") if t < 256 else f"<{t}>" for t in token_ids]
+
     # -- lifecycle
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="echo-engine")

@@ -24,6 +24,9 @@ Contract (the server enforces its half, the engine must keep its own):
   the `stats` frame. The names in `SERVER_COUNTER_NAMES` belong to the server
   (an engine value under one of them is replaced); `live_requests` and
   `uptime_s` are the engine's when it reports them.
+* `render_chat` and `token_texts` serve the HTTP API (daemon/http/): a chat
+  request becomes one prompt string, logprobs name their tokens as text.
+  Both run on the event loop and must be quick.
 """
 
 from __future__ import annotations
@@ -122,6 +125,15 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, int | float]:
+        ...
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for chat `messages` ({"role", "content"} each), through the
+        model's chat template; raises ValueError with a sentence a person can act on."""
+        ...
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens included), for logprobs."""
         ...
 
     @property

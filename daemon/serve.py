@@ -20,11 +20,14 @@ from overlapd.daemon.engine_options import add_engine_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML file with [server], [engine], [pipeline] and [ring] tables")
+    parser.add_argument("--config", metavar="FILE", help="TOML file with [server], [engine], [pipeline], [ring] and [http] tables")
     parser.add_argument("--socket", metavar="PATH", help="unix socket path (default: [server] socket_path)")
     parser.add_argument("--ring", metavar="PATH", help="ring file (default: [ring] path, /dev/shm/overlapd.ring)")
     parser.add_argument("--no-ring", action="store_true", help="do not publish steps to a shared-memory ring")
     parser.add_argument("--ring-backpressure", action="store_true", help="never overwrite what a registered reader has not read")
+    parser.add_argument("--http", metavar="HOST:PORT",
+                        help="also serve the OpenAI-compatible HTTP API here (a bare PORT binds 127.0.0.1)")
+    parser.add_argument("--api-key-file", metavar="FILE", help="HTTP API bearer tokens, one a line (default: no keys)")
     parser.add_argument("--drain-timeout", type=float, metavar="S", help="seconds live requests get to finish on SIGTERM")
     parser.add_argument("--log-file", metavar="FILE", help="JSON logs to FILE (reopened on SIGHUP) instead of stdout")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -51,7 +54,7 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
     from overlapd.daemon.socket_setup import SocketSetupError
     from overlapd.daemon.systemd_notify import (
         Notifier,
-        inherited_unix_listener,
+        inherited_listeners,
         watchdog_interval,
         watchdog_loop,
     )
@@ -73,6 +76,8 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
     # Loading a large model outlasts the watchdog: keep pinging while we start.
     wd_interval = watchdog_interval()
     pipeline: Pipeline | None = None
+    server: SocketServer | None = None
+    http = None  # HttpServer, when the HTTP API is on
     wd_task = None
     if wd_interval:
         wd_task = loop.create_task(
@@ -87,11 +92,19 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
         # turns SIGTERM into an abort): ours must win, or SIGTERM cannot drain.
         install_signal_handlers()
         await pipeline.start()
-        server = SocketServer(pipeline, cfg.server, listen_sock=inherited_unix_listener())
+        inherited = inherited_listeners()
+        server = SocketServer(pipeline, cfg.server, listen_sock=inherited.unix)
         await server.start()
+        if cfg.http.listen is not None or inherited.http is not None:
+            from overlapd.daemon.http.server import HttpServer
+
+            http = HttpServer(pipeline, cfg.http, stats=server.stats, listen_sock=inherited.http)
+            await http.start()
     except (SocketSetupError, OSError, ValueError) as exc:
         log.error("start_failed", error=str(exc))
         print(f"overlapd serve: {exc}", file=sys.stderr)
+        if server is not None:
+            await server.close()
         if pipeline is not None:
             await pipeline.drain(timeout=0)
         return 1
@@ -100,8 +113,10 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
     # inside the step loop (one H100 run, batch 64: 20.6k -> 22.0k tokens/s).
     gc.collect()
     gc.freeze()
-    notifier.ready(f"serving {cfg.engine.model} on {server.address}")
-    log.info("ready", socket=server.address, ring=cfg.ring.path if cfg.ring.enabled else None)
+    where = server.address + (f" and http://{http.address}" if http is not None else "")
+    notifier.ready(f"serving {cfg.engine.model} on {where}")
+    log.info("ready", socket=server.address, ring=cfg.ring.path if cfg.ring.enabled else None,
+             http=http.address if http is not None else None)
 
     failed = loop.create_task(pipeline.failure.wait())
     stopping = loop.create_task(stop.wait())
@@ -117,9 +132,13 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
     log.info("draining", live=server.live_requests, timeout_s=cfg.server.drain_timeout_s)
     # After a pipeline failure nothing live can progress: abort at once
     # instead of waiting out the drain timeout.
-    await server.drain(0 if code else cfg.server.drain_timeout_s)
+    drain_s = 0 if code else cfg.server.drain_timeout_s
+    # Both front ends drain at once, on [server] drain_timeout_s.
+    await asyncio.gather(server.drain(drain_s), *([http.drain(drain_s)] if http is not None else []))
     await pipeline.drain(timeout=0)  # anything still live was aborted above; closes the ring
     await server.close()
+    if http is not None:
+        await http.close()
     if wd_task is not None:
         wd_task.cancel()
     log.info("stopped", exit_code=code)

@@ -212,3 +212,35 @@ def inherited_unix_listener(
         else:
             entry.sock.close()
     return chosen
+
+
+HTTP_FD_NAME: Final = "http"
+
+
+class InheritedListeners(NamedTuple):
+    unix: socket.socket | None
+    http: socket.socket | None
+
+
+def is_listening_tcp(sock: socket.socket) -> bool:
+    try:
+        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        return False
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM and bool(accepting)
+
+
+def inherited_listeners(*, environ: MutableMapping[str, str] | None = None) -> InheritedListeners:
+    """The daemon's sockets from systemd: the first listening AF_UNIX stream
+    socket (the protocol socket, any name) and the listening TCP socket named
+    `http` (FileDescriptorName=http, from overlapd-http.socket). Others are closed."""
+    unix: socket.socket | None = None
+    http: socket.socket | None = None
+    for entry in listen_fds(environ=environ):
+        if unix is None and is_listening_unix_stream(entry.sock):
+            unix = entry.sock
+        elif http is None and entry.name == HTTP_FD_NAME and is_listening_tcp(entry.sock):
+            http = entry.sock
+        else:
+            entry.sock.close()
+    return InheritedListeners(unix, http)

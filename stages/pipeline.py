@@ -279,6 +279,10 @@ class Pipeline:
         if not self._live:
             self.idle.set()
 
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        decode = self.engine.tokenizer.decode
+        return [decode([t], skip_special_tokens=False) for t in token_ids]
+
     def stats(self) -> dict[str, int | float]:
         sched = self.engine.scheduler
         out: dict[str, int | float] = {

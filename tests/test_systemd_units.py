@@ -86,6 +86,7 @@ def verify(analyze: str, *units: Path) -> None:
 
 def test_units_verify_cleanly(analyze, instance_units):
     verify(analyze, UNITS / "overlapd.service", UNITS / "overlapd.socket")
+    verify(analyze, UNITS / "overlapd.service", UNITS / "overlapd.socket", UNITS / "overlapd-http.socket")
     verify(analyze, instance_units["service"], instance_units["socket"])
 
 
@@ -144,6 +145,16 @@ def test_sockets():
         assert one(unit, "Accept") == "no"
     assert "--ring /dev/shm/overlapd-%i.ring" in one(UNITS / "overlapd@.service", "ExecStart")
     assert "/etc/overlapd/%i.toml" in one(UNITS / "overlapd@.service", "ExecStart")
+
+
+def test_http_socket_is_handed_to_the_service_by_the_name_the_daemon_looks_for():
+    from overlapd.daemon.systemd_notify import HTTP_FD_NAME
+
+    unit = UNITS / "overlapd-http.socket"
+    assert one(unit, "FileDescriptorName") == HTTP_FD_NAME
+    assert one(unit, "Service") == "overlapd.service" and one(unit, "Accept") == "no"
+    assert one(unit, "ListenStream").startswith("127.0.0.1:")  # loopback unless the operator says otherwise
+    assert "overlapd-http.socket" in one(UNITS / "overlapd.service", "After").split()
 
 
 def test_template_sandbox_matches_the_plain_service():
