@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import uvloop
 
+from overlapd.stages.model.chat_template import ChatTemplate
+
 from .config import ServerConfig
 from .engine_api import EngineError, GenerateParams, RequestSink, TokenLogprob
 from .server import SocketServer
@@ -96,10 +98,7 @@ class EchoEngine:
         return {**self._counts, "running": len(self._live), "capacity": self.capacity}
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        for i, m in enumerate(messages):
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}] needs a string `role` and a string `content`.")
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return ChatTemplate(None).render(messages)  # the plain template: this engine has no model
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         # Token id = byte value; a lone byte of a multi-byte character has no text of its own.
