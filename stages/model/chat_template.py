@@ -80,7 +80,7 @@ class ChatTemplate:
                 bos_token=self.bos_token, eos_token=self.eos_token)
         except ChatTemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+        except Exception as e:  # the template is data: whatever it raises is its failure, not the daemon's
             raise ChatTemplateError(f"the model's chat template failed on these messages: {e}") from None
         if len(text) > MAX_RENDERED_CHARS:
             raise ChatTemplateError(f"the chat template produced over {MAX_RENDERED_CHARS} characters")

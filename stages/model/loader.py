@@ -135,34 +135,52 @@ def _dir_source(path: Path) -> _Source:
         raise ModelLoadError(str(e)) from None
     eos = _eos_ids(path, config)
     tokenizer = _tokenizer(path, config, eos)
-    return _Source(path, config, lambda: _CheckpointWeights(path), tokenizer, eos, _dir_chat_template(path))
+    return _Source(path, config, lambda: _CheckpointWeights(path), tokenizer, eos,
+                   _dir_chat_template(path, _prepends_bos(tokenizer)))
 
 
 def _gguf_source(path: Path) -> _Source:
     try:
         ckpt = GGUFCheckpoint(path)
         meta = ckpt.metadata
-        tok = tokenizer_from_gguf(meta)
-        eos = ckpt.config.eos_token_ids
-        template = ChatTemplate(ckpt.chat_template, special_token_text(meta, "bos"), special_token_text(meta, "eos"))
+        tok = Tokenizer(tokenizer_from_gguf(meta), ckpt.config.bos_token_id, ckpt.config.eos_token_ids)
+        bos = "" if _prepends_bos(tok) else special_token_text(meta, "bos")
+        template = ChatTemplate(ckpt.chat_template, bos, special_token_text(meta, "eos"))
     except (GGUFError, ChatTemplateError) as e:
         raise ModelLoadError(str(e)) from None
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
-    return _Source(path, ckpt.config, lambda: ckpt, Tokenizer(tok, ckpt.config.bos_token_id, eos), eos, template)
+    return _Source(path, ckpt.config, lambda: ckpt, tok, ckpt.config.eos_token_ids, template)
 
 
-def _dir_chat_template(path: Path) -> ChatTemplate:
-    """tokenizer_config.json's chat_template (a string), else the plain template."""
+def _prepends_bos(tokenizer: TokenizerLike) -> bool:
+    """Whether encoding adds bos itself: then a template's `{{ bos_token }}` must render empty,
+    or the prompt would start with two (the daemon encodes rendered chats like any prompt)."""
+    ids = tokenizer.encode("")
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _dir_chat_template(path: Path, prepends_bos: bool) -> ChatTemplate:
+    """tokenizer_config.json's chat_template (a string) and special tokens, else the plain template."""
     file = path / "tokenizer_config.json"
-    source = None
+    d: dict = {}
     if file.is_file():
         try:
-            source = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ModelLoadError(f"{file} is not a valid JSON object: {e}") from None
+            d = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{file} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{file} must hold a JSON object")
+    source = d.get("chat_template")
+
+    def text(name: str) -> str:  # a token is a string or {"content": ...}
+        v = d.get(name)
+        v = v.get("content") if isinstance(v, dict) else v
+        return v if isinstance(v, str) else ""
+
     try:
-        return ChatTemplate(source if isinstance(source, str) else None)
+        return ChatTemplate(source if isinstance(source, str) else None,
+                            "" if prepends_bos else text("bos_token"), text("eos_token"))
     except ChatTemplateError as e:
         raise ModelLoadError(f"{file}: {e}") from None
 
