@@ -30,7 +30,40 @@ START_TIMEOUT_S = 10.0
 REAL_START_TIMEOUT_S = 60.0
 
 
-class EchoDaemon:
+class DaemonProcess:
+    """What every test daemon subprocess offers: its stats over the socket, SIGTERM, kill."""
+
+    proc: subprocess.Popen
+    socket_path: Path
+    TERMINATE_S = 10.0  # how long a SIGTERM drain may take before the test kills it
+
+    def stats(self) -> dict[str, int | float]:
+        with Client(self.socket_path, timeout=10) as c:
+            return c.stats()
+
+    def wait_stats(self, predicate, timeout: float = 10.0) -> dict[str, int | float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if predicate(s) or time.monotonic() > deadline:
+                return s
+            time.sleep(0.02)
+
+    def terminate(self, timeout: float | None = None) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(self.TERMINATE_S if timeout is None else timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class EchoDaemon(DaemonProcess):
     """A daemon subprocess: by default the protocol test engine, or any `overlapd` argv."""
 
     def __init__(
@@ -84,30 +117,8 @@ class EchoDaemon:
     def raw(self) -> RawConn:
         return RawConn(self.socket_path)
 
-    def stats(self) -> dict[str, int | float]:
-        with self.client() as c:
-            return c.stats()
-
-    def wait_stats(self, predicate, timeout: float = 10.0) -> dict[str, int | float]:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = self.stats()
-            if predicate(s) or time.monotonic() > deadline:
-                return s
-            time.sleep(0.02)
-
-    def terminate(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.kill()
-
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        super().kill()
         self._log.close()
 
     def log(self) -> str:

@@ -8,7 +8,6 @@ way systemd does with two socket units (LISTEN_FDNAMES=overlapd:http).
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -17,13 +16,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from overlapd.daemon.client import Client
+from daemon_harness import DaemonProcess
 
 START_TIMEOUT_S = 60.0  # Paddle's import and the tiny model, on a loaded CI machine
 API_KEY = "test-key-0123456789abcdef"
 
 
-class HttpDaemon:
+class HttpDaemon(DaemonProcess):
+    TERMINATE_S = 30.0  # a drain also waits for HTTP streams
+
     def __init__(self, tmp: Path, proc: subprocess.Popen, log_path: Path, port: int | None) -> None:
         self.tmp = tmp
         self.proc = proc
@@ -55,30 +56,8 @@ class HttpDaemon:
             time.sleep(0.05)
         raise TimeoutError(f"daemon not ready in {START_TIMEOUT_S}s: {self.log()}")
 
-    def stats(self) -> dict[str, int | float]:
-        with Client(self.socket_path, timeout=10) as c:
-            return c.stats()
-
     def wait_stats(self, predicate, timeout: float = 20.0) -> dict[str, int | float]:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = self.stats()
-            if predicate(s) or time.monotonic() > deadline:
-                return s
-            time.sleep(0.05)
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        return super().wait_stats(predicate, timeout)
 
 
 def _logged_port(log_path: Path) -> int | None:
