@@ -45,7 +45,7 @@ class HttpDaemon(DaemonProcess):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()}")
             if self.port is None:
-                self.port = _logged_port(self.log_path)
+                self.port = logged_port(self.log_path)
             if self.port is not None:
                 try:
                     with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
@@ -60,7 +60,7 @@ class HttpDaemon(DaemonProcess):
         return super().wait_stats(predicate, timeout)
 
 
-def _logged_port(log_path: Path) -> int | None:
+def logged_port(log_path: Path) -> int | None:
     for line in log_path.read_text(errors="replace").splitlines():
         if '"http_listening"' in line:
             return int(json.loads(line)["address"].rsplit(":", 1)[1])

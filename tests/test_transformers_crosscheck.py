@@ -8,7 +8,9 @@ written as a GGUF:
     and the chat template's prompt;
 (b) logits of every position of a few prompts, float32 on both sides;
 (c) greedy generation of 32 tokens for 8 prompts through the real daemon on
-    its socket, with overlap and with --no-overlap: token for token.
+    its socket, with overlap and with --no-overlap: token for token; and a
+    chat through the daemon's HTTP API (the model's template, rendered by us):
+    the same text as transformers' apply_chat_template + generate.
 torch, transformers and accelerate come with the test extra: these run in CI.
 """
 
@@ -20,12 +22,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from daemon_harness import serve_real
 from engine_test_support import get_ops, tiny_in_memory
 from gguf_files import write_llama_gguf
+from http_harness import logged_port
 from overlapd.daemon.client_async import AsyncClient
 from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
 from overlapd.stages.model.loader import LoadedModel, load_model
@@ -90,7 +94,8 @@ def smol_prompts(smol: LoadedModel) -> list[list[int]]:
 def smol_hf(tmp_path_factory: pytest.TempPathFactory, smol_prompts: list[list[int]]) -> dict:
     """One transformers run for (a), (b) and (c): loading the GGUF there takes ~30 s."""
     return hf_reference(tmp_path_factory.mktemp("hf-smol"), packaged_model_path(DEFAULT_MODEL), texts=TEXTS,
-                        chats=CHATS, logit_prompts=smol_prompts, generate_prompts=GENERATE, max_new_tokens=MAX_NEW)
+                        chats=CHATS, logit_prompts=smol_prompts, generate_prompts=GENERATE, generate_chats=CHATS,
+                        max_new_tokens=MAX_NEW)
 
 
 def our_logits(loaded: LoadedModel, ids: list[int]) -> np.ndarray:
@@ -154,13 +159,25 @@ async def _generate_all(socket_path: Path) -> list[list[int]]:
     return [c.token_ids for c in done]
 
 
+def _http_chats(base_url: str) -> list[str]:
+    out = []
+    for chat in CHATS:
+        body = {"model": DEFAULT_MODEL, "messages": chat, "max_tokens": MAX_NEW, "temperature": 0}
+        r = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out.append(r.json()["choices"][0]["message"]["content"])
+    return out
+
+
 @pytest.mark.parametrize("mode", ["overlap", "no-overlap"])
 def test_greedy_generation_through_the_daemon_equals_transformers(tmp_path: Path, smol_hf: dict, mode: str) -> None:
-    flags = ["--model", DEFAULT_MODEL] + (["--no-overlap"] if mode == "no-overlap" else [])
+    flags = ["--model", DEFAULT_MODEL, "--http", "127.0.0.1:0"] + (["--no-overlap"] if mode == "no-overlap" else [])
     daemon = serve_real(tmp_path, *flags)
     try:
         ours = asyncio.run(_generate_all(daemon.socket_path))
+        chats = _http_chats(f"http://127.0.0.1:{logged_port(daemon.log_path)}")
     finally:
         daemon.terminate()
     for prompt, got, expected in zip(GENERATE, ours, smol_hf["generated"], strict=True):
         assert got == expected, f"{prompt!r}: {got} != {expected}"
+    assert chats == smol_hf["chat_texts"]
