@@ -43,13 +43,19 @@ def _request_fields(args: argparse.Namespace) -> dict:
 
 async def _in_process(args: argparse.Namespace) -> int:
     from overlapd.daemon.engine_api import EngineError, GenerateParams
+    from overlapd.daemon.logs import configure_cli_logging
     from overlapd.daemon.sinks import PrintSink, RequestFailed
     from overlapd.stages.pipeline import Pipeline
     from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 
+    configure_cli_logging()
     depth = {"overlap_depth": args.overlap_depth} if args.overlap_depth is not None else {}
-    pipeline = Pipeline(engine_config_from_args(args), PipelineConfig(overlap=not args.no_overlap, **depth),
-                        RingConfig(enabled=False))
+    try:
+        pipeline = Pipeline(engine_config_from_args(args), PipelineConfig(overlap=not args.no_overlap, **depth),
+                            RingConfig(enabled=False))
+    except ValueError as exc:  # a model that cannot load (ModelLoadError), a bad setting
+        print(f"overlapd generate: {exc}", file=sys.stderr)
+        return 1
     await pipeline.start()
     sink = PrintSink(asyncio.get_running_loop())
     fields = _request_fields(args)

@@ -45,3 +45,13 @@ def configure_logging(path: str | None = None, level: str = "info") -> Reopenabl
         cache_logger_on_first_use=False,
     )
     return stream
+
+
+def configure_cli_logging(level: str = "warning") -> None:
+    """For commands whose stdout is their output (`generate`): readable lines on stderr, warnings and up."""
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -18,11 +18,13 @@ one without a chat template a plain one (chat_template.py).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+import structlog
 
 from ..engine_config import TINY_MODEL, EngineConfig
 from ..runtime.ops import FLOAT_DTYPES, Ops, Tensor
@@ -39,6 +41,8 @@ from .tiny import ensure_tiny_checkpoint
 from .tokenizer import ByteTokenizer, Tokenizer, TokenizerLike
 
 LOAD_FORMATS = ("auto", "dummy")
+_PROGRESS_PARAMETERS = 500_000_000  # smaller models load in seconds: no progress lines
+log = structlog.get_logger("overlapd.model")
 
 
 class _WeightSource(Protocol):
@@ -75,8 +79,12 @@ def load_model(cfg: EngineConfig, ops: Ops) -> LoadedModel:
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     weights = _RandomWeights(config, cfg.seed) if cfg.load_format == "dummy" else source.weights()
+    t0 = time.monotonic()
     params = _load_params(config, weights, ops, cfg.dtype)
     model = LlamaModel(config, ops, params, max_len)
+    log.info("model_loaded", model=cfg.model, path=str(source.path) if source.path else None,
+             load_format=cfg.load_format, parameters=config.num_parameters(), dtype=cfg.dtype,
+             seconds=round(time.monotonic() - t0, 1))
     return LoadedModel(cfg.model, source.path, config, model, source.tokenizer, source.eos, max_len, cfg.dtype,
                        source.chat_template)
 
@@ -242,10 +250,18 @@ def _check_shapes(config: LlamaConfig, available: dict[str, tuple[int, ...]]) ->
 
 def _load_params(config: LlamaConfig, source: _WeightSource, ops: Ops,
                  dtype: str) -> dict[str, Tensor]:
+    """Every parameter on the device; a big model logs its progress every quarter."""
     _check_shapes(config, source.shapes())
     params: dict[str, Tensor] = {}
+    total, done, reported, t0 = config.num_parameters(), 0, 0, time.monotonic()
     for name, arrays in _fused_arrays(config, source):
         params[name] = ops.from_numpy(arrays, dtype)
+        done += arrays.size
+        quarter = 4 * done // total
+        if total >= _PROGRESS_PARAMETERS and quarter > reported:
+            reported = quarter
+            log.info("loading_weights", done_pct=min(100, 25 * quarter), parameters=total,
+                     elapsed_s=round(time.monotonic() - t0, 1))
     return params
 
 
