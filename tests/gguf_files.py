@@ -100,7 +100,7 @@ def write_llama_gguf(
         else:
             w.add_tensor(hf_to_gguf_name(name), gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
     for name, arr in (extra_tensors or {}).items():
-        w.add_tensor(name, np.asarray(arr, np.float32))
+        w.add_tensor(name, arr if arr.dtype == np.int8 else np.asarray(arr, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -22,7 +22,7 @@ from overlapd.stages.step_types import SamplingParams
 from gguf_files import expected_weight, write_llama_gguf
 
 Q = gguf.GGMLQuantizationType
-QUANTIZED = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+QUANTIZED = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
 
 
 def tiny_gguf(tmp_path: Path, qtype: Q = Q.F32, **kw) -> Path:
@@ -98,9 +98,10 @@ def test_files_it_cannot_run_get_errors_that_say_why(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="only 'llama'"):
         load_model(EngineConfig(model=str(other)), get_ops())
 
-    q5 = write_llama_gguf(tmp_path / "q5.gguf", config, weights, tok_json, Q.Q5_0)
-    with pytest.raises(ModelLoadError, match=r"Q5_0.*not supported"):
-        load_model(EngineConfig(model=str(q5)), get_ops())
+    ints = write_llama_gguf(tmp_path / "i8.gguf", config, weights, tok_json,
+                            extra_tensors={"odd.weight": np.ones(32, np.int8)})
+    with pytest.raises(ModelLoadError, match=r"\['I8'\] are not supported"):
+        load_model(EngineConfig(model=str(ints)), get_ops())
 
     partial = {k: v for k, v in weights.items() if "layers.3.mlp.up_proj" not in k}
     short = write_llama_gguf(tmp_path / "short.gguf", config, partial, tok_json)
