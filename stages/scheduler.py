@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .block_manager import BlockManager
+from .kv.block_manager import BlockManager
 from .engine_config import EngineConfig
 from .request import (
     U64_MAX,
