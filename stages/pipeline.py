@@ -268,6 +268,9 @@ class Pipeline:
             if live is not None:
                 live.sink.on_error("internal", f"the engine failed on this request's step: {exc}")
         self.counters["failed_steps"] += 1
+        # The failed step may not have written the blocks it was to fill, and
+        # some were cached already (keyed when scheduled): forget every prefix.
+        self.engine.scheduler.block_manager.clear_cache()
         self._maybe_idle()
         return []
 
@@ -277,6 +280,7 @@ class Pipeline:
 
     def stats(self) -> dict[str, int | float]:
         sched = self.engine.scheduler
+        st = sched.stats
         out: dict[str, int | float] = {
             "requests": self.counters["requests"],
             "tokens": self.counters["tokens"],
@@ -285,14 +289,22 @@ class Pipeline:
             "steps": self.times.steps,
             "live_requests": len(self._live),
             "queue_admission": len(self._admission),
-            "queue_waiting": sched.num_waiting,
-            "queue_running": sched.num_running,
+            "queue_waiting": st.num_waiting,
+            "queue_running": st.num_running,
             "queue_prepared": self.q_prepared.qsize(),
             "queue_launched": self.q_launched.qsize(),
             "queue_processed": self.q_processed.qsize(),
-            "kv_blocks_used": sched.num_used_blocks,
-            "kv_blocks_free": sched.num_free_blocks,
-            "preemptions": sched.stats.num_preemptions,
+            # used + free + evictable = all blocks; cached counts held and evictable ones
+            "kv_blocks_total": sched.block_manager.num_blocks,
+            "kv_blocks_used": st.num_blocks_used,
+            "kv_blocks_free": st.num_blocks_free,
+            "kv_blocks_evictable": st.num_blocks_evictable,
+            "kv_blocks_cached": st.num_blocks_cached,
+            "prefix_cache_queried_tokens": st.prefix_queried_tokens,
+            "prefix_cache_hit_tokens": st.prefix_hit_tokens,
+            "prefix_cache_hit_rate": st.prefix_hit_tokens / st.prefix_queried_tokens if st.prefix_queried_tokens else 0.0,
+            "prompt_tokens_computed": st.prompt_tokens_computed,
+            "preemptions": st.num_preemptions,
             "ring_records": self.ring_records,
             # the writer's own count: it also frees dead readers while publishing
             "ring_readers_evicted": self.ring.readers_evicted() if self.ring is not None else 0,

@@ -51,6 +51,8 @@ class Request:
         "num_preemptions",
         "last_sample_step",
         "stops",
+        "block_keys",
+        "num_keyed_blocks",
     )
 
     def __init__(
@@ -75,6 +77,11 @@ class Request:
         self.num_preemptions = 0
         self.last_sample_step = 0  # step id of the latest row that sampled for this request
         self.stops: TokenStops | None = None  # set by the scheduler at admission (it knows eos and the context)
+        # Prefix cache: the keys of the sequence's leading full blocks (they
+        # depend on the tokens only, so they outlive preemption), and how many
+        # blocks of the table are cached (keyed here, or found in the cache).
+        self.block_keys: list[bytes] = []
+        self.num_keyed_blocks = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -89,6 +96,11 @@ class Request:
     def num_tokens(self) -> int:
         """Length of the sequence including placeholders."""
         return len(self.prompt_token_ids) + self.num_outputs
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and outputs already on the host (placeholders excluded)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_tokens_to_compute(self) -> int:
