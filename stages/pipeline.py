@@ -268,6 +268,9 @@ class Pipeline:
             if live is not None:
                 live.sink.on_error("internal", f"the engine failed on this request's step: {exc}")
         self.counters["failed_steps"] += 1
+        # Its outputs never come: without this, every later step's update
+        # would find itself out of order and fail too.
+        self.engine.scheduler.skip_step(so)
         # The failed step may not have written the blocks it was to fill, and
         # some were cached already (keyed when scheduled): forget every prefix.
         self.engine.scheduler.block_manager.clear_cache()

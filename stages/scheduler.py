@@ -437,6 +437,25 @@ class Scheduler:
             accepted.append(SampledToken(req, req.req_id, i, token, row.output_index, reason))
         return accepted
 
+    def skip_step(self, so: SchedulerOutput) -> None:
+        """A step whose outputs will never come (it failed on the device): its
+        rows' requests must be finished already; settle their placeholders so
+        the next step's update() is in order. A step already applied is left alone."""
+        if so.step_id <= self._last_updated_step:
+            return
+        if so.step_id != self._last_updated_step + 1:
+            raise RuntimeError(f"skip of step {so.step_id} but step {self._last_updated_step + 1} is next")
+        self._last_updated_step = so.step_id
+        for row in so.rows:
+            req = self._requests.get(row.req_id)
+            if not row.sample or req is None:
+                continue
+            if not req.is_finished:
+                raise RuntimeError(f"{req}: its step failed but it is still live; finish it first")
+            req.num_placeholders -= 1
+            if req.num_placeholders == 0:
+                del self._requests[req.req_id]
+
     # ---- state changes ---------------------------------------------------
 
     def _leave_running(self, req: Request) -> None:

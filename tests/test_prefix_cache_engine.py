@@ -77,3 +77,65 @@ def test_eviction_and_preemption_keep_outputs_identical(uncached, overlap: bool)
     assert s.num_preemptions > 0 and s.prefix_hit_tokens > 0
     assert s.num_blocks_used == 0 and s.num_blocks_free + s.num_blocks_evictable == eng.num_blocks
     bm.check()
+
+
+class Collect:
+    """A RequestSink keeping tokens and how the request ended."""
+
+    def __init__(self, loop) -> None:
+        self.tokens: list[int] = []
+        self.end = loop.create_future()
+
+    def on_tokens(self, token_ids, text, logprobs) -> None:
+        self.tokens.extend(token_ids)
+
+    def on_done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.end.set_result(finish_reason)
+
+    def on_error(self, code: str, message: str) -> None:
+        self.end.set_result(code)
+
+
+def test_a_failed_step_empties_the_cache_and_serving_goes_on() -> None:
+    """A failed step may not have written blocks that were already keyed: the
+    pipeline forgets every prefix, and the next request computes from scratch
+    to the same tokens."""
+    import asyncio
+
+    from overlapd.daemon.engine_api import GenerateParams
+    from overlapd.stages.pipeline import Pipeline
+    from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
+
+    async def main() -> None:
+        cfg = EngineConfig(model="tiny", max_model_len=MAX_LEN, block_size=BLOCK)
+        p = Pipeline(cfg, PipelineConfig(), RingConfig(enabled=False))
+        await p.start()
+        loop = asyncio.get_running_loop()
+        params = GenerateParams(prompt=SYSTEM, max_tokens=6, temperature=0.0, ignore_eos=True)
+
+        async def run() -> Collect:
+            sink = Collect(loop)
+            p.submit(params, sink)
+            await asyncio.wait_for(sink.end, 30)
+            await asyncio.sleep(0.05)  # the stats settle after the last frame
+            return sink
+
+        first = await run()
+        assert first.end.result() == "length" and p.stats()["kv_blocks_cached"] > 0
+        real_run = p.engine.runner._run
+
+        def fail_once(prepared):
+            p.engine.runner._run = real_run
+            raise RuntimeError("injected: the device failed this step")
+
+        p.engine.runner._run = fail_once
+        failed = await run()
+        assert failed.end.result() == "internal"
+        s = p.stats()
+        assert s["kv_blocks_cached"] == 0 and s["kv_blocks_used"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]
+        hits = s["prefix_cache_hit_tokens"]
+        again = await run()
+        assert again.tokens == first.tokens and p.stats()["prefix_cache_hit_tokens"] == hits  # nothing found
+        await p.drain(timeout=5)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
