@@ -161,14 +161,35 @@ def validate_request(
             f"it must be at most {max_model_len - 1} to leave room for an output token",
         )
     p = params
-    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-        raise InvalidRequest("max_tokens", f"must be at least 1, got {p.max_tokens!r}")
+    _check_max_tokens(p)
     if n + p.max_tokens > max_model_len:
         raise InvalidRequest(
             "max_tokens",
             f"prompt ({n} tokens) + max_tokens ({p.max_tokens}) exceeds the context of "
             f"{max_model_len} tokens; use max_tokens <= {max_model_len - n}",
         )
+    _check_sampling(p, vocab_size)
+
+
+def validate_sampling(params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """The checks that need no prompt: what can be refused before a text prompt is tokenized."""
+    p = params
+    _check_max_tokens(p)
+    if p.max_tokens > max_model_len - 1:
+        raise InvalidRequest(
+            "max_tokens",
+            f"max_tokens ({p.max_tokens}) leaves no room for a prompt in the context of "
+            f"{max_model_len} tokens; use max_tokens <= {max_model_len - 1}",
+        )
+    _check_sampling(p, vocab_size)
+
+
+def _check_max_tokens(p: SamplingParams) -> None:
+    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+        raise InvalidRequest("max_tokens", f"must be at least 1, got {p.max_tokens!r}")
+
+
+def _check_sampling(p: SamplingParams, vocab_size: int) -> None:
     if not math.isfinite(p.temperature) or p.temperature < 0:
         raise InvalidRequest("temperature", f"must be a finite number >= 0 (0 = greedy), got {p.temperature!r}")
     if not math.isfinite(p.top_p) or not 0.0 < p.top_p <= 1.0:
