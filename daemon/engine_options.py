@@ -33,6 +33,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-blocks", type=int, default=None)
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="compute every prompt in full (default: reuse cached KV blocks of shared prefixes)")
     g.add_argument("--no-overlap", action="store_true", help="run stages strictly in order (for comparison and debugging)")
     g.add_argument("--overlap-depth", type=_overlap_depth, default=None,
                    help="with overlap, steps in flight (2-4; default 3, or [pipeline] overlap_depth)")
@@ -60,4 +62,6 @@ def engine_config_from_args(args: argparse.Namespace, base: EngineConfig | None 
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    if getattr(args, "no_prefix_cache", False):
+        fields["prefix_cache"] = False
     return EngineConfig(**fields)

@@ -29,3 +29,6 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_seqs: int = 64  # requests in one step (rows)
     max_num_batched_tokens: int = 512  # tokens in one step: the per-step token budget
     enable_chunked_prefill: bool = True
+    # Reuse the KV of full blocks whose token prefix was computed before (kept
+    # after their request ends, evicted when space is needed): stages/kv/.
+    prefix_cache: bool = True

@@ -36,9 +36,10 @@ from overlapd.stages.execute import Executor
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 from overlapd.stages.postprocess import postprocess_loop
 from overlapd.stages.preprocess import preprocess_loop
-from overlapd.stages.request import InvalidRequest, validate_request
+from overlapd.stages.request import InvalidRequest, validate_request, validate_sampling
 from overlapd.stages.stage_times import StageTimes
 from overlapd.stages.step_types import FinishReason, SamplingParams
+from overlapd.stages.tokenization.pool import TokenizePool
 
 log = structlog.get_logger("overlapd.pipeline")
 
@@ -63,6 +64,9 @@ class Pipeline:
         self._ids = itertools.count(1)
         self._live: dict[int, LiveRequest] = {}
         self._admission: collections.deque[int] = collections.deque()
+        # Text prompts are encoded off the loop; their requests wait here meanwhile.
+        self.tokenize = TokenizePool(self.engine.tokenizer, max_pending=cfg.max_waiting)
+        self._tokenizing: dict[int, asyncio.Task[None]] = {}
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.monotonic()
@@ -157,6 +161,9 @@ class Pipeline:
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+        for task in self._tokenizing.values():
+            task.cancel()
+        self.tokenize.shutdown()
         self.executor.shutdown()
         self.completions.close()
         if self.ring is not None:
@@ -177,18 +184,18 @@ class Pipeline:
     def submit(self, params: GenerateParams, sink: RequestSink) -> int:
         if self._draining:
             raise EngineError("shutting_down", "the daemon is shutting down and takes no new requests")
-        if len(self._admission) + self.engine.scheduler.num_waiting >= self.cfg.max_waiting:
+        waiting = len(self._admission) + len(self._tokenizing) + self.engine.scheduler.num_waiting
+        if waiting >= self.cfg.max_waiting or (params.prompt_ids is None and self.tokenize.full):
             self.counters["overloaded"] += 1
-            raise EngineError("overloaded", f"{self.cfg.max_waiting} requests are already waiting; retry later")
+            raise EngineError("overloaded", f"{waiting} requests are already waiting; retry later")
         if params.prompt is not None and len(params.prompt) > self.max_prompt_chars:
-            # Encoding runs on the event loop (~0.8 s for 1 MiB of text, every
-            # client stalled meanwhile); a text this long cannot fit anyway.
+            # A text this long cannot fit: refused without spending a worker
+            # on encoding it (~1 s for 1 MiB).
             raise EngineError(
                 "invalid_request",
                 f"prompt: {len(params.prompt)} characters are more than a context of "
                 f"{self.engine.max_model_len} tokens can hold; send a much shorter prompt",
             )
-        prompt_ids = list(params.prompt_ids) if params.prompt_ids is not None else self.engine.tokenizer.encode(params.prompt)
         sp = SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -201,20 +208,59 @@ class Pipeline:
             logprobs=params.logprobs,
         )
         try:
-            validate_request(prompt_ids, sp, self.engine.vocab_size, self.engine.max_model_len)
+            if params.prompt_ids is not None:
+                prompt_ids = list(params.prompt_ids)
+                validate_request(prompt_ids, sp, self.engine.vocab_size, self.engine.max_model_len)
+            else:  # what can be checked before encoding is refused now; the prompt's own checks follow it
+                validate_sampling(sp, self.engine.vocab_size, self.engine.max_model_len)
         except InvalidRequest as exc:
             raise EngineError("invalid_request", str(exc)) from None
         req_id = next(self._ids)
-        self._live[req_id] = LiveRequest(sink, prompt_ids, sp)
-        self._admission.append(req_id)
+        if params.prompt_ids is not None:
+            self._live[req_id] = LiveRequest(sink, prompt_ids, sp)
+            self._admission.append(req_id)
+            self.work_available.set()
+        else:
+            self._live[req_id] = LiveRequest(sink, [], sp)
+            encoded = self.tokenize.encode(params.prompt or "")  # pending from now: the bound holds in a burst
+            self._tokenizing[req_id] = asyncio.get_running_loop().create_task(self._encode(req_id, encoded))
         self.idle.clear()
         self.counters["requests"] += 1
-        self.work_available.set()
         return req_id
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The prompt the model's chat template makes of `messages` (ChatTemplateError, a ValueError, if bad)."""
         return self.engine.loaded.chat_template.render(messages)
+
+    async def _encode(self, req_id: int, encoded: asyncio.Future[list[int]]) -> None:
+        """Tokenize a text prompt on the pool, then queue its request for admission
+        (or end it with the error the prompt earned). Runs on the loop."""
+        try:
+            ids = await encoded
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a tokenizer failure costs this request only
+            log.exception("tokenize_failed", request_id=req_id)
+            ids, error = None, ("internal", f"the prompt could not be tokenized: {exc}")
+        finally:
+            self._tokenizing.pop(req_id, None)
+        live = self._live.get(req_id)
+        if live is None:
+            return  # aborted (or its client left) while it was being encoded
+        if ids is not None:
+            try:
+                validate_request(ids, live.params, self.engine.vocab_size, self.engine.max_model_len)
+                error = None
+            except InvalidRequest as exc:
+                error = ("invalid_request", str(exc))
+        if error is not None:
+            del self._live[req_id]
+            live.sink.on_error(*error)
+            self._maybe_idle()
+            return
+        live.prompt_ids = ids
+        self._admission.append(req_id)
+        self.work_available.set()
 
     def admit_waiting(self) -> None:
         """Hand admitted requests to the scheduler (preprocess stage, on the loop)."""
@@ -272,6 +318,12 @@ class Pipeline:
             if live is not None:
                 live.sink.on_error("internal", f"the engine failed on this request's step: {exc}")
         self.counters["failed_steps"] += 1
+        # Its outputs never come: without this, every later step's update
+        # would find itself out of order and fail too.
+        self.engine.scheduler.skip_step(so)
+        # The failed step may not have written the blocks it was to fill, and
+        # some were cached already (keyed when scheduled): forget every prefix.
+        self.engine.scheduler.block_manager.clear_cache()
         self._maybe_idle()
         return []
 
@@ -285,6 +337,7 @@ class Pipeline:
 
     def stats(self) -> dict[str, int | float]:
         sched = self.engine.scheduler
+        st = sched.stats
         out: dict[str, int | float] = {
             "requests": self.counters["requests"],
             "tokens": self.counters["tokens"],
@@ -293,14 +346,23 @@ class Pipeline:
             "steps": self.times.steps,
             "live_requests": len(self._live),
             "queue_admission": len(self._admission),
-            "queue_waiting": sched.num_waiting,
-            "queue_running": sched.num_running,
+            "queue_tokenize": self.tokenize.pending,  # text prompts being encoded (bounded by the pool)
+            "queue_waiting": st.num_waiting,
+            "queue_running": st.num_running,
             "queue_prepared": self.q_prepared.qsize(),
             "queue_launched": self.q_launched.qsize(),
             "queue_processed": self.q_processed.qsize(),
-            "kv_blocks_used": sched.num_used_blocks,
-            "kv_blocks_free": sched.num_free_blocks,
-            "preemptions": sched.stats.num_preemptions,
+            # used + free + evictable = all blocks; cached counts held and evictable ones
+            "kv_blocks_total": sched.block_manager.num_blocks,
+            "kv_blocks_used": st.num_blocks_used,
+            "kv_blocks_free": st.num_blocks_free,
+            "kv_blocks_evictable": st.num_blocks_evictable,
+            "kv_blocks_cached": st.num_blocks_cached,
+            "prefix_cache_queried_tokens": st.prefix_queried_tokens,
+            "prefix_cache_hit_tokens": st.prefix_hit_tokens,
+            "prefix_cache_hit_rate": st.prefix_hit_tokens / st.prefix_queried_tokens if st.prefix_queried_tokens else 0.0,
+            "prompt_tokens_computed": st.prompt_tokens_computed,
+            "preemptions": st.num_preemptions,
             "ring_records": self.ring_records,
             # the writer's own count: it also frees dead readers while publishing
             "ring_readers_evicted": self.ring.readers_evicted() if self.ring is not None else 0,

@@ -51,6 +51,8 @@ class Request:
         "num_preemptions",
         "last_sample_step",
         "stops",
+        "block_keys",
+        "num_keyed_blocks",
     )
 
     def __init__(
@@ -75,6 +77,11 @@ class Request:
         self.num_preemptions = 0
         self.last_sample_step = 0  # step id of the latest row that sampled for this request
         self.stops: TokenStops | None = None  # set by the scheduler at admission (it knows eos and the context)
+        # Prefix cache: the keys of the sequence's leading full blocks (they
+        # depend on the tokens only, so they outlive preemption), and how many
+        # blocks of the table are cached (keyed here, or found in the cache).
+        self.block_keys: list[bytes] = []
+        self.num_keyed_blocks = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -89,6 +96,11 @@ class Request:
     def num_tokens(self) -> int:
         """Length of the sequence including placeholders."""
         return len(self.prompt_token_ids) + self.num_outputs
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and outputs already on the host (placeholders excluded)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_tokens_to_compute(self) -> int:
@@ -149,14 +161,35 @@ def validate_request(
             f"it must be at most {max_model_len - 1} to leave room for an output token",
         )
     p = params
-    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-        raise InvalidRequest("max_tokens", f"must be at least 1, got {p.max_tokens!r}")
+    _check_max_tokens(p)
     if n + p.max_tokens > max_model_len:
         raise InvalidRequest(
             "max_tokens",
             f"prompt ({n} tokens) + max_tokens ({p.max_tokens}) exceeds the context of "
             f"{max_model_len} tokens; use max_tokens <= {max_model_len - n}",
         )
+    _check_sampling(p, vocab_size)
+
+
+def validate_sampling(params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """The checks that need no prompt: what can be refused before a text prompt is tokenized."""
+    p = params
+    _check_max_tokens(p)
+    if p.max_tokens > max_model_len - 1:
+        raise InvalidRequest(
+            "max_tokens",
+            f"max_tokens ({p.max_tokens}) leaves no room for a prompt in the context of "
+            f"{max_model_len} tokens; use max_tokens <= {max_model_len - 1}",
+        )
+    _check_sampling(p, vocab_size)
+
+
+def _check_max_tokens(p: SamplingParams) -> None:
+    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+        raise InvalidRequest("max_tokens", f"must be at least 1, got {p.max_tokens!r}")
+
+
+def _check_sampling(p: SamplingParams, vocab_size: int) -> None:
     if not math.isfinite(p.temperature) or p.temperature < 0:
         raise InvalidRequest("temperature", f"must be a finite number >= 0 (0 = greedy), got {p.temperature!r}")
     if not math.isfinite(p.top_p) or not 0.0 < p.top_p <= 1.0:

@@ -15,6 +15,16 @@ the latest-arrived running request is preempted (its blocks freed, its state
 reset, back into the waiting queue by arrival) and recomputes prompt +
 outputs when it is admitted again.
 
+Prefix caching (stages/kv/prefix_cache.py): a request admitted from the
+waiting queue starts with the cached blocks that match its leading full
+blocks and computes from the first block boundary after them, and never its
+whole sequence: its last token is always computed, for the logits. A block is
+keyed once every position in it is scheduled and its tokens are known, at
+the end of the schedule() that completed it, so no one shares it in the step
+that writes it; steps run in order on the device, so any later step reads it
+written. It is never written again: every later write of its request lands
+after the computed positions.
+
 Overlap: schedule() may run before the previous step's outputs are known.
 Each sampling row leaves a placeholder output on its request (its KV position
 advances), so the next schedule() can decode it with `from_prev_step=True`.
@@ -32,7 +42,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .block_manager import BlockManager
+from .kv.block_manager import BlockManager
+from .kv.prefix_cache import cache_salt
+from .kv.sequence_blocks import cache_full_blocks, cached_prefix
 from .engine_config import EngineConfig
 from .request import (
     U64_MAX,
@@ -66,6 +78,11 @@ class SchedulerStats:
     num_blocks_free: int
     num_preemptions: int
     num_steps: int
+    num_blocks_evictable: int  # cached, held by nobody: counted neither used nor free
+    num_blocks_cached: int  # holding a cached prefix, held or evictable
+    prefix_queried_tokens: int  # tokens of every sequence admitted from the waiting queue
+    prefix_hit_tokens: int  # of those, found in the prefix cache instead of computed
+    prompt_tokens_computed: int  # prompt positions actually computed (recomputes included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +127,11 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_waiting = max_waiting
-        self.block_manager = BlockManager(num_blocks, cfg.block_size)
+        # The KV depends on the model, its weights and dtype, and the runtime
+        # computing it; the keys say so (prefix_cache.py).
+        salt = cache_salt(cfg.model, cfg.load_format, cfg.seed, cfg.dtype, cfg.runtime, cfg.device, cfg.block_size)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, salt if cfg.prefix_cache else None)
+        self._caching = cfg.prefix_cache
         self._seed_rng = random.Random(cfg.seed)
         self.waiting: deque[Request] = deque()  # sorted by arrival
         self.running: list[Request] = []  # sorted by arrival
@@ -126,6 +147,10 @@ class Scheduler:
         self._step_id = 0
         self._last_updated_step = 0
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.prompt_tokens_computed = 0
+        self._to_key: list[Request] = []  # rows of this schedule() that completed a block
 
     # ---- admission and removal ------------------------------------------
 
@@ -202,6 +227,11 @@ class Scheduler:
             num_blocks_free=bm.num_free_blocks,
             num_preemptions=self.num_preemptions,
             num_steps=self._step_id,
+            num_blocks_evictable=bm.num_evictable_blocks,
+            num_blocks_cached=bm.num_cached_blocks,
+            prefix_queried_tokens=self.prefix_queried_tokens,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            prompt_tokens_computed=self.prompt_tokens_computed,
         )
 
     # ---- scheduling ------------------------------------------------------
@@ -255,6 +285,9 @@ class Scheduler:
         if not preempted:
             budget = self._admit(rows, budget, step_id)
 
+        for req in self._to_key:
+            cache_full_blocks(self.block_manager, req)
+        self._to_key.clear()
         if not rows:
             return SchedulerOutput(step_id=0, rows=[])
         self._step_id = step_id
@@ -270,14 +303,23 @@ class Scheduler:
             # the sequence to recompute is not known yet.
             if req.num_placeholders:
                 break
-            want = min(req.num_tokens_to_compute, budget)
-            n = min(want, bm.tokens_that_fit(req.block_ids, 0))
-            if n == 0 or (not chunked and n < req.num_tokens_to_compute):
+            # all of its tokens are known: it waits above while any is in flight
+            hits = cached_prefix(bm, req) if self._caching else []
+            skip = len(hits) * bm.block_size
+            to_compute = req.num_tokens - skip
+            n = min(to_compute, budget, bm.tokens_that_fit_after(hits))
+            if n == 0 or (not chunked and n < to_compute):
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self._insert_by_arrival(self.running, req)
-            bm.grow(req.block_ids, n)
+            self.prefix_queried_tokens += req.num_tokens
+            if self._caching:
+                req.block_ids = bm.take(hits)
+                req.num_keyed_blocks = len(hits)
+                req.num_computed_tokens = skip
+                self.prefix_hit_tokens += skip
+            bm.grow(req.block_ids, skip + n)
             rows.append(self._row(req, n, step_id))
             budget -= n
         return budget
@@ -334,6 +376,10 @@ class Scheduler:
         # from (seed, output_index), also when it resumes after preemption.
         output_index = req.num_outputs
         req.num_computed_tokens += n
+        if start < req.num_prompt_tokens:
+            self.prompt_tokens_computed += min(start + n, req.num_prompt_tokens) - start
+        if self._caching and req.num_computed_tokens >= (req.num_keyed_blocks + 1) * self.cfg.block_size:
+            self._to_key.append(req)  # keyed when this step is complete, never shared within it
         if sample:
             req.num_placeholders += 1
             req.last_sample_step = step_id
@@ -391,6 +437,25 @@ class Scheduler:
             accepted.append(SampledToken(req, req.req_id, i, token, row.output_index, reason))
         return accepted
 
+    def skip_step(self, so: SchedulerOutput) -> None:
+        """A step whose outputs will never come (it failed on the device): its
+        rows' requests must be finished already; settle their placeholders so
+        the next step's update() is in order. A step already applied is left alone."""
+        if so.step_id <= self._last_updated_step:
+            return
+        if so.step_id != self._last_updated_step + 1:
+            raise RuntimeError(f"skip of step {so.step_id} but step {self._last_updated_step + 1} is next")
+        self._last_updated_step = so.step_id
+        for row in so.rows:
+            req = self._requests.get(row.req_id)
+            if not row.sample or req is None:
+                continue
+            if not req.is_finished:
+                raise RuntimeError(f"{req}: its step failed but it is still live; finish it first")
+            req.num_placeholders -= 1
+            if req.num_placeholders == 0:
+                del self._requests[req.req_id]
+
     # ---- state changes ---------------------------------------------------
 
     def _leave_running(self, req: Request) -> None:
@@ -398,9 +463,12 @@ class Scheduler:
         self._freed.append(req.req_id)
 
     def _release_blocks(self, req: Request) -> None:
+        if self._caching:
+            cache_full_blocks(self.block_manager, req)  # its tail may have become known since it was scheduled
         self.block_manager.free(req.block_ids)
         req.block_ids = []  # a new list: rows handed out keep their snapshots
         req.num_computed_tokens = 0
+        req.num_keyed_blocks = 0
 
     def _preempt(self, req: Request) -> None:
         self._leave_running(req)

@@ -3,7 +3,9 @@
 The device keeps a paged cache of token ids addressed exactly as the real
 runner addresses KV (block table + position), and its "model" samples the
 next token as a hash of the whole sequence read back through the block
-table, plus the row's seed and output index. So any scheduling mistake
+table, plus the row's seed and output index. With the prefix cache on, a row
+may read positions another request wrote (a shared block); what it reads is
+still the token sequence, so a wrong share changes the tokens too. So any scheduling mistake
 (wrong block table, lost token, stale KV after preemption, a placeholder fed
 from the wrong step) changes the tokens, and `reference_tokens` gives what an
 unconstrained run must produce. This is test input, not a mock: the
@@ -30,8 +32,9 @@ def next_token(seq: list[int], seed: int, output_index: int, vocab_size: int, gr
 
 
 class SimDevice:
-    def __init__(self, num_blocks: int, block_size: int, vocab_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int, shared_reads: bool = False) -> None:
         self.block_size = block_size
+        self.shared_reads = shared_reads  # the prefix cache is on: reading another request's KV is allowed
         self.vocab_size = vocab_size
         self.kv = np.full((num_blocks, block_size), EMPTY, dtype=np.int64)
         self.owner = np.full((num_blocks, block_size), -1, dtype=np.int64)
@@ -58,7 +61,9 @@ class SimDevice:
                 seq = []
                 for p in range(end):
                     b = row.block_ids[p // bs]
-                    assert self.owner[b, p % bs] == row.req_id, f"row {row.req_id} reads KV it did not write"
+                    if not self.shared_reads:
+                        assert self.owner[b, p % bs] == row.req_id, f"row {row.req_id} reads KV it did not write"
+                    assert self.kv[b, p % bs] != EMPTY, f"row {row.req_id} reads a position nobody wrote"
                     seq.append(int(self.kv[b, p % bs]))
                 greedy = row.params.temperature == 0
                 sampled[i] = next_token(seq, row.seed, row.output_index, self.vocab_size, greedy)
@@ -113,8 +118,14 @@ def check_step(sched: Scheduler, so: SchedulerOutput) -> None:
     assert len(so.rows) <= cfg.max_num_seqs
     ids = [r.req_id for r in so.rows]
     assert len(ids) == len(set(ids)), "a request twice in one step"
-    for r in so.rows:  # freed and scheduled again only as a fresh start (runner frees first)
-        assert r.req_id not in so.freed_req_ids or r.start_pos == 0
+    bm = sched.block_manager
+    for r in so.rows:  # freed and scheduled again only as a fresh start (runner frees first), after any cached prefix
+        assert r.req_id not in so.freed_req_ids or r.start_pos == 0 or (
+            bm.prefix_cache is not None and r.start_pos % cfg.block_size == 0)
+        # the blocks a row writes are its own: a shared (cached) block is never written
+        first, last = r.start_pos // cfg.block_size, (r.start_pos + r.num_tokens - 1) // cfg.block_size
+        for b in r.block_ids[first: last + 1]:
+            assert bm.ref_count(b) == 1, f"request {r.req_id} writes block {b}, held {bm.ref_count(b)} times"
     assert len(sched.running) <= cfg.max_num_seqs
     in_rows = {r.req_id for r in so.rows}
     for r in sched.running:  # decodes first: only prefills and finished-in-flight ones may wait
@@ -132,8 +143,18 @@ def check_blocks(sched: Scheduler) -> None:
     bm = sched.block_manager
     bm.check()
     held = [b for r in sched.running for b in r.block_ids]
-    assert len(held) == len(set(held)), "a block owned twice"
-    assert len(held) == bm.num_used_blocks, "blocks leaked or double counted"
+    for r in sched.running:
+        assert len(r.block_ids) == len(set(r.block_ids)), f"a block twice in {r}'s table"
+    counts: dict[int, int] = {}
+    for b in held:
+        counts[b] = counts.get(b, 0) + 1
+    if bm.prefix_cache is None:
+        assert len(held) == len(set(held)), "a block owned twice"
+    for b, n in counts.items():
+        assert bm.ref_count(b) == n, f"block {b}: {n} tables hold it, its count says {bm.ref_count(b)}"
+        assert n == 1 or bm.prefix_cache.is_cached(b), f"block {b} is shared but not cached"
+    assert len(counts) == bm.num_used_blocks, "blocks leaked or double counted"
+    assert bm.num_used_blocks + bm.num_free_blocks + bm.num_evictable_blocks == bm.num_blocks
     assert all(not r.block_ids for r in sched.waiting)
 
 

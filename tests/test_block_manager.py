@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from overlapd.stages.block_manager import BlockError, BlockManager
+from overlapd.stages.kv.block_manager import BlockError, BlockManager
 
 
 def test_allocate_and_free_keep_exact_counts() -> None:

@@ -50,6 +50,7 @@ def test_kv_exhaustion_preempts_and_recomputes_to_identical_outputs(tmp_path, ro
     outputs, stats = run_batch(tmp_path, "--num-blocks", str(TIGHT_BLOCKS))
     assert roomy_stats["preemptions"] == 0
     assert stats["preemptions"] > 0, "the tight cache never preempted: the test proves nothing"
-    assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_free"] == TIGHT_BLOCKS
+    # every block is free again, or kept in the prefix cache's evictable pool
+    assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_free"] + stats["kv_blocks_evictable"] == TIGHT_BLOCKS
     for i, (got, want) in enumerate(zip(outputs, reference)):
         assert got == want, f"request {i} ({'greedy' if i % 2 == 0 else 'seeded'}) differs after preemption"

@@ -28,8 +28,10 @@ def make(
     max_model_len: int = 256,
     eos: tuple[int, ...] = (EOS,),
     seed: int = 0,
+    prefix_cache: bool = True,
 ) -> tuple[Scheduler, SimDevice]:
     cfg = EngineConfig(
+        prefix_cache=prefix_cache,
         block_size=block_size,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -37,7 +39,7 @@ def make(
         seed=seed,
     )
     sched = Scheduler(cfg, num_blocks=num_blocks, max_model_len=max_model_len, vocab_size=VOCAB, eos_token_ids=eos)
-    return sched, SimDevice(num_blocks, block_size, VOCAB)
+    return sched, SimDevice(num_blocks, block_size, VOCAB, shared_reads=prefix_cache)
 
 
 def prompt(n: int, salt: int = 0) -> list[int]:
@@ -77,7 +79,8 @@ def test_budgets_respected_and_outputs_match_reference(runner) -> None:
     assert max(s.num_tokens for s in log.steps) == 16
     assert max(len(s.rows) for s in log.steps) == 4
     assert_matches_reference(sched, log, reqs)
-    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+    bm = sched.block_manager
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks + bm.num_evictable_blocks == bm.num_blocks
 
 
 def test_chunked_prefill_splits_prompt_over_steps() -> None:
@@ -206,8 +209,9 @@ def test_output_after_finish_is_discarded() -> None:
     assert sched.schedule().is_empty
 
 
-def test_preempted_with_output_in_flight_keeps_it_fastdeploy_6176() -> None:
-    sched, dev = make(num_blocks=4, block_size=4, max_num_batched_tokens=32)
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_preempted_with_output_in_flight_keeps_it_fastdeploy_6176(prefix_cache: bool) -> None:
+    sched, dev = make(num_blocks=4, block_size=4, max_num_batched_tokens=32, prefix_cache=prefix_cache)
     pa, pb = prompt(4, 1), prompt(11, 2)
     a = sched.add_request(1, pa, SamplingParams(max_tokens=3, seed=5, ignore_eos=True))
     b = sched.add_request(2, pb, SamplingParams(max_tokens=3, seed=6, ignore_eos=True))
@@ -230,8 +234,10 @@ def test_preempted_with_output_in_flight_keeps_it_fastdeploy_6176() -> None:
         resumed.append(r)
         if r.sample:
             break
-    assert resumed[0].start_pos == 0
-    assert sum((r.token_ids for r in resumed), []) == pb + [int(o1.sampled[1])]
+    # with the cache, B's two full prompt blocks outlived its preemption: it resumes after them
+    start = 8 if prefix_cache else 0
+    assert resumed[0].start_pos == start
+    assert sum((r.token_ids for r in resumed), []) == (pb + [int(o1.sampled[1])])[start:]
     want_a, _ = reference_tokens(pa, a.params, a.seed, VOCAB, set())
     assert [int(o1.sampled[0])] + rest.tokens[1] == want_a
 

@@ -53,6 +53,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """Like encode, for several texts; unlike encode, other threads run meanwhile
+        (the library releases the GIL in encode_batch, not in encode)."""
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

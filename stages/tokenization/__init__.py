@@ -1,0 +1,1 @@
+"""Text to token ids away from the event loop."""
