@@ -122,9 +122,13 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, ops: Ops, vocab_size: int) -> None:
+    def __init__(self, ops: Ops, vocab_size: int, sort_dtype: str = FLOAT32) -> None:
         self.ops = ops
         self.vocab_size = vocab_size
+        # Logits of a bfloat16 model are bfloat16 values held in float32; dividing
+        # by a temperature keeps their order and ties, so sorting them as bfloat16
+        # gives the same stable order with half the key bits (a radix sort's passes).
+        self.sort_dtype = sort_dtype
         self._ranks = ops.reshape(ops.arange(vocab_size, INT64), [1, vocab_size])
 
     def uniforms(self, state: Tensor) -> Tensor:
@@ -173,7 +177,7 @@ class Sampler:
         rows, vocab = logits.shape[0], self.vocab_size
         temp = ops.where(ops.gt(p.temperature, 0.0), p.temperature, 1.0)
         scaled = ops.div(logits, ops.reshape(temp, [rows, 1]))
-        order = ops.argsort_descending(scaled)
+        order = ops.argsort_descending(scaled if self.sort_dtype == FLOAT32 else ops.cast(logits, self.sort_dtype))
         probs = ops.softmax(ops.gather(scaled, order, axis=-1), axis=-1)
         # top-k and top-p keep a prefix of the sorted vocabulary (never empty:
         # the first token has rank 0 < k and nothing before it)
