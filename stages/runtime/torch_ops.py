@@ -162,6 +162,14 @@ class TorchOps:
         x = torch.tensor(np.ascontiguousarray(a), device=self._dev)
         return x if dtype is None else x.to(_DTYPES[dtype])
 
+    def random_normal(self, shape: Sequence[int], seed: int, mean: float = 0.0, std: float = 1.0) -> Tensor:
+        """float32 normal draws made on the device by a generator seeded with `seed`
+        (dummy weights: no host round trip)."""
+        g = torch.Generator(device=self._dev)
+        g.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+        x = torch.randn(list(shape), generator=g, dtype=torch.float32, device=self._dev)
+        return x.mul_(std).add_(mean) if (mean, std) != (0.0, 1.0) else x
+
     def to_numpy(self, x: Tensor) -> np.ndarray:
         x = x.detach()
         return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
