@@ -1,0 +1,76 @@
+"""The sampler's device time at one batch, piece by piece, for bench/gpu.py.
+
+Each piece is captured in a CUDA graph and its replays are timed with CUDA
+events (median of `reps`), on random bf16-valued logits over the 128k
+vocabulary, with issue 13's parameters (temperature 0.8, top-p 0.95, seeds):
+greedy argmax, the sampled path with its sort keys in bf16 (the runner's
+choice for a bf16 model) and in float32, the logprob pack at width 20, and
+the vocabulary sort alone in each dtype.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import numpy as np
+import torch
+from overlapd.stages.runtime import load_runtime
+from overlapd.stages.sampler import Sampler, SamplingTensors, seed_state
+
+
+def _time_graph(fn: Callable[[], object], reps: int = 50) -> float:
+    """Median device time of one replay of fn's graph, in microseconds."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    return statistics.median(times)
+
+
+def sampler_bench(rows: int = 64, vocab: int = 128256) -> dict:
+    ops = load_runtime("torch", "gpu")
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    logits = (3 * torch.randn(rows, vocab, generator=gen, device="cuda")).to(torch.bfloat16).float()
+    params = SamplingTensors(
+        temperature=torch.full((rows,), 0.8, device="cuda"), top_p=torch.full((rows,), 0.95, device="cuda"),
+        top_k=torch.zeros(rows, dtype=torch.int64, device="cuda"),
+        seed_state=torch.tensor([seed_state(1000 + i, 0) for i in range(rows)], dtype=torch.int64, device="cuda"))
+    bf16, f32 = Sampler(ops, vocab, sort_dtype="bfloat16"), Sampler(ops, vocab)
+    finish = torch.zeros(rows, dtype=torch.int64, device="cuda")
+    a = bf16.sample(logits, params, any_random=True)
+    b = f32.sample(logits, params, any_random=True)
+    sampled = a
+    out = {
+        "rows": rows, "vocab": vocab,
+        "bf16_sort_same_tokens": bool(torch.equal(a, b)),
+        "greedy_argmax_us": _time_graph(lambda: bf16.sample(logits, params, any_random=False)),
+        "sample_bf16_sort_us": _time_graph(lambda: bf16.sample(logits, params, any_random=True)),
+        "sample_f32_sort_us": _time_graph(lambda: f32.sample(logits, params, any_random=True)),
+        "pack_logprobs20_us": _time_graph(lambda: bf16.pack(logits, sampled, finish, 20)),
+        "pack_none_us": _time_graph(lambda: bf16.pack(logits, sampled, finish, 0)),
+        "sort_f32_us": _time_graph(lambda: torch.sort(logits, dim=-1, descending=True, stable=True)),
+        "sort_bf16_us": _time_graph(lambda: torch.sort(logits.to(torch.bfloat16), dim=-1, descending=True,
+                                                       stable=True)),
+    }
+    # the distribution check a reader can redo: sampled ids lie in each row's top-p set
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    sp, si = torch.sort(probs, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(sp, dim=-1) - sp
+    kept = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, si, before < 0.95)
+    out["sampled_in_top_p_set"] = bool(kept.gather(1, a.view(-1, 1)).all())
+    out["distinct_tokens"] = int(np.unique(a.cpu().numpy()).size)
+    return out
