@@ -3,8 +3,9 @@
 Each piece is captured in a CUDA graph and its replays are timed with CUDA
 events (median of `reps`), on random bf16-valued logits over the 128k
 vocabulary, with issue 13's parameters (temperature 0.8, top-p 0.95, seeds):
-greedy argmax, the sampled path with its sort keys in bf16 (the runner's
-choice for a bf16 model) and in float32, the logprob pack at width 20, and
+greedy argmax, the sampled path with the fused pass after the sort
+(kernels/triton_sampling.py, the default on a GPU), and through the ops with
+its sort keys in bf16 (the runner's choice for a bf16 model) and in float32, the logprob pack at width 20, and
 the vocabulary sort alone in each dtype.
 """
 
@@ -49,15 +50,20 @@ def sampler_bench(rows: int = 64, vocab: int = 128256) -> dict:
         temperature=torch.full((rows,), 0.8, device="cuda"), top_p=torch.full((rows,), 0.95, device="cuda"),
         top_k=torch.zeros(rows, dtype=torch.int64, device="cuda"),
         seed_state=torch.tensor([seed_state(1000 + i, 0) for i in range(rows)], dtype=torch.int64, device="cuda"))
-    bf16, f32 = Sampler(ops, vocab, sort_dtype="bfloat16"), Sampler(ops, vocab)
+    plain = load_runtime("torch", "gpu")
+    plain.fused_sample_sorted = None  # the ops path after the sort
+    bf16, f32 = Sampler(plain, vocab, sort_dtype="bfloat16"), Sampler(plain, vocab)
+    fused = Sampler(ops, vocab, sort_dtype="bfloat16")  # what the runner uses for a bf16 model
     finish = torch.zeros(rows, dtype=torch.int64, device="cuda")
     a = bf16.sample(logits, params, any_random=True)
     b = f32.sample(logits, params, any_random=True)
+    c = fused.sample(logits, params, any_random=True)
     sampled = a
     out = {
-        "rows": rows, "vocab": vocab,
-        "bf16_sort_same_tokens": bool(torch.equal(a, b)),
-        "greedy_argmax_us": _time_graph(lambda: bf16.sample(logits, params, any_random=False)),
+        "rows": rows, "vocab": vocab, "fused_kernel": ops.fused_sample_sorted is not None,
+        "bf16_sort_same_tokens": bool(torch.equal(a, b)), "fused_same_tokens": int((a == c).sum()),
+        "greedy_argmax_us": _time_graph(lambda: fused.sample(logits, params, any_random=False)),
+        "sample_fused_us": _time_graph(lambda: fused.sample(logits, params, any_random=True)),
         "sample_bf16_sort_us": _time_graph(lambda: bf16.sample(logits, params, any_random=True)),
         "sample_f32_sort_us": _time_graph(lambda: f32.sample(logits, params, any_random=True)),
         "pack_logprobs20_us": _time_graph(lambda: bf16.pack(logits, sampled, finish, 20)),

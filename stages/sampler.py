@@ -174,6 +174,12 @@ class Sampler:
 
     def _sample(self, logits: Tensor, p: SamplingTensors) -> Tensor:
         ops = self.ops
+        u = p.uniform if p.uniform is not None else self.uniforms(p.seed_state)
+        kernel = getattr(ops, "fused_sample_sorted", None)
+        if kernel is not None:  # one pass per row over the sort's values instead of the op chain below
+            keys = logits if self.sort_dtype == FLOAT32 else ops.cast(logits, self.sort_dtype)
+            values, order = ops.sort_descending(keys)  # type: ignore[attr-defined]
+            return kernel(values, order, p.temperature, p.top_p, p.top_k, u)
         rows, vocab = logits.shape[0], self.vocab_size
         temp = ops.where(ops.gt(p.temperature, 0.0), p.temperature, 1.0)
         scaled = ops.div(logits, ops.reshape(temp, [rows, 1]))
@@ -187,7 +193,6 @@ class Sampler:
         keep = ops.logical_and(keep, ops.lt(before, ops.reshape(p.top_p, [rows, 1])))
         cdf = ops.cumsum(ops.where(keep, probs, 0.0), axis=-1)
         total = ops.gather(cdf, ops.full([rows, 1], vocab - 1, INT64), axis=-1)
-        u = p.uniform if p.uniform is not None else self.uniforms(p.seed_state)
         target = ops.mul(ops.reshape(u, [rows, 1]), total)
         idx = ops.sum(ops.le(cdf, target), axis=-1, keepdim=True, dtype=INT64)
         # rounding can put target at the total: stay inside the kept prefix

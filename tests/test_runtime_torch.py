@@ -43,6 +43,8 @@ def test_fused_decode_kernels_match_the_ops_they_replace() -> None:
         assert r[name] < 1e-5, (name, r[name])
     assert r["residual_in_place"] and r["rms_norm_returns_x"] and r["cache_v_exact"] and r["argmax_same"]
     assert r["attention_direct_parts"] == 1 and r["attention_partitioned_parts"] > 1
+    # the fused sampling pass picks the ops path's token on every row (same uniforms)
+    assert r["sample_sorted_same"] == r["sample_sorted_rows"] and r["sample_sorted_distinct"] > 30
 
 
 @pytest.mark.skipif(_NO_TRITON, reason="torch and triton are not installed (optional)")

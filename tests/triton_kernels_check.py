@@ -95,7 +95,33 @@ def main() -> None:
         out = td.paged_decode_attention(qd, kc, vc, bt, seq_lens, 320, 0.125, target_programs=target)
         r[f"attention_{name}"] = err(out, ref)
         r[f"attention_{name}_parts"] = parts
+    r.update(sampling_check())
     print(json.dumps(r))
+
+
+def sampling_check() -> dict:
+    """kernels/triton_sampling.py against the ops path of Sampler._sample, on
+    bf16-valued logits (exact ties) with every filter, and the same uniforms."""
+    from overlapd.kernels import triton_sampling as ts
+    from overlapd.stages.sampler import Sampler, SamplingTensors
+
+    g = torch.Generator().manual_seed(7)
+    rows, vocab = 48, 5000  # several blocks of 2048 and a partial one
+    logits = (3 * torch.randn(rows, vocab, generator=g)).to(torch.bfloat16).float()
+    logits[0] = 0.0  # all tied
+    plain = TorchOps("cpu")
+    plain.fused_sample_sorted = None  # the ops path
+    p = SamplingTensors(
+        temperature=torch.tensor([0.8, 0.05, 1.0, 2.5] * (rows // 4), dtype=torch.float32),
+        top_p=torch.tensor([0.95, 1.0, 0.5, 0.001, 0.9, 0.3] * (rows // 6), dtype=torch.float32),
+        top_k=torch.tensor([0, 1, 40, 3000, 0, 7000, 0, 2, 0, 0, 50, 0] * (rows // 12), dtype=torch.int64),
+        seed_state=torch.randint(0, 1 << 31, (rows,), generator=g))
+    want = Sampler(plain, vocab, sort_dtype="bfloat16")._sample(logits, p)
+    u = Sampler(plain, vocab).uniforms(p.seed_state)
+    vals, order = torch.sort(logits.to(torch.bfloat16), dim=-1, descending=True, stable=True)
+    got = ts.sample_sorted(vals, order, p.temperature, p.top_p, p.top_k, u)
+    return {"sample_sorted_same": int((got == want).sum()), "sample_sorted_rows": rows,
+            "sample_sorted_distinct": len(set(got.tolist()))}
 
 
 if __name__ == "__main__":

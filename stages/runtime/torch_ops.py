@@ -133,6 +133,8 @@ class TorchOps:
         # ints and logprobs with room; a larger tensor takes torch's pinned path.
         self._pinned = cuda_handoff.PinnedCopies() if self._cuda and cuda_handoff.native() is not None else None
         self._fused = _fused_kernels(self._cuda)
+        # the sampler's fused pass after the sort (kernels/triton_sampling.py), with the decode kernels
+        self.fused_sample_sorted = _fused_sampling(self._fused)
 
     def _to_device(self, a: np.ndarray) -> Tensor:
         """A new device tensor from host data without synchronizing the stream:
@@ -300,6 +302,11 @@ class TorchOps:
     def argsort_descending(self, x: Tensor) -> Tensor:
         return torch.sort(x, dim=-1, descending=True, stable=True).indices
 
+    def sort_descending(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(values, indices) of argsort_descending's stable order."""
+        values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+        return values, indices
+
     def softmax(self, x: Tensor, axis: int = -1) -> Tensor:
         return torch.softmax(x, dim=axis)
 
@@ -424,6 +431,13 @@ def _fused_kernels(cuda: bool) -> ModuleType | None:
         if want == "1":
             raise
         return None
+
+
+def _fused_sampling(fused: ModuleType | None) -> Callable[..., Tensor] | None:
+    """kernels/triton_sampling.py's sample_sorted wherever the decode kernels load."""
+    if fused is None:
+        return None
+    return importlib.import_module("overlapd.kernels.triton_sampling").sample_sorted
 
 
 __all__ = ["PagedKV", "TorchOps"]
