@@ -211,8 +211,10 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     overlap, probe_every, graphs, wake, fused = mode.overlap, mode.probe, mode.graphs, mode.wake, mode.fused
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
     os.environ["OVERLAPD_FUSED"] = "" if fused else "0"  # read when the engine's TorchOps is made
+    os.environ["OVERLAPD_GEMV"] = "1" if mode.gemv else "0"
     p = Pipeline(cfg, PipelineConfig(overlap=overlap, overlap_depth=mode.depth), ring)
     os.environ.pop("OVERLAPD_FUSED")
+    os.environ.pop("OVERLAPD_GEMV")
     if not graphs:
         p.engine.runner.graphs = None
     os.environ["OVERLAPD_WAKE"] = wake  # read by the execute stage at start
@@ -236,7 +238,7 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
     out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "gc_freeze": mode.gc_freeze,
-           "sampled": mode.sampled,
+           "sampled": mode.sampled, "gemv": mode.gemv,
            "depth": mode.depth,
            "elapsed_s": elapsed,
            "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
@@ -266,11 +268,14 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
         res[name], toks[name] = asyncio.run(pipeline_run(cfg, mode, requests, args.prompt_len, max_tokens))
         print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
     # bfloat16 rounds differently without the fused kernels, so near-ties may flip there
-    greedy = {n: t for n, t in toks.items() if not res[n]["sampled"]}
+    greedy = {n: t for n, t in toks.items() if not res[n]["sampled"] and not res[n]["gemv"]}
     ref = next((t for n, t in greedy.items() if res[n]["fused"]), None)
     res["identical_tokens"] = all(t == ref for n, t in greedy.items() if res[n]["fused"])
     same = [a == b for n, t in greedy.items() if not res[n]["fused"] for a, b in zip(t, ref or [])]
     res["unfused_same_requests"] = sum(same) / len(same) if same else float("nan")
+    # the Triton GEMV sums in another order than cuBLAS: bf16 near-ties may flip
+    same = [a == b for n, t in toks.items() if res[n]["gemv"] for a, b in zip(t, ref or [])]
+    res["gemv_same_requests"] = sum(same) / len(same) if same else float("nan")
     # seeded sampling: the same tokens from graphs and eager, overlap and sync
     sampled = [t for n, t in toks.items() if res[n]["sampled"]]
     res["sampled_identical_tokens"] = all(t == sampled[0] for t in sampled) if sampled else None
@@ -297,6 +302,7 @@ class Mode(NamedTuple):
     gc_freeze: bool = False  # gc.freeze() before the timed pass, as `overlapd serve` does
     depth: int = 2  # PipelineConfig.overlap_depth: steps in flight with overlap
     sampled: bool = False  # issue 13's sampled workload (request_params) instead of greedy
+    gemv: bool = False  # batch-1 products through kernels/triton_gemv.py (OVERLAPD_GEMV=1)
 
 
 MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake="hostfunc"),
@@ -309,7 +315,9 @@ MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake=
          Mode("depth3_sampled", True, 0, gc_freeze=True, depth=3, sampled=True),
          Mode("sync_sampled", False, 0, wake="hostfunc", sampled=True),
          Mode("probe_sampled", True, 8, wake="hostfunc", sampled=True),
-         Mode("sampled_eager", True, 0, graphs=False, depth=3, sampled=True))
+         Mode("sampled_eager", True, 0, graphs=False, depth=3, sampled=True),
+         Mode("depth3_gemv", True, 0, gc_freeze=True, depth=3, gemv=True),
+         Mode("probe_gemv", True, 8, wake="hostfunc", gemv=True))
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -672,6 +680,15 @@ def main() -> None:
         _section(r, "sampler_b64", sampler_bench, 64)
         print("sampler", r.get("sampler_b64"), flush=True)
         save()
+    if "gemv" in sections and args.model in NAMED_SHAPES:
+        from sampler_bench import gemv_bench
+
+        _section(r, "gemv", gemv_bench, args.model)
+        for name, g in r.get("gemv", {}).items():
+            print(f"gemv {name:8} {g['n']:>6}x{g['k']:<6} split {g['split']:>2}: cuBLAS {g['cublas_us']:7.1f} us "
+                  f"{g['cublas_TBps']:.2f} TB/s | Triton {g['triton_us']:7.1f} us {g['triton_TBps']:.2f} TB/s "
+                  f"(rel err {g['rel_err']:.1e})", flush=True)
+        save()
     if "engine" in sections:
         for b in batches:
             _section(r, f"engine_b{b}", engine_bench, args, b, args.max_tokens if b > 1 else args.batch1_tokens)
@@ -726,9 +743,11 @@ def print_issue13(r: dict, batches: list[int], peer_batches: list[int]) -> None:
             print(f"        greedy identical in every fused mode: {e.get('identical_tokens')}; seeded sampled "
                   f"identical across {e.get('sampled_modes')}: {e.get('sampled_identical_tokens')}")
     if "roofline_ms" in r and "engine_b1" in r:
-        b1 = r["engine_b1"].get("depth3", {}).get("step_period_ms_p50", nan)
-        print(f"batch-1 step {b1:.3f} ms = {r['roofline_ms'] / b1:.0%} of the HBM roofline "
-              f"({r['roofline_ms']:.3f} ms)")
+        for mode in ("depth3", "depth3_gemv"):
+            b1 = r["engine_b1"].get(mode, {}).get("step_period_ms_p50", nan)
+            print(f"batch-1 step ({mode}) {b1:.3f} ms = {r['roofline_ms'] / b1:.0%} of the HBM roofline "
+                  f"({r['roofline_ms']:.3f} ms); device-only "
+                  f"{r['engine_b1'].get(mode.replace('depth3', 'probe'), {}).get('device_only_ms_p50', nan):.3f} ms")
 
 
 def print_profile_summary(r: dict) -> None:

@@ -43,6 +43,9 @@ def test_fused_decode_kernels_match_the_ops_they_replace() -> None:
         assert r[name] < 1e-5, (name, r[name])
     assert r["residual_in_place"] and r["rms_norm_returns_x"] and r["cache_v_exact"] and r["argmax_same"]
     assert r["attention_direct_parts"] == 1 and r["attention_partitioned_parts"] > 1
+    for name in ("gemv_wide", "gemv_split", "gemv_ragged"):  # relative to the largest output
+        assert r[name] < 1e-6, (name, r[name])
+    assert r["gemv_wide_split"] == 1 and r["gemv_split_split"] > 1
     # the fused sampling pass picks the ops path's token on every row (same uniforms)
     assert r["sample_sorted_same"] == r["sample_sorted_rows"] and r["sample_sorted_distinct"] > 30
 

@@ -96,7 +96,23 @@ def main() -> None:
         r[f"attention_{name}"] = err(out, ref)
         r[f"attention_{name}_parts"] = parts
     r.update(sampling_check())
+    r.update(gemv_check())
     print(json.dumps(r))
+
+
+def gemv_check() -> dict:
+    """kernels/triton_gemv.py in float32 against a float64 product: one split
+    and several, an even K and a ragged one, rows not a multiple of the block."""
+    from overlapd.kernels import triton_gemv as tg
+
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for name, (n, k) in {"gemv_wide": (9000, 1024), "gemv_split": (40, 2048), "gemv_ragged": (24, 1000)}.items():
+        x, w = torch.randn(1, k, generator=g), torch.randn(n, k, generator=g)
+        want = x.double() @ w.double().T
+        out[name] = err(tg.gemv(x, w), want) / float(want.abs().max())
+        out[name + "_split"] = tg.plan(n, k, 16 if n >= 4096 else 8)
+    return out
 
 
 def sampling_check() -> dict:

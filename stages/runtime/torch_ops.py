@@ -135,6 +135,9 @@ class TorchOps:
         self._fused = _fused_kernels(self._cuda)
         # the sampler's fused pass after the sort (kernels/triton_sampling.py), with the decode kernels
         self.fused_sample_sorted = _fused_sampling(self._fused)
+        # batch-1 matrix-vector products in Triton (kernels/triton_gemv.py): OVERLAPD_GEMV=1, with the fused kernels
+        self._gemv = importlib.import_module("overlapd.kernels.triton_gemv").gemv \
+            if self._fused is not None and os.environ.get("OVERLAPD_GEMV", "0") == "1" else None
 
     def _to_device(self, a: np.ndarray) -> Tensor:
         """A new device tensor from host data without synchronizing the stream:
@@ -318,6 +321,8 @@ class TorchOps:
         return F.embedding(ids, weight)
 
     def linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self._gemv is not None and x.dim() == 2 and x.shape[0] == 1 and weight.is_contiguous():
+            return self._gemv(x, weight)
         return F.linear(x, weight)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
