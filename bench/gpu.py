@@ -776,7 +776,8 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
         print("copy-to-wake us: " + " | ".join(
             f"{m} p50 {h[m + '_p50_us']:.1f} p99 {h[m + '_p99_us']:.1f}"
             for m in ("hostfunc_eventfd", "event_sync_thread", "spin_thread")))
-    for key, label in ((k, f"batch {k[len('engine_b'):]}") for k in r if k.startswith("engine_b")):
+    for key, label in ((k, f"batch {k[len('engine_b'):]}") for k in r
+                       if k.startswith("engine_b") and isinstance(r[k], dict)):
         if key not in r:
             continue
         e = r[key]
@@ -800,7 +801,7 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
                   f"device-only {e['unfused_probe']['device_only_ms_p50']:.3f} -> {dev:.3f} ms")
         if key == "engine_b1" and "roofline_ms" in r:
             print(f"batch-1 roofline fraction: {r['roofline_ms'] / e['overlap_spin']['step_period_ms_p50']:.2f}")
-    for key in (k for k in r if k.startswith("hf_b") and not k.endswith("_error")):
+    for key in (k for k in r if k.startswith("hf_b") and isinstance(r[k], dict)):
         if key in r:
             h = r[key]
             eng = r.get("engine" + key[2:], {}).get("overlap_spin", {})
