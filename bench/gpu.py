@@ -697,7 +697,7 @@ def main() -> None:
         from static_peer import peer_bench
 
         for b in peer_batches:
-            _section(r, f"peer_b{b}", peer_bench, args.model, b)
+            _section(r, f"peer_b{b}", peer_bench, args.model, b, args.prompt_len + args.max_tokens)
             print("peer", r.get(f"peer_b{b}"), flush=True)
             save()
     if "hf" in sections:

@@ -94,11 +94,12 @@ class StaticLlama(torch.nn.Module):
 
 
 @torch.inference_mode()
-def peer_bench(model_name: str, batch: int, start: int = 128, steps: int = 128, warmup: int = 4) -> dict:
-    """Decode `steps` steps from position `start` (the cache as a prompt of that
-    length would leave it, here zeros: the work is the same) and time them."""
+def peer_bench(model_name: str, batch: int, max_len: int = 640, steps: int = 128, warmup: int = 4) -> dict:
+    """A cache of `max_len` positions (gpt-fast sizes it for prompt + output and
+    attends over all of it, masked); decode `steps` steps from the middle (the
+    cache as a prompt would leave it, here zeros: the work is the same), timed."""
     c = NAMED_SHAPES[model_name]
-    max_len = start + steps + warmup + 16
+    start = max(0, max_len // 2 - steps // 2 - warmup)
     torch._dynamo.reset()
     m = StaticLlama(c, batch, max_len)
     step = torch.compile(m, mode="reduce-overhead", fullgraph=True)
