@@ -3,7 +3,7 @@
 Each piece is captured in a CUDA graph and its replays are timed with CUDA
 events (median of `reps`), on random bf16-valued logits over the 128k
 vocabulary, with issue 13's parameters (temperature 0.8, top-p 0.95, seeds):
-greedy argmax, the sampled path with the fused pass after the sort
+greedy argmax, the sampled path through the sort-free kernels
 (kernels/triton_sampling.py, the default on a GPU), and through the ops with
 its sort keys in bf16 (the runner's choice for a bf16 model) and in float32, the logprob pack at width 20, and
 the vocabulary sort alone in each dtype.
@@ -51,7 +51,8 @@ def sampler_bench(rows: int = 64, vocab: int = 128256) -> dict:
         top_k=torch.zeros(rows, dtype=torch.int64, device="cuda"),
         seed_state=torch.tensor([seed_state(1000 + i, 0) for i in range(rows)], dtype=torch.int64, device="cuda"))
     plain = load_runtime("torch", "gpu")
-    plain.fused_sample_sorted = None  # the ops path after the sort
+    plain.fused_sample = None  # the ops path: sort, then masks and cumsums
+    plain.fused_logprobs = None  # log_softmax and a full-row top-k
     bf16, f32 = Sampler(plain, vocab, sort_dtype="bfloat16"), Sampler(plain, vocab)
     fused = Sampler(ops, vocab, sort_dtype="bfloat16")  # what the runner uses for a bf16 model
     finish = torch.zeros(rows, dtype=torch.int64, device="cuda")
@@ -60,13 +61,14 @@ def sampler_bench(rows: int = 64, vocab: int = 128256) -> dict:
     c = fused.sample(logits, params, any_random=True)
     sampled = a
     out = {
-        "rows": rows, "vocab": vocab, "fused_kernel": ops.fused_sample_sorted is not None,
-        "bf16_sort_same_tokens": bool(torch.equal(a, b)), "fused_same_tokens": int((a == c).sum()),
+        "rows": rows, "vocab": vocab, "fused_kernel": ops.fused_sample is not None,
+        "bf16_sort_same_tokens": bool(torch.equal(a, b)),
         "greedy_argmax_us": _time_graph(lambda: fused.sample(logits, params, any_random=False)),
         "sample_fused_us": _time_graph(lambda: fused.sample(logits, params, any_random=True)),
         "sample_bf16_sort_us": _time_graph(lambda: bf16.sample(logits, params, any_random=True)),
         "sample_f32_sort_us": _time_graph(lambda: f32.sample(logits, params, any_random=True)),
         "pack_logprobs20_us": _time_graph(lambda: bf16.pack(logits, sampled, finish, 20)),
+        "pack_logprobs20_fused_us": _time_graph(lambda: fused.pack(logits, sampled, finish, 20)),
         "pack_none_us": _time_graph(lambda: bf16.pack(logits, sampled, finish, 0)),
         "sort_f32_us": _time_graph(lambda: torch.sort(logits, dim=-1, descending=True, stable=True)),
         "sort_bf16_us": _time_graph(lambda: torch.sort(logits.to(torch.bfloat16), dim=-1, descending=True,
@@ -78,7 +80,12 @@ def sampler_bench(rows: int = 64, vocab: int = 128256) -> dict:
     before = torch.cumsum(sp, dim=-1) - sp
     kept = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, si, before < 0.95)
     out["sampled_in_top_p_set"] = bool(kept.gather(1, a.view(-1, 1)).all())
-    out["distinct_tokens"] = int(np.unique(a.cpu().numpy()).size)
+    out["fused_in_top_p_set"] = bool(kept.gather(1, c.view(-1, 1)).all())
+    out["distinct_tokens"] = int(np.unique(c.cpu().numpy()).size)
+    # the fused logprobs against log_softmax + top-k
+    slow, quick = bf16.pack(logits, sampled, finish, 20), fused.pack(logits, sampled, finish, 20)
+    out["logprobs_max_abs_diff"] = float((slow.logprobs - quick.logprobs).abs().max())
+    out["logprob_ids_same"] = bool(torch.equal(slow.ints[:, :3], quick.ints[:, :3]))
     return out
 
 

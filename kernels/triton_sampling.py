@@ -1,86 +1,245 @@
-"""A fused Triton kernel for the sampled path of stages/sampler.py, after the sort.
+"""Seeded top-k / top-p / temperature sampling on a GPU without sorting the vocabulary.
 
-The ops path turns a row's sorted logits into a token with some fifteen
-passes over [rows, vocab] tensors (gather, softmax, two cumsums, masks, a
-count): at batch 64 and a 128k vocabulary each pass moves 32-64 MB. Here one
-program per row reads the row's sorted logits (the sort's values, contiguous)
-three times and writes one id:
+Why: the ops path (stages/sampler.py `_sample`) sorts every row; at batch 64
+and a 128k vocabulary that sort alone took 413 us on an H200 (bf16 keys),
+a quarter of a decode step. Here no row is sorted:
 
-1. the softmax normalizer of logits / temperature (the first value is the max);
-2. the kept prefix: ranks below top_k whose probability mass before them is
-   below top_p, its length and its mass;
-3. the inverse CDF over the kept prefix at uniform * kept mass, and the id at
-   that rank of the sort's order.
+1. stats: per chunk of a row, the max of logits / temperature and the sum of
+   exp(. - max) (an online softmax's partials);
+2. search (4 passes for bf16-valued logits, 8 for float32): the kept set is
+   {tokens whose mass above them is < top_p and count above them is <
+   top_k}, i.e. every token whose order key is above a threshold w; each pass
+   evaluates "mass above c >= top_p or count above c >= top_k" at 16
+   candidate keys c and narrows w's range 16-fold (a radix select by value);
+3. sample: an exponential race over the kept tokens, argmax of logit /
+   temperature + Gumbel noise, whose noise for token j is a fixed integer hash
+   of the row's seed state and j (`race_uniform`): an exact draw from the
+   kept, renormalized distribution that depends only on the row's logits and
+   seed state, never on the batch;
+4. finish: the first best over the row's chunks.
 
-The same rule as the ops path (stages/sampler.py `_sample`), so for the same
-uniforms both give the same token except where float32 summation order moves
-a boundary by an ulp (the tests compare them on random rows: identical).
+Every pass splits each row over several programs (enough for the GPU at
+batch 1 too); programs write partial sums that the next pass reads back in a
+fixed order, so results do not depend on timing (no atomics).
+
+Differences from the ops path, by design: ties at the top-p / top-k boundary
+are kept or dropped together (a threshold by value, not by sorted rank), and
+the token is drawn by the race, not by the inverse CDF of the sorted row: the
+same distribution, another token for the same seed. Graph and eager steps,
+overlap and sync all run this same code on a GPU, so they agree exactly.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+BLOCK = 1024
+TARGET_PROGRAMS = 1024
+_H1, _H2 = 0x9E3779B1, 0x85EBCA77  # odd multipliers of the race's hash
+_HMUL = 0x45D9F3B
+
 
 @triton.jit
-def _sample_sorted_kernel(vals_ptr, order_ptr, temp_ptr, top_p_ptr, top_k_ptr, u_ptr, out_ptr, V, stride_v,
-                          stride_o, BLOCK: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
+def _order_key(x, SHIFT: tl.constexpr):
+    """float32 -> int64 with the floats' order; SHIFT 16 keeps a bf16 value's 16 bits."""
+    b = x.to(tl.int32, bitcast=True)
+    return (tl.where(b < 0, b ^ 0x7FFFFFFF, b) >> SHIFT).to(tl.int64)
+
+
+@triton.jit
+def _race_uniform(state, idx):
+    """Uniform in (0, 1) from a row's seed state and a token id (race_uniform's mirror)."""
+    # int64 products of values < 2**32 and constants < 2**32 stay below 2**64 only
+    # after masking, so every step is taken modulo 2**32 (the host mirror's uint32)
+    m32 = 0xFFFFFFFF
+    x = ((state.to(tl.int64) & m32) * 0x9E3779B1 + (idx.to(tl.int64) * 0x85EBCA77 & m32)) & m32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & m32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & m32
+    x = x ^ (x >> 16)
+    return ((x >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+
+
+@triton.jit
+def _row_softmax(part_m, part_z, r, S, S_P2: tl.constexpr):
+    """The row's max of logits / temperature and its normalizer, from the stats partials."""
+    s = tl.arange(0, S_P2)
+    ok = s < S
+    pm = tl.load(part_m + r * S + s, mask=ok, other=float("-inf"))
+    pz = tl.load(part_z + r * S + s, mask=ok, other=0.0)
+    m = tl.max(pm, axis=0)
+    z = tl.sum(tl.where(ok, pz * tl.exp(pm - m), 0.0), axis=0)
+    return m, z
+
+
+@triton.jit
+def _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, lo, hi, PASSES: tl.constexpr, S_P2: tl.constexpr):
+    """Replays the first PASSES search passes from their partials: (lo, hi) with
+    F(lo) true and F(hi) false, F(c) = mass above c >= top_p or count above c >= top_k."""
+    s = tl.arange(0, S_P2)
+    d = tl.arange(0, 16)
+    ok = (s < S)[:, None]
+    lo = lo.to(tl.int64)
+    hi = hi.to(tl.int64)
+    for i in tl.static_range(PASSES):
+        step = (hi - lo + 15) // 16
+        offs = ((i * rows + r) * S + s[:, None]) * 16 + d[None, :]
+        mass = tl.sum(tl.load(part_mass + offs, mask=ok, other=0.0), axis=0)
+        cnt = tl.sum(tl.load(part_cnt + offs, mask=ok, other=0), axis=0)
+        f = (mass >= top_p) | (cnt >= top_k)
+        n = tl.sum(f.to(tl.int64), axis=0)
+        new_lo = lo + tl.maximum(n - 1, 0) * step
+        hi = tl.where(n == 0, lo + 1, tl.minimum(hi, lo + n * step))
+        lo = new_lo
+    return lo, hi
+
+
+@triton.jit
+def _stats_kernel(x_ptr, temp_ptr, part_m, part_z, V, stride, chunk, S, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.program_id(1)
     t = tl.load(temp_ptr + r)
     t = tl.where(t > 0, t, 1.0)
-    p = tl.load(top_p_ptr + r)
-    k = tl.load(top_k_ptr + r)
-    k = tl.where(k > 0, tl.minimum(k, V), V)
-    u = tl.load(u_ptr + r)
-    row = vals_ptr + r * stride_v
-    m = tl.load(row).to(tl.float32) / t
-    # 1. normalizer
+    row = x_ptr + r.to(tl.int64) * stride
+    start = s * chunk
+    mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    for k0 in range(start, start + chunk, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mx = tl.maximum(mx, tl.load(row + offs, mask=offs < V, other=float("-inf")) / t)
+    m = tl.max(mx, axis=0)
     acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        acc += tl.exp(x / t - m)
-    inv_z = 1.0 / tl.sum(acc, axis=0)
-    # 2. the kept prefix (a prefix: the mass before a rank only grows)
-    before_block = 0.0
-    n_keep = 0
-    total = 0.0
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        pr = tl.exp(x / t - m) * inv_z
-        before = tl.cumsum(pr, axis=0) - pr + before_block
-        keep = (offs < k) & (before < p) & (offs < V)
-        n_keep += tl.sum(keep.to(tl.int32), axis=0)
-        total += tl.sum(tl.where(keep, pr, 0.0), axis=0)
-        before_block += tl.sum(pr, axis=0)
-    # 3. inverse CDF over the kept prefix
-    target = u * total
-    below = 0
-    cdf_block = 0.0
-    for start in range(0, n_keep, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        keep = offs < n_keep
-        x = tl.load(row + offs, mask=keep, other=float("-inf")).to(tl.float32)
-        pr = tl.where(keep, tl.exp(x / t - m) * inv_z, 0.0)
-        cdf = tl.cumsum(pr, axis=0) + cdf_block
-        below += tl.sum(((cdf <= target) & keep).to(tl.int32), axis=0)
-        cdf_block += tl.sum(pr, axis=0)
-    idx = tl.minimum(below, n_keep - 1)  # rounding can put the target at the total
-    tl.store(out_ptr + r, tl.load(order_ptr + r * stride_o + idx))
+    for k0 in range(start, start + chunk, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(row + offs, mask=offs < V, other=float("-inf")) / t
+        acc += tl.where(offs < V, tl.exp(x - m), 0.0)
+    tl.store(part_m + r * S + s, m)
+    tl.store(part_z + r * S + s, tl.sum(acc, axis=0))
 
 
-def sample_sorted(vals: torch.Tensor, order: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  top_k: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """int64 [R]: each row's token from its logits sorted in descending order
-    (`vals` [R, V], any float dtype, and the sort's `order` [R, V] int64), with
-    the row's temperature (0 is taken as 1: the caller keeps greedy rows'
-    argmax), top_p, top_k (0 = off) and uniform in [0, 1)."""
-    rows, v = vals.shape
-    out = torch.empty(rows, dtype=torch.int64, device=vals.device)
-    if rows:
-        _sample_sorted_kernel[(rows,)](vals, order, temperature, top_p, top_k, uniform, out, v, vals.stride(0),
-                                       order.stride(0), BLOCK=2048, num_warps=8)
+@triton.jit
+def _search_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, part_m, part_z, part_mass, part_cnt, rows, V, stride,
+                   chunk, S, LO, HI, PASS: tl.constexpr, SHIFT: tl.constexpr, S_P2: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    t = tl.load(temp_ptr + r)
+    t = tl.where(t > 0, t, 1.0)
+    top_p = tl.load(top_p_ptr + r)
+    top_k = tl.load(top_k_ptr + r)
+    top_k = tl.where(top_k > 0, tl.minimum(top_k, V), V)
+    m, z = _row_softmax(part_m, part_z, r, S, S_P2)
+    inv_z = 1.0 / z
+    lo, hi = _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, LO, HI, PASS, S_P2)
+    step = (hi - lo + 15) // 16
+    cand = lo + tl.arange(0, 16).to(tl.int64) * step
+    row = x_ptr + r.to(tl.int64) * stride
+    start = s * chunk
+    mass = tl.zeros([16], tl.float32)
+    cnt = tl.zeros([16], tl.int32)
+    for k0 in range(start, start + chunk, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        ok = offs < V
+        x = tl.load(row + offs, mask=ok, other=float("-inf"))
+        p = tl.where(ok, tl.exp(x / t - m) * inv_z, 0.0)
+        above = (_order_key(x, SHIFT)[:, None] > cand[None, :]) & ok[:, None]
+        mass += tl.sum(tl.where(above, p[:, None], 0.0), axis=0)
+        cnt += tl.sum(above.to(tl.int32), axis=0)
+    out = ((PASS * rows + r) * S + s) * 16 + tl.arange(0, 16)
+    tl.store(part_mass + out, mass)
+    tl.store(part_cnt + out, cnt)
+
+
+@triton.jit
+def _race_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_mass, part_cnt, part_best, part_idx, rows,
+                 V, stride, chunk, S, LO, HI, PASSES: tl.constexpr, SHIFT: tl.constexpr, S_P2: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    t = tl.load(temp_ptr + r)
+    t = tl.where(t > 0, t, 1.0)
+    top_p = tl.load(top_p_ptr + r)
+    top_k = tl.load(top_k_ptr + r)
+    top_k = tl.where(top_k > 0, tl.minimum(top_k, V), V)
+    state = tl.load(state_ptr + r)
+    w, _ = _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, LO, HI, PASSES, S_P2)
+    row = x_ptr + r.to(tl.int64) * stride
+    start = s * chunk
+    best = tl.full([], float("-inf"), tl.float32)
+    best_i = tl.full([], 0, tl.int64) + start
+    for k0 in range(start, start + chunk, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        ok = offs < V
+        x = tl.load(row + offs, mask=ok, other=float("-inf"))
+        kept = ok & (_order_key(x, SHIFT) > w)
+        u = _race_uniform(state, offs)
+        score = tl.where(kept, x / t - tl.log(-tl.log(u)), float("-inf"))
+        b = tl.max(score, axis=0)
+        i = tl.argmax(score, axis=0)  # the first maximum
+        take = b > best
+        best_i = tl.where(take, k0 + i.to(tl.int64), best_i)
+        best = tl.where(take, b, best)
+    tl.store(part_best + r * S + s, best)
+    tl.store(part_idx + r * S + s, best_i)
+
+
+@triton.jit
+def _finish_kernel(part_best, part_idx, out_ptr, S, S_P2: tl.constexpr):
+    r = tl.program_id(0)
+    s = tl.arange(0, S_P2)
+    b = tl.load(part_best + r * S + s, mask=s < S, other=float("-inf"))
+    i = tl.argmax(b, axis=0)  # the first chunk holding the best: its lowest index
+    tl.store(out_ptr + r, tl.load(part_idx + r * S + i))
+
+
+def plan(rows: int, vocab: int) -> tuple[int, int]:
+    """(programs per row, chunk): enough programs for the GPU at any batch."""
+    s = 1
+    while rows * s < TARGET_PROGRAMS and s < 256 and triton.cdiv(vocab, s * 2) >= BLOCK:
+        s *= 2
+    return s, triton.cdiv(triton.cdiv(vocab, s), BLOCK) * BLOCK
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           seed_state: torch.Tensor, key_bits: int = 32) -> torch.Tensor:
+    """int64 [R] tokens from float32 logits [R, V] (module docstring). Rows with
+    temperature 0 are drawn at temperature 1 (the caller keeps their argmax).
+    key_bits 16: the logits are bf16 values (the search needs 4 passes, not 8)."""
+    rows, v = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if not rows:
+        return out
+    assert logits.dtype == torch.float32 and logits.stride(1) == 1 and key_bits in (16, 32)
+    s, chunk = plan(rows, v)
+    passes, shift = (4, 16) if key_bits == 16 else (8, 0)
+    lo, hi = (-(1 << 15) - 1, (1 << 15) - 1) if key_bits == 16 else (-(1 << 31) - 1, (1 << 31) - 1)
+    dev = logits.device
+    part_m = torch.empty((rows, s), dtype=torch.float32, device=dev)
+    part_z = torch.empty((rows, s), dtype=torch.float32, device=dev)
+    part_mass = torch.empty((passes, rows, s, 16), dtype=torch.float32, device=dev)
+    part_cnt = torch.empty((passes, rows, s, 16), dtype=torch.int32, device=dev)
+    part_best = torch.empty((rows, s), dtype=torch.float32, device=dev)
+    part_idx = torch.empty((rows, s), dtype=torch.int64, device=dev)
+    s_p2 = triton.next_power_of_2(s)
+    grid = (rows, s)
+    _stats_kernel[grid](logits, temperature, part_m, part_z, v, logits.stride(0), chunk, s, BLOCK=BLOCK, num_warps=4)
+    for i in range(passes):
+        _search_kernel[grid](logits, temperature, top_p, top_k, part_m, part_z, part_mass, part_cnt, rows, v,
+                             logits.stride(0), chunk, s, lo, hi, PASS=i, SHIFT=shift, S_P2=s_p2, BLOCK=BLOCK,
+                             num_warps=8)
+    _race_kernel[grid](logits, temperature, top_p, top_k, seed_state, part_mass, part_cnt, part_best, part_idx, rows,
+                       v, logits.stride(0), chunk, s, lo, hi, PASSES=passes, SHIFT=shift, S_P2=s_p2, BLOCK=BLOCK,
+                       num_warps=4)
+    _finish_kernel[(rows,)](part_best, part_idx, out, s, S_P2=s_p2, num_warps=1)
     return out
+
+
+def race_uniform(state: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Host mirror of the race's noise (tests): float32 in (0, 1)."""
+    m = 0xFFFFFFFF
+    x = ((np.asarray(state, np.uint64) & m) * _H1 + ((np.asarray(idx, np.uint64) * _H2) & m)) & m
+    x = ((x ^ (x >> 16)) * _HMUL) & m
+    x = ((x ^ (x >> 16)) * _HMUL) & m
+    x = x ^ (x >> 16)
+    return (((x >> 8).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)).astype(np.float32)

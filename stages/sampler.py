@@ -15,7 +15,11 @@ the same stream.
 Every row takes the same computation (a full sort of its scaled logits, then
 top-k and top-p as prefix masks), whatever the other rows ask for, so the
 path cannot depend on the batch. Greedy rows (temperature 0) take the argmax
-of the raw logits.
+of the raw logits. Where the runtime has a fused sampler (`fused_sample`:
+kernels/triton_sampling.py on a GPU) it replaces the sort: the same kept set
+up to ties at its boundary, drawn by an exponential race keyed by the same
+seed state, so the same distribution but not the ops path's token for a
+seed; every step of a runtime takes the same path, graphs or not.
 
 Logprobs are those of the model's raw distribution (log_softmax of the
 unscaled, unfiltered logits), as vLLM returns by default: they describe the
@@ -165,21 +169,24 @@ class Sampler:
         stops = ops.reshape(finish, [rows, 1])
         if num_logprobs == 0:
             return SamplerOutput(sampled, ops.concat([column, stops], axis=1), None)
-        lp = ops.log_softmax(logits, axis=-1)
-        top_lp, top_ids = ops.topk(lp, num_logprobs)
-        sampled_lp = ops.gather(lp, column, axis=-1)
-        rank = ops.add(ops.sum(ops.gt(lp, sampled_lp), axis=-1, keepdim=True, dtype=INT64), 1)
+        fast = getattr(ops, "fused_logprobs", None)
+        if fast is not None:  # the same figures without a [rows, vocab] log_softmax or a full-row top-k
+            rank, top_ids, sampled_lp, top_lp = fast(logits, sampled, num_logprobs)
+        else:
+            lp = ops.log_softmax(logits, axis=-1)
+            top_lp, top_ids = ops.topk(lp, num_logprobs)
+            sampled_lp = ops.gather(lp, column, axis=-1)
+            rank = ops.add(ops.sum(ops.gt(lp, sampled_lp), axis=-1, keepdim=True, dtype=INT64), 1)
         ints = ops.concat([column, stops, rank, top_ids], axis=1)
         return SamplerOutput(sampled, ints, ops.concat([sampled_lp, top_lp], axis=1))
 
     def _sample(self, logits: Tensor, p: SamplingTensors) -> Tensor:
         ops = self.ops
+        kernel = getattr(ops, "fused_sample", None)
+        if kernel is not None:  # no sort: kernels/triton_sampling.py (same distribution, its own draw)
+            return kernel(logits, p.temperature, p.top_p, p.top_k, p.seed_state,
+                          key_bits=16 if self.sort_dtype == "bfloat16" else 32)
         u = p.uniform if p.uniform is not None else self.uniforms(p.seed_state)
-        kernel = getattr(ops, "fused_sample_sorted", None)
-        if kernel is not None:  # one pass per row over the sort's values instead of the op chain below
-            keys = logits if self.sort_dtype == FLOAT32 else ops.cast(logits, self.sort_dtype)
-            values, order = ops.sort_descending(keys)  # type: ignore[attr-defined]
-            return kernel(values, order, p.temperature, p.top_p, p.top_k, u)
         rows, vocab = logits.shape[0], self.vocab_size
         temp = ops.where(ops.gt(p.temperature, 0.0), p.temperature, 1.0)
         scaled = ops.div(logits, ops.reshape(temp, [rows, 1]))

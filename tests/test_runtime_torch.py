@@ -46,8 +46,9 @@ def test_fused_decode_kernels_match_the_ops_they_replace() -> None:
     for name in ("gemv_wide", "gemv_split", "gemv_ragged"):  # relative to the largest output
         assert r[name] < 1e-6, (name, r[name])
     assert r["gemv_wide_split"] == 1 and r["gemv_split_split"] > 1
-    # the fused sampling pass picks the ops path's token on every row (same uniforms)
-    assert r["sample_sorted_same"] == r["sample_sorted_rows"] and r["sample_sorted_distinct"] > 30
+    # the sort-free sampler draws race_reference's token on every row, with either key width
+    for bits in (16, 32):
+        assert r[f"sample_same_{bits}"] == r["sample_rows"] and r[f"sample_distinct_{bits}"] > 15, (bits, r)
 
 
 @pytest.mark.skipif(_NO_TRITON, reason="torch and triton are not installed (optional)")

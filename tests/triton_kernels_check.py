@@ -116,29 +116,26 @@ def gemv_check() -> dict:
 
 
 def sampling_check() -> dict:
-    """kernels/triton_sampling.py against the ops path of Sampler._sample, on
-    bf16-valued logits (exact ties) with every filter, and the same uniforms."""
+    """kernels/triton_sampling.py against race_reference on bf16-valued logits
+    (exact ties, all-tied rows) with every filter, both key widths."""
     from overlapd.kernels import triton_sampling as ts
-    from overlapd.stages.sampler import Sampler, SamplingTensors
+    from sampling_reference import race_reference
 
     g = torch.Generator().manual_seed(7)
-    rows, vocab = 48, 5000  # several blocks of 2048 and a partial one
+    rows, vocab = 24, 5000  # several chunks of the row and a partial block
     logits = (3 * torch.randn(rows, vocab, generator=g)).to(torch.bfloat16).float()
     logits[0] = 0.0  # all tied
-    plain = TorchOps("cpu")
-    plain.fused_sample_sorted = None  # the ops path
-    p = SamplingTensors(
-        temperature=torch.tensor([0.8, 0.05, 1.0, 2.5] * (rows // 4), dtype=torch.float32),
-        top_p=torch.tensor([0.95, 1.0, 0.5, 0.001, 0.9, 0.3] * (rows // 6), dtype=torch.float32),
-        top_k=torch.tensor([0, 1, 40, 3000, 0, 7000, 0, 2, 0, 0, 50, 0] * (rows // 12), dtype=torch.int64),
-        seed_state=torch.randint(0, 1 << 31, (rows,), generator=g))
-    want = Sampler(plain, vocab, sort_dtype="bfloat16")._sample(logits, p)
-    u = Sampler(plain, vocab).uniforms(p.seed_state)
-    vals, order = torch.sort(logits.to(torch.bfloat16), dim=-1, descending=True, stable=True)
-    got = ts.sample_sorted(vals, order, p.temperature, p.top_p, p.top_k, u)
-    return {"sample_sorted_same": int((got == want).sum()), "sample_sorted_rows": rows,
-            "sample_sorted_distinct": len(set(got.tolist()))}
-
+    t = torch.tensor([0.8, 0.05, 1.0, 2.5, 0.0, 1.3] * (rows // 6), dtype=torch.float32)
+    top_p = torch.tensor([0.95, 1.0, 0.5, 0.001, 0.9, 0.3, 0.99, 0.7] * (rows // 8), dtype=torch.float32)
+    top_k = torch.tensor([0, 1, 40, 3000, 0, 7000, 0, 2, 0, 0, 50, 0] * (rows // 12), dtype=torch.int64)
+    state = torch.randint(0, 1 << 31, (rows,), generator=g)
+    out = {"sample_rows": rows}
+    for bits, shift in ((16, 16), (32, 0)):
+        got = ts.sample(logits, t, top_p, top_k, state, key_bits=bits).numpy()
+        want = race_reference(logits.numpy(), t.numpy(), top_p.numpy(), top_k.numpy(), state.numpy(), shift)
+        out[f"sample_same_{bits}"] = int((got == want).sum())
+        out[f"sample_distinct_{bits}"] = len(set(got.tolist()))
+    return out
 
 if __name__ == "__main__":
     main()

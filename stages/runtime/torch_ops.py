@@ -133,8 +133,9 @@ class TorchOps:
         # ints and logprobs with room; a larger tensor takes torch's pinned path.
         self._pinned = cuda_handoff.PinnedCopies() if self._cuda and cuda_handoff.native() is not None else None
         self._fused = _fused_kernels(self._cuda)
-        # the sampler's fused pass after the sort (kernels/triton_sampling.py), with the decode kernels
-        self.fused_sample_sorted = _fused_sampling(self._fused)
+        # sort-free seeded sampling (kernels/triton_sampling.py), with the decode kernels
+        self.fused_sample = _fused_sampling(self._fused)
+        self.fused_logprobs = logprob_candidates if self._fused is not None else None
         # batch-1 matrix-vector products in Triton (kernels/triton_gemv.py): OVERLAPD_GEMV=1, with the fused kernels
         self._gemv = importlib.import_module("overlapd.kernels.triton_gemv").gemv \
             if self._fused is not None and os.environ.get("OVERLAPD_GEMV", "0") == "1" else None
@@ -305,11 +306,6 @@ class TorchOps:
     def argsort_descending(self, x: Tensor) -> Tensor:
         return torch.sort(x, dim=-1, descending=True, stable=True).indices
 
-    def sort_descending(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(values, indices) of argsort_descending's stable order."""
-        values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
-        return values, indices
-
     def softmax(self, x: Tensor, axis: int = -1) -> Tensor:
         return torch.softmax(x, dim=axis)
 
@@ -438,11 +434,36 @@ def _fused_kernels(cuda: bool) -> ModuleType | None:
         return None
 
 
+def logprob_candidates(logits: Tensor, sampled: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(rank [R, 1], top ids [R, k], sampled logprob [R, 1], top logprobs [R, k])
+    without materializing log_softmax: logprobs are logits - logsumexp, the
+    rank counts logits above the sampled one, and the top k come from a top k
+    per chunk of the row, then over those (torch's top-k over a 128k row is a
+    multi-pass radix select: ~290 us at batch 64 on an H200 with the rest)."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    picked = logits.gather(1, sampled.view(-1, 1))
+    rank = (logits > picked).sum(dim=-1, keepdim=True, dtype=torch.int64) + 1
+    values, ids = _topk_by_chunks(logits, k)
+    return rank, ids, picked - lse, values - lse
+
+
+def _topk_by_chunks(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    rows, n = x.shape
+    chunk = next((d for d in range(2048, 1023, -1) if n % d == 0), 0)
+    if n < 8192 or k > 64 or not chunk or k > chunk:
+        return torch.topk(x, k, dim=-1)
+    parts = n // chunk
+    v1, i1 = torch.topk(x.view(rows, parts, chunk), k, dim=-1)
+    i1 = i1 + torch.arange(0, n, chunk, device=x.device).view(1, parts, 1)
+    values, j = torch.topk(v1.reshape(rows, parts * k), k, dim=-1)
+    return values, i1.reshape(rows, parts * k).gather(1, j)
+
+
 def _fused_sampling(fused: ModuleType | None) -> Callable[..., Tensor] | None:
-    """kernels/triton_sampling.py's sample_sorted wherever the decode kernels load."""
+    """kernels/triton_sampling.py's sample wherever the decode kernels load."""
     if fused is None:
         return None
-    return importlib.import_module("overlapd.kernels.triton_sampling").sample_sorted
+    return importlib.import_module("overlapd.kernels.triton_sampling").sample
 
 
 __all__ = ["PagedKV", "TorchOps"]

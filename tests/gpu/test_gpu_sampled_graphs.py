@@ -79,10 +79,55 @@ def test_bf16_sort_keys_give_the_float32_sorts_tokens(torch, ops) -> None:
         top_p=torch.tensor(rng.choice([1.0, 0.95, 0.5, 0.01], rows), dtype=torch.float32, device="cuda"),
         top_k=torch.tensor(rng.choice([0, 1, 40, 1000], rows), dtype=torch.int64, device="cuda"),
         seed_state=torch.tensor([seed_state(i, 0) for i in range(rows)], dtype=torch.int64, device="cuda"))
-    a = Sampler(ops, vocab, sort_dtype="bfloat16").sample(logits, p, any_random=True)
-    b = Sampler(ops, vocab).sample(logits, p, any_random=True)
+    from overlapd.stages.runtime.torch_ops import TorchOps
+
+    plain = TorchOps("gpu")
+    plain.fused_sample = None  # the ops path, which sorts
+    a = Sampler(plain, vocab, sort_dtype="bfloat16").sample(logits, p, any_random=True)
+    b = Sampler(plain, vocab).sample(logits, p, any_random=True)
     assert torch.equal(a, b)
     assert len(set(a.tolist())) > rows // 2
+    # the sort-free kernels: the same token with 16-bit and 32-bit keys on bf16 values
+    c = Sampler(ops, vocab, sort_dtype="bfloat16").sample(logits, p, any_random=True)
+    d = Sampler(ops, vocab).sample(logits, p, any_random=True)
+    assert ops.fused_sample is not None and torch.equal(c, d)
+
+
+def test_sort_free_sampler_draws_the_kept_distribution(torch, ops) -> None:
+    """20,000 seeds on one row (temperature 0.7, top-p 0.8, top-k 30): every draw
+    lies in the kept set, and the frequencies follow the renormalized kept
+    probabilities (chi-square over the kept tokens, far below what a wrong
+    distribution gives). Then the 128k vocabulary, batch 1 and 64, against the
+    float64 reference on the same seeds."""
+    from overlapd.kernels import triton_sampling as ts
+
+    n, vocab = 20000, 4096
+    g = torch.Generator(device="cuda")
+    g.manual_seed(11)
+    row = (2 * torch.randn(vocab, generator=g, device="cuda")).to(torch.bfloat16).float()
+    logits = row.expand(n, vocab).contiguous()
+    full = lambda v: torch.full((n,), v, device="cuda")  # noqa: E731
+    state = torch.randint(0, 1 << 31, (n,), generator=g, device="cuda")
+    got = ts.sample(logits, full(0.7), full(0.8), full(30).long(), state, key_bits=16)
+    from sampling_reference import kept_mask, race_reference  # the definition in numpy
+
+    p = torch.softmax(row.double() / 0.7, dim=0)
+    kept = torch.from_numpy(kept_mask(row.cpu().numpy(), 0.7, 0.8, 30, 16)).cuda()
+    assert bool(kept[got].all()) and 2 <= int(kept.sum()) <= 30
+    q = p * kept
+    q = q / q.sum()
+    counts = torch.bincount(got, minlength=vocab).double()
+    idx = kept.nonzero().squeeze(1)
+    chi2 = float(((counts[idx] - n * q[idx]) ** 2 / (n * q[idx])).sum())
+    assert chi2 < 3 * len(idx) + 30, (chi2, len(idx))
+
+    for rows in (1, 64):
+        big = (3 * torch.randn(rows, 128256, generator=g, device="cuda")).to(torch.bfloat16).float()
+        t, tp = full(0.8)[:rows], full(0.95)[:rows]
+        tk, st = torch.zeros(rows, dtype=torch.int64, device="cuda"), state[:rows]
+        want = race_reference(big.cpu().numpy(), t.cpu().numpy(), tp.cpu().numpy(), tk.cpu().numpy(),
+                              st.cpu().numpy(), 16)
+        assert (ts.sample(big, t, tp, tk, st, key_bits=16).cpu().numpy() == want).all()
 
 
 def test_the_8b_shape_is_drawn_on_the_device_with_its_real_shape(torch, ops) -> None:
