@@ -121,7 +121,7 @@ def _stats_kernel(x_ptr, temp_ptr, part_m, part_z, V, stride, chunk, S, BLOCK: t
 @triton.jit
 def _search_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, part_m, part_z, part_mass, part_cnt, rows, V, stride,
                    chunk, S, LO, HI, PASS: tl.constexpr, SHIFT: tl.constexpr, S_P2: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   SBLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     t = tl.load(temp_ptr + r)
@@ -136,19 +136,20 @@ def _search_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, part_m, part_z, part_m
     cand = lo + tl.arange(0, 16).to(tl.int64) * step
     row = x_ptr + r.to(tl.int64) * stride
     start = s * chunk
-    mass = tl.zeros([16], tl.float32)
-    cnt = tl.zeros([16], tl.int32)
-    for k0 in range(start, start + chunk, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
+    # per-thread accumulators, reduced across the block once at the end (not per tile)
+    mass = tl.zeros([SBLOCK, 16], tl.float32)
+    cnt = tl.zeros([SBLOCK, 16], tl.int32)
+    for k0 in range(start, start + chunk, SBLOCK):
+        offs = k0 + tl.arange(0, SBLOCK)
         ok = offs < V
         x = tl.load(row + offs, mask=ok, other=float("-inf"))
         p = tl.where(ok, tl.exp(x / t - m) * inv_z, 0.0)
         above = (_order_key(x, SHIFT)[:, None] > cand[None, :]) & ok[:, None]
-        mass += tl.sum(tl.where(above, p[:, None], 0.0), axis=0)
-        cnt += tl.sum(above.to(tl.int32), axis=0)
+        mass += tl.where(above, p[:, None], 0.0)
+        cnt += above.to(tl.int32)
     out = ((PASS * rows + r) * S + s) * 16 + tl.arange(0, 16)
-    tl.store(part_mass + out, mass)
-    tl.store(part_cnt + out, cnt)
+    tl.store(part_mass + out, tl.sum(mass, axis=0))
+    tl.store(part_cnt + out, tl.sum(cnt, axis=0))
 
 
 @triton.jit
@@ -226,8 +227,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     _stats_kernel[grid](logits, temperature, part_m, part_z, v, logits.stride(0), chunk, s, BLOCK=BLOCK, num_warps=4)
     for i in range(passes):
         _search_kernel[grid](logits, temperature, top_p, top_k, part_m, part_z, part_mass, part_cnt, rows, v,
-                             logits.stride(0), chunk, s, lo, hi, PASS=i, SHIFT=shift, S_P2=s_p2, BLOCK=BLOCK,
-                             num_warps=8)
+                             logits.stride(0), chunk, s, lo, hi, PASS=i, SHIFT=shift, S_P2=s_p2, SBLOCK=256,
+                             num_warps=4)
     _race_kernel[grid](logits, temperature, top_p, top_k, seed_state, part_mass, part_cnt, part_best, part_idx, rows,
                        v, logits.stride(0), chunk, s, lo, hi, PASSES=passes, SHIFT=shift, S_P2=s_p2, BLOCK=BLOCK,
                        num_warps=4)

@@ -169,14 +169,10 @@ class Sampler:
         stops = ops.reshape(finish, [rows, 1])
         if num_logprobs == 0:
             return SamplerOutput(sampled, ops.concat([column, stops], axis=1), None)
-        fast = getattr(ops, "fused_logprobs", None)
-        if fast is not None:  # the same figures without a [rows, vocab] log_softmax or a full-row top-k
-            rank, top_ids, sampled_lp, top_lp = fast(logits, sampled, num_logprobs)
-        else:
-            lp = ops.log_softmax(logits, axis=-1)
-            top_lp, top_ids = ops.topk(lp, num_logprobs)
-            sampled_lp = ops.gather(lp, column, axis=-1)
-            rank = ops.add(ops.sum(ops.gt(lp, sampled_lp), axis=-1, keepdim=True, dtype=INT64), 1)
+        lp = ops.log_softmax(logits, axis=-1)
+        top_lp, top_ids = ops.topk(lp, num_logprobs)
+        sampled_lp = ops.gather(lp, column, axis=-1)
+        rank = ops.add(ops.sum(ops.gt(lp, sampled_lp), axis=-1, keepdim=True, dtype=INT64), 1)
         ints = ops.concat([column, stops, rank, top_ids], axis=1)
         return SamplerOutput(sampled, ints, ops.concat([sampled_lp, top_lp], axis=1))
 

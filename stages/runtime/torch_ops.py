@@ -135,7 +135,6 @@ class TorchOps:
         self._fused = _fused_kernels(self._cuda)
         # sort-free seeded sampling (kernels/triton_sampling.py), with the decode kernels
         self.fused_sample = _fused_sampling(self._fused)
-        self.fused_logprobs = logprob_candidates if self._fused is not None else None
         # batch-1 matrix-vector products in Triton (kernels/triton_gemv.py): OVERLAPD_GEMV=1, with the fused kernels
         self._gemv = importlib.import_module("overlapd.kernels.triton_gemv").gemv \
             if self._fused is not None and os.environ.get("OVERLAPD_GEMV", "0") == "1" else None
@@ -432,31 +431,6 @@ def _fused_kernels(cuda: bool) -> ModuleType | None:
         if want == "1":
             raise
         return None
-
-
-def logprob_candidates(logits: Tensor, sampled: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(rank [R, 1], top ids [R, k], sampled logprob [R, 1], top logprobs [R, k])
-    without materializing log_softmax: logprobs are logits - logsumexp, the
-    rank counts logits above the sampled one, and the top k come from a top k
-    per chunk of the row, then over those (torch's top-k over a 128k row is a
-    multi-pass radix select: ~290 us at batch 64 on an H200 with the rest)."""
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    picked = logits.gather(1, sampled.view(-1, 1))
-    rank = (logits > picked).sum(dim=-1, keepdim=True, dtype=torch.int64) + 1
-    values, ids = _topk_by_chunks(logits, k)
-    return rank, ids, picked - lse, values - lse
-
-
-def _topk_by_chunks(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    rows, n = x.shape
-    chunk = next((d for d in range(2048, 1023, -1) if n % d == 0), 0)
-    if n < 8192 or k > 64 or not chunk or k > chunk:
-        return torch.topk(x, k, dim=-1)
-    parts = n // chunk
-    v1, i1 = torch.topk(x.view(rows, parts, chunk), k, dim=-1)
-    i1 = i1 + torch.arange(0, n, chunk, device=x.device).view(1, parts, 1)
-    values, j = torch.topk(v1.reshape(rows, parts * k), k, dim=-1)
-    return values, i1.reshape(rows, parts * k).gather(1, j)
 
 
 def _fused_sampling(fused: ModuleType | None) -> Callable[..., Tensor] | None:
