@@ -72,6 +72,19 @@ def sampler_bench(rows: int = 64, vocab: int = 128256) -> dict:
         "sort_bf16_us": _time_graph(lambda: torch.sort(logits.to(torch.bfloat16), dim=-1, descending=True,
                                                        stable=True)),
     }
+    # where the sort-free sampler's time goes: the first n of its launches, timed
+    from overlapd.kernels import triton_sampling as ts
+
+    t, tp, tk = params.temperature, params.top_p, params.top_k
+    upto = [_time_graph(lambda n=n: ts.sample(logits, t, tp, tk, params.seed_state, 16, launches=n))
+            for n in range(1, 8)]
+    out["fused_launch_us"] = dict(zip(["stats", "search1", "search2", "search3", "search4", "race", "finish"],
+                                      np.diff([0.0, *upto]).tolist()))
+    # and the logprob pack's pieces
+    lp = torch.log_softmax(logits, dim=-1)
+    out["log_softmax_us"] = _time_graph(lambda: torch.log_softmax(logits, dim=-1))
+    out["topk20_f32_us"] = _time_graph(lambda: torch.topk(lp, 20, dim=-1))
+    out["topk20_bf16_us"] = _time_graph(lambda: torch.topk(logits.to(torch.bfloat16), 20, dim=-1))
     # the distribution check a reader can redo: sampled ids lie in each row's top-p set
     probs = torch.softmax(logits / 0.8, dim=-1)
     sp, si = torch.sort(probs, dim=-1, descending=True, stable=True)

@@ -203,10 +203,11 @@ def plan(rows: int, vocab: int) -> tuple[int, int]:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seed_state: torch.Tensor, key_bits: int = 32) -> torch.Tensor:
+           seed_state: torch.Tensor, key_bits: int = 32, launches: int = 99) -> torch.Tensor:
     """int64 [R] tokens from float32 logits [R, V] (module docstring). Rows with
     temperature 0 are drawn at temperature 1 (the caller keeps their argmax).
-    key_bits 16: the logits are bf16 values (the search needs 4 passes, not 8)."""
+    key_bits 16: the logits are bf16 values (the search needs 4 passes, not 8).
+    `launches` < 99 stops after that many kernels (bench/sampler_bench.py times each)."""
     rows, v = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if not rows:
@@ -226,12 +227,18 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     grid = (rows, s)
     _stats_kernel[grid](logits, temperature, part_m, part_z, v, logits.stride(0), chunk, s, BLOCK=BLOCK, num_warps=4)
     for i in range(passes):
+        if launches <= 1 + i:
+            return out
         _search_kernel[grid](logits, temperature, top_p, top_k, part_m, part_z, part_mass, part_cnt, rows, v,
                              logits.stride(0), chunk, s, lo, hi, PASS=i, SHIFT=shift, S_P2=s_p2, SBLOCK=256,
                              num_warps=4)
+    if launches <= 1 + passes:
+        return out
     _race_kernel[grid](logits, temperature, top_p, top_k, seed_state, part_mass, part_cnt, part_best, part_idx, rows,
                        v, logits.stride(0), chunk, s, lo, hi, PASSES=passes, SHIFT=shift, S_P2=s_p2, BLOCK=BLOCK,
                        num_warps=4)
+    if launches <= 2 + passes:
+        return out
     _finish_kernel[(rows,)](part_best, part_idx, out, s, S_P2=s_p2, num_warps=1)
     return out
 
