@@ -44,9 +44,17 @@ _HMUL = 0x45D9F3B
 
 @triton.jit
 def _order_key(x, SHIFT: tl.constexpr):
-    """float32 -> int64 with the floats' order; SHIFT 16 keeps a bf16 value's 16 bits."""
+    """float32 -> int32 with the floats' order; SHIFT 16 keeps a bf16 value's 16 bits."""
     b = x.to(tl.int32, bitcast=True)
-    return (tl.where(b < 0, b ^ 0x7FFFFFFF, b) >> SHIFT).to(tl.int64)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b) >> SHIFT
+
+
+@triton.jit
+def _as_key(c):
+    """An int64 candidate as an int32 key bound: every finite float's key lies
+    strictly inside int32, so clamping keeps `key > c` for every key (int32
+    compares cost half of int64 ones in the search's inner loop)."""
+    return tl.minimum(tl.maximum(c, -2147483648), 2147483647).to(tl.int32)
 
 
 @triton.jit
@@ -133,7 +141,7 @@ def _search_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, part_m, part_z, part_m
     inv_z = 1.0 / z
     lo, hi = _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, LO, HI, PASS, S_P2)
     step = (hi - lo + 15) // 16
-    cand = lo + tl.arange(0, 16).to(tl.int64) * step
+    cand = _as_key(lo + tl.arange(0, 16).to(tl.int64) * step)
     row = x_ptr + r.to(tl.int64) * stride
     start = s * chunk
     # per-thread accumulators, reduced across the block once at the end (not per tile)
@@ -165,6 +173,7 @@ def _race_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_mass, pa
     top_k = tl.where(top_k > 0, tl.minimum(top_k, V), V)
     state = tl.load(state_ptr + r)
     w, _ = _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, LO, HI, PASSES, S_P2)
+    w = _as_key(w)
     row = x_ptr + r.to(tl.int64) * stride
     start = s * chunk
     best = tl.full([], float("-inf"), tl.float32)
