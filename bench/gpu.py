@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench's own modules (static_peer, ...)
 from overlapd.daemon.engine_api import GenerateParams
 from overlapd.daemon.sinks import CollectSink
 from overlapd.kernels import cuda_handoff
@@ -184,12 +186,22 @@ class StepTimer:
         }
 
 
-async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int, salt: int) -> list[CollectSink]:
+def request_params(i: int, prompt: list[int], max_tokens: int, sampled: bool) -> GenerateParams:
+    """Greedy, or issue 13's sampled workload: temperature 0.8, top-p 0.95, a
+    seed per request, and 5 logprobs on a quarter of the requests."""
+    if not sampled:
+        return GenerateParams(prompt_ids=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return GenerateParams(prompt_ids=prompt, max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=1000 + i,
+                          logprobs=5 if i % 4 == 0 else 0, ignore_eos=True)
+
+
+async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int, salt: int,
+                    sampled: bool = False) -> list[CollectSink]:
     loop = asyncio.get_running_loop()
     sinks = [CollectSink(loop) for _ in range(requests)]
     for i, s in enumerate(sinks):
         prompt = [(7 * i + 11 * salt + j) % 30000 + 3 for j in range(prompt_len)]
-        p.submit(GenerateParams(prompt_ids=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True), s)
+        p.submit(request_params(i, prompt, max_tokens, sampled), s)
     await asyncio.gather(*(s.done for s in sinks))
     return sinks
 
@@ -199,15 +211,18 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     overlap, probe_every, graphs, wake, fused = mode.overlap, mode.probe, mode.graphs, mode.wake, mode.fused
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
     os.environ["OVERLAPD_FUSED"] = "" if fused else "0"  # read when the engine's TorchOps is made
+    os.environ["OVERLAPD_GEMV"] = "1" if mode.gemv else "0"
     p = Pipeline(cfg, PipelineConfig(overlap=overlap, overlap_depth=mode.depth), ring)
     os.environ.pop("OVERLAPD_FUSED")
+    os.environ.pop("OVERLAPD_GEMV")
     if not graphs:
         p.engine.runner.graphs = None
     os.environ["OVERLAPD_WAKE"] = wake  # read by the execute stage at start
     await p.start()
     # Warm-up: with graphs, the same workload once, so every (rows, context)
     # bucket is captured before the timed pass; eagerly, one short request.
-    await _workload(p, requests if graphs else 1, prompt_len, max_tokens if graphs else 8, salt=1)
+    await _workload(p, requests if graphs else 1, prompt_len, max_tokens if graphs else 8, salt=1,
+                    sampled=mode.sampled)
     timer = StepTimer(p.engine.runner, probe_every)
     p.times.__init__()
     if mode.gc_freeze:  # what `overlapd serve` does once it is ready
@@ -216,13 +231,14 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     g = p.engine.runner.graphs
     captures_before = g.captures if g is not None else 0
     t0 = time.perf_counter()
-    sinks = await _workload(p, requests, prompt_len, max_tokens, salt=0)
+    sinks = await _workload(p, requests, prompt_len, max_tokens, salt=0, sampled=mode.sampled)
     elapsed = time.perf_counter() - t0
     stats = p.stats()
     await p.drain(timeout=5)
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
     out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "gc_freeze": mode.gc_freeze,
+           "sampled": mode.sampled, "gemv": mode.gemv,
            "depth": mode.depth,
            "elapsed_s": elapsed,
            "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
@@ -241,7 +257,8 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
 def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> dict:
     cfg = EngineConfig(model=args.model, load_format="dummy", runtime="torch", device="gpu", dtype="bfloat16",
                        max_num_seqs=max(requests, 1), max_num_batched_tokens=args.max_batched_tokens,
-                       max_model_len=args.prompt_len + args.max_tokens + 16, kv_cache_bytes=8 << 30)
+                       max_model_len=args.prompt_len + args.max_tokens + 16,
+                       kv_cache_bytes=kv_cache_bytes(args, requests))
     res = {}
     toks = {}
     for mode in MODES:
@@ -251,11 +268,28 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
         res[name], toks[name] = asyncio.run(pipeline_run(cfg, mode, requests, args.prompt_len, max_tokens))
         print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
     # bfloat16 rounds differently without the fused kernels, so near-ties may flip there
-    ref = next(t for n, t in toks.items() if res[n]["fused"])
-    res["identical_tokens"] = all(t == ref for n, t in toks.items() if res[n]["fused"])
-    same = [a == b for n, t in toks.items() if not res[n]["fused"] for a, b in zip(t, ref)]
+    greedy = {n: t for n, t in toks.items() if not res[n]["sampled"] and not res[n]["gemv"]}
+    ref = next((t for n, t in greedy.items() if res[n]["fused"]), None)
+    res["identical_tokens"] = all(t == ref for n, t in greedy.items() if res[n]["fused"])
+    same = [a == b for n, t in greedy.items() if not res[n]["fused"] for a, b in zip(t, ref or [])]
     res["unfused_same_requests"] = sum(same) / len(same) if same else float("nan")
+    # the Triton GEMV sums in another order than cuBLAS: bf16 near-ties may flip
+    same = [a == b for n, t in toks.items() if res[n]["gemv"] for a, b in zip(t, ref or [])]
+    res["gemv_same_requests"] = sum(same) / len(same) if same else float("nan")
+    # seeded sampling: the same tokens from graphs and eager, overlap and sync
+    sampled = [t for n, t in toks.items() if res[n]["sampled"]]
+    res["sampled_identical_tokens"] = all(t == sampled[0] for t in sampled) if sampled else None
+    res["sampled_modes"] = [n for n in toks if res[n]["sampled"]]
     return res
+
+
+def kv_cache_bytes(args: argparse.Namespace, requests: int) -> int:
+    """8 GiB, or what `requests` full-length sequences need with a quarter spare."""
+    c = NAMED_SHAPES.get(args.model)
+    if c is None:
+        return 8 << 30
+    per_token = 2 * c.num_hidden_layers * c.kv_size * 2  # keys and values, bf16
+    return max(8 << 30, int(requests * (args.prompt_len + args.max_tokens + 32) * per_token * 1.25))
 
 
 class Mode(NamedTuple):
@@ -267,6 +301,8 @@ class Mode(NamedTuple):
     fused: bool = True  # the Triton decode kernels
     gc_freeze: bool = False  # gc.freeze() before the timed pass, as `overlapd serve` does
     depth: int = 2  # PipelineConfig.overlap_depth: steps in flight with overlap
+    sampled: bool = False  # issue 13's sampled workload (request_params) instead of greedy
+    gemv: bool = False  # batch-1 products through kernels/triton_gemv.py (OVERLAPD_GEMV=1)
 
 
 MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake="hostfunc"),
@@ -275,7 +311,13 @@ MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake=
          Mode("probe", True, 8, wake="hostfunc"),
          Mode("unfused", True, 0, fused=False), Mode("unfused_probe", True, 8, wake="hostfunc", fused=False),
          Mode("sync_eager", False, 0, graphs=False, wake="hostfunc"),
-         Mode("overlap_eager", True, 0, graphs=False, wake="hostfunc"))
+         Mode("overlap_eager", True, 0, graphs=False, wake="hostfunc"),
+         Mode("depth3_sampled", True, 0, gc_freeze=True, depth=3, sampled=True),
+         Mode("sync_sampled", False, 0, wake="hostfunc", sampled=True),
+         Mode("probe_sampled", True, 8, wake="hostfunc", sampled=True),
+         Mode("sampled_eager", True, 0, graphs=False, depth=3, sampled=True),
+         Mode("depth3_gemv", True, 0, gc_freeze=True, depth=3, gemv=True),
+         Mode("probe_gemv", True, 8, wake="hostfunc", gemv=True))
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -548,6 +590,9 @@ PROFILES = (("profile_b1_eager", 1, 20, False), ("profile_b1", 1, 20, True), ("p
 
 
 # --------------------------------------------------------------------------- main
+LOAD_SECONDS: dict[str, float] = {}  # model -> seconds its (dummy) weights took to load
+
+
 def _load_once(load):
     """load_model keyed by what shapes the weights (not by the TorchOps instance:
     every engine's ops put tensors on the same device)."""
@@ -558,7 +603,9 @@ def _load_once(load):
         if key not in cache:
             t0 = time.perf_counter()
             cache[key] = load(cfg, ops)
-            print(f"  loaded {cfg.model} in {time.perf_counter() - t0:.1f} s", flush=True)
+            ops.synchronize()  # dummy weights are drawn on the device, asynchronously
+            LOAD_SECONDS[cfg.model] = time.perf_counter() - t0
+            print(f"  loaded {cfg.model} in {LOAD_SECONDS[cfg.model]:.1f} s", flush=True)
         cache[key].model.ops = ops  # the model runs on this engine's ops (fused or not), not the first one's
         return cache[key]
 
@@ -585,7 +632,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--batch1-tokens", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
-    ap.add_argument("--sections", default="bw,handoff,engine,hf,profile")
+    ap.add_argument("--sections", default="bw,handoff,engine,hf,peer,sampler,profile")
+    ap.add_argument("--batches", default="", help="engine batch sizes, comma-separated (default: --requests and 1)")
+    ap.add_argument("--peer-batches", default="", help="HF and compiled-peer batch sizes (default: --requests and 1)")
     ap.add_argument("--modes", default="", help="engine modes to run, comma-separated (default: all of MODES)")
     ap.add_argument("--profile-trace", default="", help="write batch 1's (graphs) Chrome trace here (.json.gz)")
     ap.add_argument("--profile-timeout", type=float, default=300,
@@ -624,17 +673,43 @@ def main() -> None:
         _section(r, "handoff", handoff_latency)
         print("handoff", r.get("handoff"), flush=True)
         save()
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [args.requests, 1]
+    peer_batches = [int(b) for b in args.peer_batches.split(",")] if args.peer_batches else [args.requests, 1]
+    if "sampler" in sections:
+        from sampler_bench import sampler_bench
+
+        _section(r, "sampler_b64", sampler_bench, 64)
+        print("sampler", r.get("sampler_b64"), flush=True)
+        save()
+    if "gemv" in sections and args.model in NAMED_SHAPES:
+        from sampler_bench import gemv_bench
+
+        _section(r, "gemv", gemv_bench, args.model)
+        for name, g in r.get("gemv", {}).items():
+            print(f"gemv {name:8} {g['n']:>6}x{g['k']:<6} split {g['split']:>2}: cuBLAS {g['cublas_us']:7.1f} us "
+                  f"{g['cublas_TBps']:.2f} TB/s | Triton {g['triton_us']:7.1f} us {g['triton_TBps']:.2f} TB/s "
+                  f"(rel err {g['rel_err']:.1e})", flush=True)
+        save()
     if "engine" in sections:
-        _section(r, "engine_b64", engine_bench, args, args.requests, args.max_tokens)
-        save()
-        _section(r, "engine_b1", engine_bench, args, 1, args.batch1_tokens)
-        save()
+        for b in batches:
+            _section(r, f"engine_b{b}", engine_bench, args, b, args.max_tokens if b > 1 else args.batch1_tokens)
+            save()
+    if "peer" in sections:
+        from static_peer import peer_bench
+
+        for b in peer_batches:
+            _section(r, f"peer_b{b}", peer_bench, args.model, b, args.prompt_len + args.max_tokens)
+            print("peer", r.get(f"peer_b{b}"), flush=True)
+            save()
     if "hf" in sections:
-        _section(r, "hf_b64", hf_bench, args, args.requests, args.max_tokens)
-        _section(r, "hf_b1", hf_bench, args, 1, args.batch1_tokens)
-        save()
+        for b in peer_batches:
+            _section(r, f"hf_b{b}", hf_bench, args, b, args.max_tokens if b > 1 else args.batch1_tokens)
+            save()
+    r["load_s"] = LOAD_SECONDS
+    save()
     if sections - {"profile"}:
         print_table(r, args)
+        print_issue13(r, batches, peer_batches)
     if "profile" in sections:
         # A profiler that hangs in native code would hold the device until the
         # session's limit: end the process instead (every earlier figure is saved).
@@ -647,6 +722,33 @@ def main() -> None:
             save()
         faulthandler.cancel_dump_traceback_later()
         print_profile_summary(r)
+
+
+def print_issue13(r: dict, batches: list[int], peer_batches: list[int]) -> None:
+    """The default configuration (depth3) greedy and sampled, against the peers."""
+    print(f"\n{'batch':>6}{'greedy ms':>11}{'sampled ms':>11}{'ratio':>7}{'greedy dev':>11}{'sampled dev':>12}"
+          f"{'greedy tok/s':>13}{'sampled tok/s':>14}{'peer ms':>9}{'HF ms':>8}{'sampled eager tok/s':>20}")
+    nan = float("nan")
+    for b in batches:
+        e = r.get(f"engine_b{b}", {})
+        g, sm = e.get("depth3", {}), e.get("depth3_sampled", {})
+        gp, sp = g.get("step_period_ms_p50", nan), sm.get("step_period_ms_p50", nan)
+        peer, hf = r.get(f"peer_b{b}", {}), r.get(f"hf_b{b}", {})
+        print(f"{b:>6}{gp:>11.3f}{sp:>11.3f}{sp / gp:>7.3f}"
+              f"{e.get('probe', {}).get('device_only_ms_p50', nan):>11.3f}"
+              f"{e.get('probe_sampled', {}).get('device_only_ms_p50', nan):>12.3f}"
+              f"{g.get('tokens_per_s', nan):>13.0f}{sm.get('tokens_per_s', nan):>14.0f}"
+              f"{peer.get('step_ms_p50', nan):>9.3f}{hf.get('step_ms', nan):>8.2f}"
+              f"{e.get('sampled_eager', {}).get('tokens_per_s', nan):>20.0f}")
+        if e:
+            print(f"        greedy identical in every fused mode: {e.get('identical_tokens')}; seeded sampled "
+                  f"identical across {e.get('sampled_modes')}: {e.get('sampled_identical_tokens')}")
+    if "roofline_ms" in r and "engine_b1" in r:
+        for mode in ("depth3", "depth3_gemv"):
+            b1 = r["engine_b1"].get(mode, {}).get("step_period_ms_p50", nan)
+            print(f"batch-1 step ({mode}) {b1:.3f} ms = {r['roofline_ms'] / b1:.0%} of the HBM roofline "
+                  f"({r['roofline_ms']:.3f} ms); device-only "
+                  f"{r['engine_b1'].get(mode.replace('depth3', 'probe'), {}).get('device_only_ms_p50', nan):.3f} ms")
 
 
 def print_profile_summary(r: dict) -> None:
@@ -675,7 +777,8 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
         print("copy-to-wake us: " + " | ".join(
             f"{m} p50 {h[m + '_p50_us']:.1f} p99 {h[m + '_p99_us']:.1f}"
             for m in ("hostfunc_eventfd", "event_sync_thread", "spin_thread")))
-    for key, label in (("engine_b64", f"batch {args.requests}"), ("engine_b1", "batch 1")):
+    for key, label in ((k, f"batch {k[len('engine_b'):]}") for k in r
+                       if k.startswith("engine_b") and isinstance(r[k], dict)):
         if key not in r:
             continue
         e = r[key]
@@ -699,10 +802,10 @@ def print_table(r: dict, args: argparse.Namespace) -> None:
                   f"device-only {e['unfused_probe']['device_only_ms_p50']:.3f} -> {dev:.3f} ms")
         if key == "engine_b1" and "roofline_ms" in r:
             print(f"batch-1 roofline fraction: {r['roofline_ms'] / e['overlap_spin']['step_period_ms_p50']:.2f}")
-    for key in ("hf_b64", "hf_b1"):
+    for key in (k for k in r if k.startswith("hf_b") and isinstance(r[k], dict)):
         if key in r:
             h = r[key]
-            eng = r.get("engine_b64" if key == "hf_b64" else "engine_b1", {}).get("overlap_spin", {})
+            eng = r.get("engine" + key[2:], {}).get("overlap_spin", {})
             ratio = eng.get("tokens_per_s", float("nan")) / h["tokens_per_s"]
             print(f"HF static cache batch {h['batch']}: {h['tokens_per_s']:.0f} tok/s, {h['step_ms']:.2f} ms/step; "
                   f"engine/HF {ratio:.2f}x")

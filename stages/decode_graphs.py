@@ -12,8 +12,14 @@ Capture needs fixed shapes and fixed addresses, so:
   which keep their addresses; the graph's outputs (sampled ids, the ints
   copied to the host) live in the graph's pool at fixed addresses too, and are
   copied out on the stream before the next replay can overwrite them.
-Only greedy steps without logprobs are captured (the common serving case);
-every other step runs eagerly through the same code.
+A graph also has a sampling variant, part of its key: greedy only (an argmax),
+or sampled (temperature, top-p, top-k and seeds for every row, each row's own
+parameters read from the persistent per-slot buffers, greedy rows taking the
+argmax inside the same graph), each with or without top-k logprobs (always
+`logprob_width` candidates: a request's own k is a slice of them on the host
+side). So a batch mixing greedy, sampled and logprob rows replays one graph,
+and an all-greedy batch keeps the cheaper one. Only steps whose rows are all
+one-token decodes are captured; prefill steps run eagerly through the same code.
 
 The capture itself is the runtime's (`Ops.capture_graph`, Torch on CUDA only),
 so this bookkeeping runs on the CPU with a fake capture in the tests.
@@ -35,6 +41,16 @@ CaptureFn = Callable[[Callable[[], Any]], CapturedGraph]
 
 DEFAULT_CONTEXT_STEP_BLOCKS = 8
 
+# (padded rows, padded context blocks, sampled, logprob width)
+GraphKey = tuple[int, int, bool, int]
+
+
+def logprob_width(num_logprobs: int, max_logprobs: int, vocab_size: int) -> int:
+    """Candidates a step computes when its rows ask for up to `num_logprobs`:
+    0, or the most any request may ask for (so one graph serves every k; eager
+    steps use the same width, so their candidates and ties equal a replay's)."""
+    return 0 if num_logprobs <= 0 else min(max_logprobs, vocab_size)
+
 
 def row_buckets(max_rows: int) -> list[int]:
     """1, 2, 4, 8, 16, 24, 32, ... up to max_rows (always included)."""
@@ -53,20 +69,21 @@ class DecodeGraphs:
         self.max_rows = max_rows
         self.max_blocks = max_blocks
         self.step_blocks = context_step_blocks
-        self._graphs: dict[tuple[int, int], CapturedGraph] = {}
+        self._graphs: dict[GraphKey, CapturedGraph] = {}
         self.captures = 0
         self.replays = 0
 
-    def key(self, num_rows: int, max_seq_len: int, block_size: int) -> tuple[int, int]:
-        """(padded rows, padded context blocks) for a decode step."""
+    def key(self, num_rows: int, max_seq_len: int, block_size: int, sampled: bool = False,
+            logprobs: int = 0) -> GraphKey:
+        """(padded rows, padded context blocks, sampled, logprob width) for a decode step."""
         if not 1 <= num_rows <= self.max_rows:
             raise ValueError(f"num_rows must lie in [1, {self.max_rows}], got {num_rows}")
         rows = self._rows[bisect.bisect_left(self._rows, num_rows)]
         need = -(-max_seq_len // block_size)
         blocks = min(-(-need // self.step_blocks) * self.step_blocks, self.max_blocks)
-        return rows, blocks
+        return rows, blocks, sampled, logprobs
 
-    def run(self, key: tuple[int, int], body: Callable[[], Any]) -> Any:
+    def run(self, key: GraphKey, body: Callable[[], Any]) -> Any:
         """Replay the graph for `key` (capturing `body` first if new); returns its outputs."""
         g = self._graphs.get(key)
         if g is None:
@@ -80,4 +97,4 @@ class DecodeGraphs:
         return len(self._graphs)
 
 
-__all__ = ["CapturedGraph", "DecodeGraphs", "row_buckets"]
+__all__ = ["CapturedGraph", "DecodeGraphs", "GraphKey", "logprob_width", "row_buckets"]

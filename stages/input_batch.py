@@ -147,9 +147,12 @@ class DeviceInputs:
         self.step = ops.zeros([sum(n for _, _, n in layout)], INT64)
         for name, at, n in layout:  # views into `step` (first-axis slices keep its memory)
             setattr(self, name, self.step[at: at + n])
-        self.block_tables = ops.zeros([r, b], INT64)  # by slot
-        self.sampling = PersistentSamplingParams(ops, r, self.use_kernels)  # by slot
-        self.stops = PersistentStopFlags(ops, r, STOP_TABLE_WIDTH, self.use_kernels)  # by slot
+        # Per-slot state has one slot more than requests get: padding rows of a
+        # captured decode step point there (`pad_slot`), never at a request's.
+        self.pad_slot = r
+        self.block_tables = ops.zeros([r + 1, b], INT64)  # by slot
+        self.sampling = PersistentSamplingParams(ops, r + 1, self.use_kernels)  # by slot
+        self.stops = PersistentStopFlags(ops, r + 1, STOP_TABLE_WIDTH, self.use_kernels)  # by slot
         self.prev_sampled = ops.zeros([r], INT64)  # the last step's sampled ids, by its row
         # landing areas for the per-slot updates, scattered into place from here
         self._new_slots = ops.zeros([r], INT64)

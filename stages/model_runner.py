@@ -9,8 +9,10 @@ Three calls so the pipeline can overlap them:
 - `collect` (any thread): waits for those outputs, returns the staging buffer.
 `execute` chains the three for the synchronous path.
 
-Greedy decode steps replay a CUDA graph where the runtime can capture one
-(`decode_graphs.py`): the same body, captured once per shape bucket.
+Decode steps replay a CUDA graph where the runtime can capture one
+(`decode_graphs.py`): the same body, captured once per shape bucket and
+sampling variant (greedy, or sampled; with or without logprobs), so seeded
+sampling and logprobs run at graph speed too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .decode_graphs import CaptureFn, DecodeGraphs
+from .decode_graphs import CaptureFn, DecodeGraphs, GraphKey, logprob_width
 from .engine_config import EngineConfig
 from .input_batch import (
     BatchLimits,
@@ -36,7 +38,7 @@ from .model.paged_metadata import build_attention_metadata
 from .runtime.ops import HostFuture, Ops
 from .sampler import Sampler, SamplerOutput
 from .step_stager import StepStager
-from .step_types import SchedulerOutput, StepOutput
+from .step_types import MAX_LOGPROBS, SchedulerOutput, StepOutput
 
 DEFAULT_STAGING_DEPTH = 3  # one being prepared, one launched, one being collected
 
@@ -87,7 +89,8 @@ class ModelRunner:
         self._spare_slot = num_blocks * cfg.block_size
         # use_kernels None: the CUDA step kernels wherever they run (False: the ops path)
         self.inputs = DeviceInputs(ops, self.limits, use_kernels)
-        self.sampler = Sampler(ops, loaded.config.vocab_size)
+        # logits are the model dtype's values in float32: sorting them in that dtype is exact
+        self.sampler = Sampler(ops, loaded.config.vocab_size, sort_dtype=self.model.dtype)
         self._stager = StepStager(self.limits)
         self._pool = StagingPool(self.limits, staging_depth, ops.host_zeros)
         self._lock = threading.Lock()  # prepare may run beside launch/collect
@@ -99,8 +102,19 @@ class ModelRunner:
             self.enable_graphs(capture)
 
     def enable_graphs(self, capture: CaptureFn) -> None:
-        """Replay greedy decode steps from graphs captured with `capture` (None: always eager)."""
-        self.graphs = DecodeGraphs(capture, self.limits.max_rows, self.limits.max_blocks)
+        """Replay decode steps from graphs captured with `capture`."""
+        seeds = self.inputs.sampling.seed_state
+
+        def capture_keeping_seeds(fn):
+            # A capture runs the body once (a warm-up) before the first replay
+            # runs it again; a sampled body advances the seed states in place,
+            # so they are put back: the replay is the step's one advance.
+            saved = self.ops.add(seeds, 0)
+            graph = capture(fn)
+            self.ops.copy_(seeds, saved)
+            return graph
+
+        self.graphs = DecodeGraphs(capture_keeping_seeds, self.limits.max_rows, self.limits.max_blocks)
 
     # --- the three phases -----------------------------------------------------
     def prepare(self, so: SchedulerOutput) -> PreparedStep:
@@ -135,37 +149,37 @@ class ModelRunner:
     def _run(self, prepared: PreparedStep) -> StepHandle:
         inp, n, buf = self.inputs, prepared.counts, prepared.buf
         assert buf is not None
-        r = n.num_rows
-        key = self._graph_key(prepared)
+        r, k = n.num_rows, prepared.num_logprobs
+        width = logprob_width(k, MAX_LOGPROBS, self.limits.vocab_size)
+        key = self._graph_key(prepared, width)
         if key is None:
             inp.load(buf, n)
-            out = self._body(n.num_tokens, r, n.query_lens, n.seq_lens, prepared.any_random,
-                             prepared.num_logprobs, padded=False)
+            out = self._body(n.num_tokens, r, n.query_lens, n.seq_lens, prepared.any_random, width, padded=False)
         else:
-            rows, blocks = key
-            _pad_decode_rows(buf, r, rows)
+            rows, blocks, sampled, _ = key
+            _pad_decode_rows(buf, r, rows, inp.pad_slot)
             inp.load(buf, n)
             # Host facts the capture sees: `rows` one-token rows over `blocks` blocks.
             qlens = np.ones(rows, np.int64)
             seqlens = np.full(rows, blocks * self.block_size, np.int64)
             assert self.graphs is not None
-            out = self.graphs.run(key, lambda: self._body(rows, rows, qlens, seqlens, False, 0, padded=True))
-        ints = out.ints if out.ints.shape[0] == r else out.ints[:r]
+            out = self.graphs.run(key, lambda: self._body(rows, rows, qlens, seqlens, sampled, width, padded=True))
+        # this step's rows and its largest k of the `width` candidates (the copy packs a view)
         return StepHandle(
             prepared,
-            self.ops.to_host_async(ints),
-            self.ops.to_host_async(out.logprobs) if out.logprobs is not None else None,
+            self.ops.to_host_async(_head(out.ints, r, 3 + k if k else 2)),
+            self.ops.to_host_async(_head(out.logprobs, r, k + 1)) if out.logprobs is not None and k else None,
         )
 
-    def _graph_key(self, p: PreparedStep) -> tuple[int, int] | None:
-        """The graph bucket of a greedy decode step whose every row samples; None: run eagerly."""
+    def _graph_key(self, p: PreparedStep, width: int) -> GraphKey | None:
+        """The graph of a decode step (every row one token that samples); None: run eagerly."""
         n = p.counts
-        if self.graphs is None or p.any_random or p.num_logprobs or n.num_rows == 0 or n.num_tokens != n.num_rows:
+        if self.graphs is None or n.num_rows == 0 or n.num_tokens != n.num_rows:
             return None
         assert p.buf is not None
         if not p.buf.sample_mask[: n.num_rows].all():
             return None
-        return self.graphs.key(n.num_rows, int(n.seq_lens.max()), self.block_size)
+        return self.graphs.key(n.num_rows, int(n.seq_lens.max()), self.block_size, p.any_random, width)
 
     def _body(self, num_tokens: int, r: int, query_lens: np.ndarray, seq_lens: np.ndarray, any_random: bool,
               num_logprobs: int, padded: bool) -> SamplerOutput:
@@ -235,10 +249,12 @@ class ModelRunner:
         return self.inputs.persistent_tensors()
 
 
-def _pad_decode_rows(buf: StagingBuffer, r: int, rows: int) -> None:
+def _pad_decode_rows(buf: StagingBuffer, r: int, rows: int, pad_slot: int) -> None:
     """Stage rows r..rows-1 of a padded decode step: one token at position 0 in
-    slot 0, never sampled (their KV writes go to the spare block, their outputs
-    are dropped). The whole per-step array is copied to the device anyway."""
+    the spare slot `pad_slot` (no request's: a sampled step's seed advance
+    must not scatter into a real row's slot twice), never sampled (their KV
+    writes go to the spare block, their outputs are dropped). The whole
+    per-step array is copied to the device anyway."""
     if rows == r:
         return
     buf.query_start_loc[r + 1: rows + 1] = np.arange(r + 1, rows + 1)
@@ -246,9 +262,14 @@ def _pad_decode_rows(buf: StagingBuffer, r: int, rows: int) -> None:
     buf.prev_rows[r:rows] = -1
     buf.start_pos[r:rows] = 0
     buf.seq_lens[r:rows] = 1
-    buf.row_slots[r:rows] = 0
+    buf.row_slots[r:rows] = pad_slot
     buf.sample_mask[r:rows] = 0
     buf.out_index[r:rows] = 0
+
+
+def _head(x: Any, rows: int, cols: int) -> Any:
+    """x[:rows, :cols], without a slice where that is all of x."""
+    return x if tuple(x.shape) == (rows, cols) else x[:rows, :cols]
 
 
 def _empty_output(step_id: int) -> StepOutput:

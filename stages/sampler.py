@@ -15,7 +15,11 @@ the same stream.
 Every row takes the same computation (a full sort of its scaled logits, then
 top-k and top-p as prefix masks), whatever the other rows ask for, so the
 path cannot depend on the batch. Greedy rows (temperature 0) take the argmax
-of the raw logits.
+of the raw logits. Where the runtime has a fused sampler (`fused_sample`:
+kernels/triton_sampling.py on a GPU) it replaces the sort: the same kept set
+up to ties at its boundary, drawn by an exponential race keyed by the same
+seed state, so the same distribution but not the ops path's token for a
+seed; every step of a runtime takes the same path, graphs or not.
 
 Logprobs are those of the model's raw distribution (log_softmax of the
 unscaled, unfiltered logits), as vLLM returns by default: they describe the
@@ -122,9 +126,13 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, ops: Ops, vocab_size: int) -> None:
+    def __init__(self, ops: Ops, vocab_size: int, sort_dtype: str = FLOAT32) -> None:
         self.ops = ops
         self.vocab_size = vocab_size
+        # Logits of a bfloat16 model are bfloat16 values held in float32; dividing
+        # by a temperature keeps their order and ties, so sorting them as bfloat16
+        # gives the same stable order with half the key bits (a radix sort's passes).
+        self.sort_dtype = sort_dtype
         self._ranks = ops.reshape(ops.arange(vocab_size, INT64), [1, vocab_size])
 
     def uniforms(self, state: Tensor) -> Tensor:
@@ -170,10 +178,15 @@ class Sampler:
 
     def _sample(self, logits: Tensor, p: SamplingTensors) -> Tensor:
         ops = self.ops
+        kernel = getattr(ops, "fused_sample", None)
+        if kernel is not None:  # no sort: kernels/triton_sampling.py (same distribution, its own draw)
+            return kernel(logits, p.temperature, p.top_p, p.top_k, p.seed_state,
+                          key_bits=16 if self.sort_dtype == "bfloat16" else 32)
+        u = p.uniform if p.uniform is not None else self.uniforms(p.seed_state)
         rows, vocab = logits.shape[0], self.vocab_size
         temp = ops.where(ops.gt(p.temperature, 0.0), p.temperature, 1.0)
         scaled = ops.div(logits, ops.reshape(temp, [rows, 1]))
-        order = ops.argsort_descending(scaled)
+        order = ops.argsort_descending(scaled if self.sort_dtype == FLOAT32 else ops.cast(logits, self.sort_dtype))
         probs = ops.softmax(ops.gather(scaled, order, axis=-1), axis=-1)
         # top-k and top-p keep a prefix of the sorted vocabulary (never empty:
         # the first token has rank 0 < k and nothing before it)
@@ -183,7 +196,6 @@ class Sampler:
         keep = ops.logical_and(keep, ops.lt(before, ops.reshape(p.top_p, [rows, 1])))
         cdf = ops.cumsum(ops.where(keep, probs, 0.0), axis=-1)
         total = ops.gather(cdf, ops.full([rows, 1], vocab - 1, INT64), axis=-1)
-        u = p.uniform if p.uniform is not None else self.uniforms(p.seed_state)
         target = ops.mul(ops.reshape(u, [rows, 1]), total)
         idx = ops.sum(ops.le(cdf, target), axis=-1, keepdim=True, dtype=INT64)
         # rounding can put target at the total: stay inside the kept prefix

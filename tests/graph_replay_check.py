@@ -32,32 +32,70 @@ class FakeGraph:
 
     def replay(self) -> None:
         new = self.fn()
-        for name in ("sampled", "ints"):
-            self.ops.copy_(getattr(self.output, name), getattr(new, name))
+        for name in ("sampled", "ints", "logprobs"):
+            if getattr(new, name) is not None:
+                self.ops.copy_(getattr(self.output, name), getattr(new, name))
 
 
-def run(ops, loaded, graphs: bool, overlapped: bool):
+# Greedy, seeded sampling with each filter, and logprobs (alone and with sampling),
+# in one batch: its decode steps replay one sampled graph with logprobs.
+MIXED = [SamplingParams(temperature=0.0, max_tokens=30),
+         SamplingParams(temperature=0.8, top_p=0.95, max_tokens=34, logprobs=3),
+         SamplingParams(temperature=1.1, top_k=7, max_tokens=26),
+         SamplingParams(temperature=0.0, max_tokens=22, logprobs=5),
+         SamplingParams(temperature=0.7, top_p=0.5, top_k=20, max_tokens=31)]
+
+
+def run(ops, loaded, graphs: bool, overlapped: bool, mixed: bool = False):
     cfg = engine_config(runtime="torch", block_size=4)
     runner = ModelRunner(loaded, ops, cfg, 128)
     if graphs:
         runner.enable_graphs(lambda fn: FakeGraph(ops, fn))
     d = Driver(runner, token_budget=16)
-    reqs = [d.add(Req(i + 1, p, SamplingParams(temperature=0.0, max_tokens=40 - 3 * i))) for i, p in enumerate(PROMPTS)]
+    if mixed:
+        reqs = [d.add(Req(i + 1, PROMPTS[i % len(PROMPTS)], p, seed=1000 + i)) for i, p in enumerate(MIXED)]
+    else:
+        reqs = [d.add(Req(i + 1, p, SamplingParams(temperature=0.0, max_tokens=40 - 3 * i)))
+                for i, p in enumerate(PROMPTS)]
     d.run_overlapped() if overlapped else d.run()
-    return [r.outputs for r in reqs], runner.graphs
+    lps = [[(lp.tolist(), ids.tolist(), rank) for lp, ids, rank in r.logprob_rows] for r in reqs]
+    return [r.outputs for r in reqs], runner.graphs, lps
+
+
+def same_logprobs(a, b, atol: float = 1e-5) -> bool:
+    if [len(x) for x in a] != [len(x) for x in b]:
+        return False
+    for ra, rb in zip(a, b):
+        for (lp_a, ids_a, rank_a), (lp_b, ids_b, rank_b) in zip(ra, rb):
+            if ids_a != ids_b or rank_a != rank_b or max(abs(x - y) for x, y in zip(lp_a, lp_b)) > atol:
+                return False
+    return True
 
 
 def main() -> None:
     os.environ["OVERLAPD_CACHE_DIR"] = tempfile.mkdtemp()
     ops = load_runtime("torch", "cpu")
     loaded = load_model(engine_config(runtime="torch", block_size=4), ops)
-    eager, _ = run(ops, loaded, False, True)
-    replayed, g = run(ops, loaded, True, True)
-    replayed_sync, _ = run(ops, loaded, True, False)
+    eager, _, _ = run(ops, loaded, False, True)
+    replayed, g, _ = run(ops, loaded, True, True)
+    replayed_sync, _, _ = run(ops, loaded, True, False)
+    m_eager, _, m_eager_lp = run(ops, loaded, False, True, mixed=True)
+    m_sync_eager, _, m_sync_eager_lp = run(ops, loaded, False, False, mixed=True)
+    m_replayed, mg, m_lp = run(ops, loaded, True, True, mixed=True)
+    m_replayed_sync, _, m_sync_lp = run(ops, loaded, True, False, mixed=True)
     print(json.dumps({
         "same_overlapped": replayed == eager, "same_sync": replayed_sync == eager,
         "captures": g.captures, "replays": g.replays, "row_buckets": sorted({k[0] for k in g._graphs}),
         "block_buckets": sorted({k[1] for k in g._graphs}),
+        # tokens, candidate ids and ranks exactly; logprob values within float32
+        # rounding (a replay attends over the padded context bucket: masked
+        # positions add exact zeros, but the sums run in another order)
+        "mixed_same_overlapped": m_replayed == m_eager and same_logprobs(m_lp, m_eager_lp),
+        "mixed_same_sync": m_replayed_sync == m_eager and same_logprobs(m_sync_lp, m_eager_lp),
+        "mixed_eager_overlap_is_sync": m_sync_eager == m_eager and m_sync_eager_lp == m_eager_lp,
+        "mixed_keys": sorted({k[2:] for k in mg._graphs}), "mixed_replays": mg.replays,
+        "mixed_logprob_rows": [len(x) for x in m_lp],
+        "mixed_distinct_streams": len({tuple(t) for t in m_replayed}),
     }))
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -144,3 +147,19 @@ def test_byte_tokenizer_fallback() -> None:
     ids = tok.encode("héllo")
     assert ids[0] == 256 and tok.decode(ids) == "héllo"
     assert tok.decode([104, 290, 257]) == "h" + chr(33 + 290 % 94)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed (optional)")
+def test_dummy_weights_drawn_on_the_device_have_the_host_draws_distributions() -> None:
+    """loader.device_random_params (what a GPU loads for load_format='dummy'), run
+    by the Torch runtime's generator on the CPU in a subprocess, on the 8B shape shrunk."""
+    script = Path(__file__).with_name("device_weights_check.py")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["dtype"] == "bfloat16" and r["shapes_ok"] and r["layers"] == 2
+    assert r["same_seed_same"] and r["other_seed_differs"]
+    assert abs(r["norm_mean"] - 1) < 0.03 and abs(r["norm_std"] - 0.1) < 0.02
+    for k in ("qkv_std_x_sqrt_fan_in", "down_std_x_sqrt_fan_in", "embed_std"):
+        assert abs(r[k] - 1) < 0.02, (k, r[k])
+    assert abs(r["head_std_x_sqrt_h"] - 3) < 0.05 and r["special_rows_zero"]

@@ -43,6 +43,12 @@ def test_fused_decode_kernels_match_the_ops_they_replace() -> None:
         assert r[name] < 1e-5, (name, r[name])
     assert r["residual_in_place"] and r["rms_norm_returns_x"] and r["cache_v_exact"] and r["argmax_same"]
     assert r["attention_direct_parts"] == 1 and r["attention_partitioned_parts"] > 1
+    for name in ("gemv_wide", "gemv_split", "gemv_ragged"):  # relative to the largest output
+        assert r[name] < 1e-6, (name, r[name])
+    assert r["gemv_wide_split"] == 1 and r["gemv_split_split"] > 1
+    # the sort-free sampler draws race_reference's token on every row, with either key width
+    for bits in (16, 32):
+        assert r[f"sample_same_{bits}"] == r["sample_rows"] and r[f"sample_distinct_{bits}"] > 15, (bits, r)
 
 
 @pytest.mark.skipif(_NO_TRITON, reason="torch and triton are not installed (optional)")

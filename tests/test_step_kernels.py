@@ -147,6 +147,8 @@ def test_build_gathers_the_states_before_advancing_only_rows_that_sample() -> No
     np.testing.assert_array_equal(u, uniform_from_state(states[slots]))
     want = states.copy()
     want[[5, 3]] = (states[[5, 3]] + SEED_INCREMENT) % SEED_MODULUS
+    want = np.append(want, 0)  # the spare slot of padding rows, untouched
+    assert inp.pad_slot == LIM.max_rows
     np.testing.assert_array_equal(ops.to_numpy(s.seed_state), want)
     s.build(ops.from_numpy(slots), ops.from_numpy(mask), advance=False)
     np.testing.assert_array_equal(ops.to_numpy(s.seed_state), want)

@@ -95,8 +95,47 @@ def main() -> None:
         out = td.paged_decode_attention(qd, kc, vc, bt, seq_lens, 320, 0.125, target_programs=target)
         r[f"attention_{name}"] = err(out, ref)
         r[f"attention_{name}_parts"] = parts
+    r.update(sampling_check())
+    r.update(gemv_check())
     print(json.dumps(r))
 
+
+def gemv_check() -> dict:
+    """kernels/triton_gemv.py in float32 against a float64 product: one split
+    and several, an even K and a ragged one, rows not a multiple of the block."""
+    from overlapd.kernels import triton_gemv as tg
+
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for name, (n, k) in {"gemv_wide": (9000, 1024), "gemv_split": (40, 2048), "gemv_ragged": (24, 1000)}.items():
+        x, w = torch.randn(1, k, generator=g), torch.randn(n, k, generator=g)
+        want = x.double() @ w.double().T
+        out[name] = err(tg.gemv(x, w), want) / float(want.abs().max())
+        out[name + "_split"] = tg.plan(n, k, 16 if n >= 4096 else 8)
+    return out
+
+
+def sampling_check() -> dict:
+    """kernels/triton_sampling.py against race_reference on bf16-valued logits
+    (exact ties, all-tied rows) with every filter, both key widths."""
+    from overlapd.kernels import triton_sampling as ts
+    from sampling_reference import race_reference
+
+    g = torch.Generator().manual_seed(7)
+    rows, vocab = 24, 5000  # several chunks of the row and a partial block
+    logits = (3 * torch.randn(rows, vocab, generator=g)).to(torch.bfloat16).float()
+    logits[0] = 0.0  # all tied
+    t = torch.tensor([0.8, 0.05, 1.0, 2.5, 0.0, 1.3] * (rows // 6), dtype=torch.float32)
+    top_p = torch.tensor([0.95, 1.0, 0.5, 0.001, 0.9, 0.3, 0.99, 0.7] * (rows // 8), dtype=torch.float32)
+    top_k = torch.tensor([0, 1, 40, 3000, 0, 7000, 0, 2, 0, 0, 50, 0] * (rows // 12), dtype=torch.int64)
+    state = torch.randint(0, 1 << 31, (rows,), generator=g)
+    out = {"sample_rows": rows}
+    for bits, shift in ((16, 16), (32, 0)):
+        got = ts.sample(logits, t, top_p, top_k, state, key_bits=bits).numpy()
+        want = race_reference(logits.numpy(), t.numpy(), top_p.numpy(), top_k.numpy(), state.numpy(), shift)
+        out[f"sample_same_{bits}"] = int((got == want).sum())
+        out[f"sample_distinct_{bits}"] = len(set(got.tolist()))
+    return out
 
 if __name__ == "__main__":
     main()

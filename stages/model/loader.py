@@ -10,7 +10,8 @@ Sources, in the order they are tried:
 - a directory: a Hugging Face checkpoint (config.json, *.safetensors or a
   sharded model.safetensors.index.json, tokenizer.json);
 - with load_format="dummy": a named shape (config.NAMED_SHAPES) or any of the
-  above, with seeded random weights (random_weights.py).
+  above, with seeded random weights (random_weights.py), drawn on the device
+  where the runtime runs on one and can draw them (Torch on a GPU).
 A model without a tokenizer gets the byte-level fallback (tokenizer.py), and
 one without a chat template a plain one (chat_template.py).
 """
@@ -35,7 +36,7 @@ from .gguf_checkpoint import GGUFCheckpoint, GGUFError
 from .gguf_tokenizer import special_token_text, tokenizer_from_gguf
 from .llama import LlamaModel, param_layout
 from .packaged import PACKAGED_MODELS, packaged_model_path
-from .random_weights import random_weight
+from .random_weights import device_random_weight, random_weight
 from .safetensors_io import CheckpointFiles
 from .tiny import ensure_tiny_checkpoint
 from .tokenizer import ByteTokenizer, Tokenizer, TokenizerLike
@@ -78,9 +79,12 @@ def load_model(cfg: EngineConfig, ops: Ops) -> LoadedModel:
         max_len = resolve_max_model_len(cfg, config)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
-    weights = _RandomWeights(config, cfg.seed) if cfg.load_format == "dummy" else source.weights()
     t0 = time.monotonic()
-    params = _load_params(config, weights, ops, cfg.dtype)
+    if cfg.load_format == "dummy" and ops.device != "cpu" and hasattr(ops, "random_normal"):
+        params = device_random_params(config, ops, cfg.seed, cfg.dtype)
+    else:
+        weights = _RandomWeights(config, cfg.seed) if cfg.load_format == "dummy" else source.weights()
+        params = _load_params(config, weights, ops, cfg.dtype)
     model = LlamaModel(config, ops, params, max_len)
     log.info("model_loaded", model=cfg.model, path=str(source.path) if source.path else None,
              load_format=cfg.load_format, parameters=config.num_parameters(), dtype=cfg.dtype,
@@ -265,6 +269,17 @@ def _load_params(config: LlamaConfig, source: _WeightSource, ops: Ops,
     return params
 
 
+def device_random_params(config: LlamaConfig, ops: Ops, seed: int, dtype: str) -> dict[str, Tensor]:
+    """Dummy weights drawn on the runtime's device, one parameter at a time
+    (q/k/v and gate/up concatenated there), cast to `dtype`."""
+    params: dict[str, Tensor] = {}
+    for name, sources in param_layout(config).items():
+        parts = [device_random_weight(ops, config, hf, shape, seed) for hf, shape in sources]
+        fused = parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
+        params[name] = ops.cast(fused, dtype)
+    return params
+
+
 def _fused_arrays(config: LlamaConfig, source: _WeightSource) -> Iterator[tuple[str, np.ndarray]]:
     """One model parameter at a time (q/k/v and gate/up concatenated), float32."""
     for name, sources in param_layout(config).items():
@@ -297,4 +312,4 @@ def _tokenizer(path: Path | None, config: LlamaConfig, eos: tuple[int, ...]) -> 
     return ByteTokenizer(config.vocab_size, config.bos_token_id, eos)
 
 
-__all__ = ["LOAD_FORMATS", "LoadedModel", "ModelLoadError", "build_model", "load_model"]
+__all__ = ["LOAD_FORMATS", "LoadedModel", "ModelLoadError", "build_model", "device_random_params", "load_model"]

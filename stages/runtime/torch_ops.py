@@ -133,6 +133,11 @@ class TorchOps:
         # ints and logprobs with room; a larger tensor takes torch's pinned path.
         self._pinned = cuda_handoff.PinnedCopies() if self._cuda and cuda_handoff.native() is not None else None
         self._fused = _fused_kernels(self._cuda)
+        # sort-free seeded sampling (kernels/triton_sampling.py), with the decode kernels
+        self.fused_sample = _fused_sampling(self._fused)
+        # batch-1 matrix-vector products in Triton (kernels/triton_gemv.py): OVERLAPD_GEMV=1, with the fused kernels
+        self._gemv = importlib.import_module("overlapd.kernels.triton_gemv").gemv \
+            if self._fused is not None and os.environ.get("OVERLAPD_GEMV", "0") == "1" else None
 
     def _to_device(self, a: np.ndarray) -> Tensor:
         """A new device tensor from host data without synchronizing the stream:
@@ -161,6 +166,14 @@ class TorchOps:
         # weight never lands in the pinned cache.
         x = torch.tensor(np.ascontiguousarray(a), device=self._dev)
         return x if dtype is None else x.to(_DTYPES[dtype])
+
+    def random_normal(self, shape: Sequence[int], seed: int, mean: float = 0.0, std: float = 1.0) -> Tensor:
+        """float32 normal draws made on the device by a generator seeded with `seed`
+        (dummy weights: no host round trip)."""
+        g = torch.Generator(device=self._dev)
+        g.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+        x = torch.randn(list(shape), generator=g, dtype=torch.float32, device=self._dev)
+        return x.mul_(std).add_(mean) if (mean, std) != (0.0, 1.0) else x
 
     def to_numpy(self, x: Tensor) -> np.ndarray:
         x = x.detach()
@@ -303,6 +316,8 @@ class TorchOps:
         return F.embedding(ids, weight)
 
     def linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self._gemv is not None and x.dim() == 2 and x.shape[0] == 1 and weight.is_contiguous():
+            return self._gemv(x, weight)
         return F.linear(x, weight)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -416,6 +431,13 @@ def _fused_kernels(cuda: bool) -> ModuleType | None:
         if want == "1":
             raise
         return None
+
+
+def _fused_sampling(fused: ModuleType | None) -> Callable[..., Tensor] | None:
+    """kernels/triton_sampling.py's sample wherever the decode kernels load."""
+    if fused is None:
+        return None
+    return importlib.import_module("overlapd.kernels.triton_sampling").sample
 
 
 __all__ = ["PagedKV", "TorchOps"]

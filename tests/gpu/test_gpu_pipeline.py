@@ -35,7 +35,7 @@ async def _run(overlap: bool, dtype: str, greedy_only: bool = False, graphs: boo
     from overlapd.stages.pipeline import Pipeline
     from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 
-    cfg = EngineConfig(runtime="torch", device="gpu", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=64,
+    cfg = EngineConfig(model="tiny", runtime="torch", device="gpu", dtype=dtype, max_num_seqs=8, max_num_batched_tokens=64,
                        max_model_len=256, block_size=16)
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-test-{os.getpid()}.ring"))
     p = Pipeline(cfg, PipelineConfig(overlap=overlap), ring)
