@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--steps", type=int, default=150)
     args = ap.parse_args()
-    eng = LLMEngine(EngineConfig(runtime="torch", max_num_seqs=args.rows, max_num_batched_tokens=4096),
+    eng = LLMEngine(EngineConfig(model="tiny", runtime="torch", max_num_seqs=args.rows, max_num_batched_tokens=4096),
                     overlap=True)
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 50, ignore_eos=True)
