@@ -29,3 +29,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_seqs: int = 64  # requests in one step (rows)
     max_num_batched_tokens: int = 512  # tokens in one step: the per-step token budget
     enable_chunked_prefill: bool = True
+
+    # Speculative decoding (stages/spec/): "off" | "ngram" (prompt lookup).
+    speculative: str = "off"
+    num_speculative_tokens: int = 3  # k: drafts per verify step, 1..8
+    speculative_ngram_max: int = 3  # ngram looks up the last n tokens, n = max down to min
+    speculative_ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        from .spec.config import spec_config_of
+
+        spec_config_of(self)  # ValueError naming the bad key
