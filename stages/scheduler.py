@@ -22,6 +22,11 @@ update() turns placeholders into tokens in step order and applies the
 token-level stop conditions (the device's verdict where the step carries
 one). Sync mode runs the same code with update() between schedules, so both
 modes make the same decisions wherever the outputs they know are the same.
+
+Speculative decoding (`spec`, stages/spec/planner.py): in pass 1 a
+speculating request's decode row may carry drafts after its last token (a
+verify row, KV slots for all of them); update() appends the tokens the device
+accepted and the planner trims the rest.
 """
 
 from __future__ import annotations
