@@ -7,8 +7,9 @@ The workload is one whose greedy output repeats its prompt (a text to copy
 once more, a table to write again, chat requests to repeat a paragraph or a
 list), where prompt lookup has something to find. Each
 repeat runs the plain side, then the speculative side (or the reverse, in
-alternation), one request at a time (batch 1) or `--batch` at once; the
-figures are the medians over repeats. Greedy outputs must be identical, token
+alternation, batch by batch, so both sides see the same background load),
+one request at a time (batch 1) or `--batch` at once; tokens/s come from the
+median over repeats of each side's total time. Greedy outputs must be identical, token
 for token, or the benchmark fails.
 
     python bench/spec_decode.py                         # default model (SmolLM2-135M-Instruct), CPU
@@ -17,7 +18,7 @@ for token, or the benchmark fails.
 
 The GPU run (for the record; not measured by this CPU benchmark's author):
     python bench/spec_decode.py --runtime torch --device gpu --batch 1
-    python bench/spec_decode.py --runtime torch --device gpu --batch 32
+    python bench/spec_decode.py --runtime torch --device gpu --batch 32 --copies 8
 """
 
 from __future__ import annotations
@@ -43,17 +44,14 @@ TASKS = [
 ]
 
 
-def run_side(engine: LLMEngine, prompts: list[str], max_tokens: int, speculative: bool,
-             batch: int) -> tuple[float, int, int, list[list[int]]]:
-    """(seconds, tokens, steps, outputs) for all prompts, `batch` requests at a time."""
+def run_side(engine: LLMEngine, prompts: list[str], max_tokens: int,
+             speculative: bool) -> tuple[float, int, list[list[int]]]:
+    """(seconds, steps, outputs) for `prompts`, run together as one batch."""
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, speculative=speculative)
-    outputs: list[list[int]] = []
     steps0 = engine.scheduler.last_step_id
     t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        outputs += [r.token_ids for r in engine.generate(prompts[i: i + batch], sp)]
-    seconds = time.perf_counter() - t0
-    return seconds, sum(map(len, outputs)), engine.scheduler.last_step_id - steps0, outputs
+    outputs = [r.token_ids for r in engine.generate(prompts, sp)]
+    return time.perf_counter() - t0, engine.scheduler.last_step_id - steps0, outputs
 
 
 def main() -> None:
@@ -63,7 +61,8 @@ def main() -> None:
     ap.add_argument("--runtime", default="paddle")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="requests run together")
+    ap.add_argument("--copies", type=int, default=1, help="each task this many times (for large batches)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--ngram-min", type=int, default=1, help="speculative_ngram_min")
     ap.add_argument("--repeats", type=int, default=3)
@@ -77,47 +76,40 @@ def main() -> None:
                        max_num_seqs=max(8, args.batch))
     engine = LLMEngine(cfg, overlap=args.overlap)
     chat = engine.loaded.chat_template
-    prompts = [chat.render([{"role": "user", "content": t}]) if is_chat else t for is_chat, t in TASKS]
+    prompts = [chat.render([{"role": "user", "content": t}]) if is_chat else t for is_chat, t in TASKS] * args.copies
     assert engine.spec is not None
-    run_side(engine, prompts[:1], 8, True, 1)  # warm-up: first-call allocations on both paths
-    run_side(engine, prompts[:1], 8, False, 1)
+    run_side(engine, prompts[:1], 8, True)  # warm-up: first-call allocations on both paths
+    run_side(engine, prompts[:1], 8, False)
 
-    plain_s: list[float] = []
-    spec_s: list[float] = []
-    plain_tps: list[float] = []
-    spec_tps: list[float] = []
-    per_step: list[float] = []
-    acceptance: list[float] = []
-    steps = {True: 0, False: 0}
-    tokens = 0
+    # Sides alternate batch by batch (plain first in even repeats, speculative
+    # first in odd ones): on a shared host both see the same background load.
+    batches = [prompts[i: i + args.batch] for i in range(0, len(prompts), args.batch)]
+    seconds = {False: [0.0] * args.repeats, True: [0.0] * args.repeats}
+    steps = {False: 0, True: 0}
+    outputs: dict[bool, list[list[int]]] = {False: [], True: []}
+    before = engine.spec.stats.snapshot()
     for rep in range(args.repeats):
-        for speculative in ((False, True) if rep % 2 == 0 else (True, False)):
-            before = engine.spec.stats.snapshot()
-            seconds, n, nsteps, outs = run_side(engine, prompts, args.max_tokens, speculative, args.batch)
-            after = engine.spec.stats.snapshot()
-            steps[speculative] = nsteps
-            if speculative:
-                spec_s.append(seconds)
-                spec_tps.append(n / seconds)
-                rows = after["spec_verify_rows"] - before["spec_verify_rows"]
-                per_step.append((after["spec_emitted"] - before["spec_emitted"]) / max(rows, 1))
-                acceptance.append((after["spec_accepted"] - before["spec_accepted"])
-                                  / max(after["spec_proposed"] - before["spec_proposed"], 1))
-                spec_out = outs
-            else:
-                plain_s.append(seconds)
-                plain_tps.append(n / seconds)
-                plain_out = outs
-                tokens = n
-        if spec_out != plain_out:
-            raise SystemExit("speculative greedy output differs from plain greedy output")
+        for group in batches:
+            for speculative in ((False, True) if rep % 2 == 0 else (True, False)):
+                s, n, outs = run_side(engine, group, args.max_tokens, speculative)
+                seconds[speculative][rep] += s
+                if rep == 0:
+                    steps[speculative] += n
+                    outputs[speculative] += outs
+    after = engine.spec.stats.snapshot()
+    if outputs[True] != outputs[False]:
+        raise SystemExit("speculative greedy output differs from plain greedy output")
+    tokens = sum(map(len, outputs[False]))
+    delta = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted")}
+    plain_s, spec_s = statistics.median(seconds[False]), statistics.median(seconds[True])
     result = {
-        "model": args.model, "runtime": args.runtime, "device": args.device, "k": args.k, "ngram_min": args.ngram_min, "batch": args.batch,
-        "requests": len(prompts), "tokens": tokens, "overlap": args.overlap,
-        "plain_tok_s": statistics.median(plain_tps), "spec_tok_s": statistics.median(spec_tps),
-        "speedup": statistics.median(plain_s) / statistics.median(spec_s),
+        "model": args.model, "runtime": args.runtime, "device": args.device, "k": args.k, "ngram_min": args.ngram_min,
+        "batch": args.batch, "requests": len(prompts), "tokens": tokens, "overlap": args.overlap,
+        "plain_tok_s": tokens / plain_s, "spec_tok_s": tokens / spec_s, "speedup": plain_s / spec_s,
         "plain_steps": steps[False], "spec_steps": steps[True],
-        "tokens_per_verify_row": statistics.median(per_step), "acceptance_rate": statistics.median(acceptance),
+        "plain_step_ms": 1e3 * plain_s / steps[False], "spec_step_ms": 1e3 * spec_s / steps[True],
+        "tokens_per_verify_row": delta["spec_emitted"] / max(delta["spec_verify_rows"], 1),
+        "acceptance_rate": delta["spec_accepted"] / max(delta["spec_proposed"], 1),
         "identical_output": True,
     }
     if args.json:
@@ -125,8 +117,8 @@ def main() -> None:
         return
     print(f"{args.model} ({args.runtime}/{args.device}), k={args.k}, batch {args.batch}, {len(prompts)} requests, "
           f"{tokens} greedy tokens, {'overlap' if args.overlap else 'sync'}, median of {args.repeats}")
-    print(f"  plain:       {result['plain_tok_s']:8.1f} tok/s  {steps[False]} steps")
-    print(f"  speculative: {result['spec_tok_s']:8.1f} tok/s  {steps[True]} steps  "
+    print(f"  plain:       {result['plain_tok_s']:8.1f} tok/s  {steps[False]} steps of {result['plain_step_ms']:.1f} ms")
+    print(f"  speculative: {result['spec_tok_s']:8.1f} tok/s  {steps[True]} steps of {result['spec_step_ms']:.1f} ms  "
           f"({result['speedup']:.2f}x; {result['tokens_per_verify_row']:.2f} tokens per verify row, "
           f"acceptance {result['acceptance_rate']:.0%})")
     print("  outputs identical: yes")
