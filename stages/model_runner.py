@@ -95,7 +95,8 @@ class ModelRunner:
         spec = spec_config_of(cfg)
         # T columns of a verify row; 0: speculative decoding is off
         self.verify_columns = spec.columns if spec.enabled else 0
-        self.verifier = spec_verify.Verifier(ops, self.model) if spec.enabled else None
+        self.verifier = spec_verify.Verifier(ops, self.model, self.limits.max_tokens, self.limits.max_rows,
+                                             spec.columns) if spec.enabled else None
         self._pool = StagingPool(self.limits, staging_depth, ops.host_zeros)
         self._lock = threading.Lock()  # prepare may run beside launch/collect
         self._prepared = 0

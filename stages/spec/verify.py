@@ -66,23 +66,36 @@ def stage(so: SchedulerOutput, columns: int) -> VerifyBatch | None:
 
 
 class Verifier:
-    def __init__(self, ops: Ops, model: object) -> None:
+    """Runs on the execute thread. The step's verify arrays go up into
+    persistent device buffers with the runtime's per-step upload (no stream
+    synchronization on a GPU), sized for the largest step."""
+
+    def __init__(self, ops: Ops, model: object, max_tokens: int, max_rows: int, columns: int) -> None:
         self.ops = ops
         self.model = model
+        self._positions = ops.zeros([max_tokens], INT64)
+        self._column_map = ops.zeros([max_rows * columns], INT64)
+        self._last = ops.zeros([max_rows], INT64)
+        self._drafts = ops.zeros([max_rows * columns], INT64)
 
     def logits_and_verify(self, hidden: Tensor, batch: VerifyBatch) -> tuple[Tensor, Tensor]:
         """(float32 logits [R, V] at each row's last position, for the sampler;
         int64 [R, 1 + T]: accept_num, then the target's greedy token at each column)."""
         ops, t = self.ops, batch.columns
         r = batch.drafts.shape[0]
-        logits = self.model.compute_logits(hidden, ops.from_numpy(batch.positions))  # type: ignore[attr-defined]
+        p = len(batch.positions)
+        ops.copy_from_host_(self._positions, batch.positions)
+        ops.copy_from_host_(self._column_map, batch.column_map)
+        ops.copy_from_host_(self._last, batch.last)
+        ops.copy_from_host_(self._drafts, batch.drafts.reshape(-1))
+        logits = self.model.compute_logits(hidden, self._positions[:p])  # type: ignore[attr-defined]
         choice = ops.cast(ops.argmax(logits, axis=-1), INT64)
-        target = ops.reshape(ops.index_select(choice, ops.from_numpy(batch.column_map)), [r, t])
-        drafts = ops.from_numpy(batch.drafts)
+        target = ops.reshape(ops.index_select(choice, self._column_map[: r * t]), [r, t])
+        drafts = ops.reshape(self._drafts[: r * t], [r, t])
         match = ops.logical_and(ops.ge(target, drafts), ops.le(target, drafts))  # the ops layer has no equality
         misses = ops.cumsum(ops.where(match, 0, 1), axis=-1)
         leading = ops.sum(ops.le(misses, 0), axis=-1, keepdim=True, dtype=INT64)
-        last_logits = ops.index_select(logits, ops.from_numpy(batch.last))
+        last_logits = ops.index_select(logits, self._last[:r])
         return last_logits, ops.concat([ops.add(leading, 1), target], axis=1)
 
 
