@@ -14,6 +14,7 @@ for token, or the benchmark fails.
 
     python bench/spec_decode.py                         # default model (SmolLM2-135M-Instruct), CPU
     python bench/spec_decode.py --k 4 --batch 4 --repeats 5
+    python bench/spec_decode.py --step-costs               # also single steps of one row, by tokens and drafts
     python bench/spec_decode.py --model llama-3.2-1b --load-format dummy --runtime torch --device gpu
 
 The GPU run (for the record; not measured by this CPU benchmark's author):
@@ -30,7 +31,7 @@ import time
 
 from overlapd.stages.engine import LLMEngine
 from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
-from overlapd.stages.step_types import SamplingParams
+from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput
 
 PARAGRAPH = ("The old lighthouse keeper climbed the spiral stairs every evening, lit the great lamp, "
              "and watched the ships pass safely through the narrow channel below.")
@@ -54,6 +55,26 @@ def run_side(engine: LLMEngine, prompts: list[str], max_tokens: int,
     return time.perf_counter() - t0, engine.scheduler.last_step_id - steps0, outputs
 
 
+def step_costs(engine: LLMEngine, repeats: int = 9) -> dict[str, float]:
+    """Median ms of one step of one row after a 200-token prompt, by what the
+    row carries: n tokens without drafts (a prefill chunk) or 1 + d with d
+    drafts (a verify row). Rows are built by hand: the runner alone."""
+    runner, sp = engine.runner, SamplingParams(temperature=0.0)
+    blocks = list(range(-(-256 // engine.cfg.block_size)))
+    rid = 1 << 40  # no request of the engine's: its slot and blocks are this function's
+    runner.execute(SchedulerOutput(1, [ScheduledRow(rid, list(range(100, 300)), 0, False, True, 0, blocks, sp, 0)]))
+    out: dict[str, float] = {}
+    for n, d in ((1, 0), (2, 0), (4, 0), (2, 1), (4, 3)):
+        times = []
+        for _ in range(repeats):
+            row = ScheduledRow(rid, [5] * n, 200, False, True, 1, blocks, sp, 0, num_drafts=d)
+            t0 = time.perf_counter()
+            runner.execute(SchedulerOutput(2, [row]))
+            times.append(time.perf_counter() - t0)
+        out[f"{n} tokens, {d} drafts"] = 1e3 * statistics.median(times)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -68,6 +89,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--overlap", action="store_true", help="LLMEngine's overlap loop (default: sync)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--step-costs", action="store_true",
+                    help="also time single steps of one row: 1, 2, 4 tokens plain and as verify rows")
     args = ap.parse_args()
 
     cfg = EngineConfig(model=args.model, load_format=args.load_format, runtime=args.runtime, device=args.device,
@@ -112,6 +135,8 @@ def main() -> None:
         "acceptance_rate": delta["spec_accepted"] / max(delta["spec_proposed"], 1),
         "identical_output": True,
     }
+    if args.step_costs:
+        result["step_ms"] = step_costs(engine)
     if args.json:
         print(json.dumps(result))
         return
@@ -122,6 +147,8 @@ def main() -> None:
           f"({result['speedup']:.2f}x; {result['tokens_per_verify_row']:.2f} tokens per verify row, "
           f"acceptance {result['acceptance_rate']:.0%})")
     print("  outputs identical: yes")
+    for what, ms in result.get("step_ms", {}).items():
+        print(f"  one step, {what}: {ms:.1f} ms")
 
 
 if __name__ == "__main__":
