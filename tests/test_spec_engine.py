@@ -120,6 +120,16 @@ def test_sampled_and_logprob_rows_decode_plainly_beside_verify_rows(plain_output
         rows = [int(r.accept_num[i]) for r in rings for i, rid in enumerate(r.request_id.tolist()) if rid != 1]
         assert rows and max(rows) == 1
         assert e.spec.stats.verify_rows > 0
+        # steps with a verify row and the logprob row: T = K + 1 and k = 2 in one record
+        mixed = [r for r in rings if r.flag == FLAG_SPECULATIVE and r.k == 2]
+        assert mixed
+        for r in mixed:
+            body = unpack_step(pack_step(**r.columns()))
+            assert (body.T, body.k) == (K + 1, 2)
+            for i, rid in enumerate(body.request_id.tolist()):
+                n = int(body.accept_num[i])
+                if rid == 3:  # the logprob request: its token's logprob and rank are real
+                    assert n == 1 and body.ranks[i, 0] >= 1 and body.logprobs[i, 0, 0] <= 0.0
 
 
 def test_speculative_false_gives_plain_steps(plain_outputs):

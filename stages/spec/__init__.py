@@ -4,8 +4,9 @@ The rest of the engine calls in through small hooks:
 - the scheduler asks `SpecPlanner` which rows speculate and with which drafts,
   and hands it each verify row's accept count (`planner.py`);
 - the model runner stages a step's verify positions (`verify.stage`) and runs
-  `Verifier.verify` on the step's hidden states (`verify.py`);
-- the output processor packs a speculative step's ring rows (`ring_rows.py`).
+  `Verifier.logits_and_verify` on the step's hidden states (`verify.py`);
+- the output processor merges a verify row's outputs and packs the step's
+  ring rows (`outputs.py`).
 
 This slice: `ngram` (prompt lookup) proposals for greedy rows without
 logprobs; everything else decodes plainly beside them.
