@@ -51,6 +51,7 @@ def test_speculative_tokens_reach_clients_and_the_ring(tmp_path, mode):
         d.kill()
 
     assert plain.token_ids == spec[1].token_ids
+    assert '"speculative_stats"' in d.log() and '"spec_accepted"' in d.log()
     assert all(len(c.token_ids) == 40 and c.finish_reason == "length" for c in spec)
     assert speculated["spec_accepted"] > 0 and speculated["spec_tokens_per_step"] > 1.0, speculated
     assert stats["spec_verify_rows"] == speculated["spec_verify_rows"]  # speculative: false took none
