@@ -9,6 +9,8 @@ middle of speculation.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from overlapd.kernels.meta import FLAG_NORMAL, FLAG_SPECULATIVE, pack_step, unpack_step
@@ -62,6 +64,21 @@ def test_ngram_proposals_follow_the_most_recent_longest_match():
     assert propose_ngram([4, 8, 6, 1, 4], k=3, ngram_max=3, ngram_min=2) == []
     assert propose_ngram([1, 2, 3], k=3, ngram_max=3, ngram_min=1) == []  # the suffix never matches itself
     assert propose_ngram([7, 7], k=3, ngram_max=3, ngram_min=1) == [7]  # what exists, not k
+
+
+def test_ngram_proposals_equal_a_brute_force_search():
+    rng = random.Random(5)
+    for _ in range(300):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 40))]
+        k, lo = rng.randrange(1, 6), rng.randrange(1, 3)
+        hi = rng.randrange(lo, 5)
+        want: list[int] = []
+        for n in range(min(hi, len(tokens) - 1), lo - 1, -1):
+            starts = [s for s in range(len(tokens) - n) if tokens[s: s + n] == tokens[len(tokens) - n:]]
+            if starts:
+                want = tokens[starts[-1] + n: starts[-1] + n + k]
+                break
+        assert propose_ngram(tokens, k, hi, lo) == want, (tokens, k, hi, lo)
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 # Only the most recent tokens are searched: the cost per step stays bounded
 # for long sequences, and recent context is where repetition pays.
@@ -24,11 +23,18 @@ def propose_ngram(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int)
         return []
     arr = np.asarray(tokens[-SEARCH_WINDOW:], dtype=np.int64)
     size = len(arr)
-    for n in range(min(ngram_max, size - 1), ngram_min - 1, -1):
-        # windows that start at 0 .. size-n-1: every n-gram but the suffix itself
-        windows = sliding_window_view(arr[: size - 1], n)
-        hits = np.flatnonzero((windows == arr[size - n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n  # what followed the most recent match
-            return arr[start: start + k].tolist()
-    return []
+    # Where an earlier occurrence could end: the last token's earlier positions
+    # (one pass over the window), then narrowed one token back at a time.
+    ends = np.flatnonzero(arr[: size - 1] == arr[size - 1])
+    best = -1
+    for n in range(1, min(ngram_max, size - 1) + 1):
+        if n > 1:
+            ends = ends[ends >= n - 1]
+            ends = ends[arr[ends - (n - 1)] == arr[size - n]]
+        if ends.size == 0:
+            break
+        if n >= ngram_min:
+            best = int(ends[-1])  # the most recent occurrence of the longest n so far
+    if best < 0:
+        return []
+    return arr[best + 1: best + 1 + k].tolist()
