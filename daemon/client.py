@@ -189,6 +189,7 @@ class Client:
         stop_token_ids: Iterable[int] = (),
         ignore_eos: bool = False,
         logprobs: int = 0,
+        speculative: bool = True,
         id: str | None = None,
     ) -> GenerateStream:
         """Send a generate frame; iterate the returned stream for its events."""
@@ -198,6 +199,7 @@ class Client:
         frame = build_generate(
             rid, prompt, prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
+            speculative=speculative,
         )
         stream = GenerateStream(self, rid)
         self._streams[rid] = weakref.ref(stream)

@@ -165,6 +165,7 @@ class AsyncClient:
         stop_token_ids: Iterable[int] = (),
         ignore_eos: bool = False,
         logprobs: int = 0,
+        speculative: bool = True,
         id: str | None = None,
     ) -> AsyncGenerateStream:
         rid = id if id is not None else self._ids.next(self._streams)
@@ -173,6 +174,7 @@ class AsyncClient:
         frame = build_generate(
             rid, prompt, prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
+            speculative=speculative,
         )
         stream = AsyncGenerateStream(self, rid)
         self._streams[rid] = stream

@@ -143,6 +143,7 @@ def build_generate(
     stop_token_ids: Iterable[int],
     ignore_eos: bool,
     logprobs: int,
+    speculative: bool = True,
 ) -> GenerateFrame:
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("pass exactly one of prompt= or prompt_ids=")
@@ -159,6 +160,7 @@ def build_generate(
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        speculative=speculative,
     )
 
 

@@ -35,6 +35,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-blocks", type=int, default=None)
     g.add_argument("--no-prefix-cache", action="store_true",
                    help="compute every prompt in full (default: reuse cached KV blocks of shared prefixes)")
+    g.add_argument("--speculative", choices=["off", "ngram"], default=None,
+                   help="speculative decoding: ngram = prompt lookup (greedy requests; default off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="drafts per verify step, 1-8 (default 3)")
     g.add_argument("--no-overlap", action="store_true", help="run stages strictly in order (for comparison and debugging)")
     g.add_argument("--overlap-depth", type=_overlap_depth, default=None,
                    help="with overlap, steps in flight (2-4; default 3, or [pipeline] overlap_depth)")
@@ -50,6 +54,8 @@ ENGINE_FLAGS = (
     "max_num_batched_tokens",
     "max_model_len",
     "num_blocks",
+    "speculative",
+    "num_speculative_tokens",
 )
 
 

@@ -45,8 +45,8 @@ class GenerateFields(msgspec.Struct, kw_only=True):
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int = 0
-    # SPEC 2.2: false asks for plain decoding. The daemon has no speculative
-    # decoding yet, so every request decodes plainly and the field is only checked.
+    # SPEC 2.2: false asks for plain decoding when the daemon speculates
+    # (`--speculative`; see stages/spec/).
     speculative: bool = True
 
 

@@ -84,7 +84,8 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
             watchdog_loop(notifier, wd_interval, lambda: pipeline is None or pipeline.failed is None)
         )
     notifier.status("loading the model")
-    log.info("starting", model=cfg.engine.model, runtime=cfg.engine.runtime, overlap=cfg.pipeline.overlap)
+    log.info("starting", model=cfg.engine.model, runtime=cfg.engine.runtime, overlap=cfg.pipeline.overlap,
+             speculative=cfg.engine.speculative, num_speculative_tokens=cfg.engine.num_speculative_tokens)
     try:
         # Model loading is blocking work; run it off the loop so the watchdog keeps ticking.
         pipeline = await loop.run_in_executor(None, Pipeline, cfg.engine, cfg.pipeline, cfg.ring)
@@ -141,5 +142,7 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
         await http.close()
     if wd_task is not None:
         wd_task.cancel()
+    if pipeline.engine.spec is not None:  # proposed, accepted, acceptance rate, tokens per verify row
+        log.info("speculative_stats", method=cfg.engine.speculative, **pipeline.engine.spec.stats.snapshot())
     log.info("stopped", exit_code=code)
     return code

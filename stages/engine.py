@@ -22,6 +22,8 @@ from .output_processor import OutputProcessor, RequestOutput, StepResult, TokenL
 from .runtime import load_runtime
 from .scheduler import Scheduler
 from .sizing import kv_cache_num_blocks
+from .spec import SpecPlanner
+from .spec.config import spec_config_of
 from .step_types import FinishReason, SamplingParams, SchedulerOutput
 
 # Consecutive schedule() calls that produce nothing while work is left and
@@ -53,6 +55,8 @@ class LLMEngine:
         self.num_blocks = kv_cache_num_blocks(cfg, self.loaded.config)
         # a staging buffer for each step in flight, and one being prepared
         self.runner = ModelRunner(self.loaded, self.ops, cfg, self.num_blocks, staging_depth=max_inflight + 1)
+        spec = spec_config_of(cfg)
+        self.spec = SpecPlanner(spec) if spec.enabled else None  # speculative decoding; None: off
         self.scheduler = Scheduler(
             cfg,
             num_blocks=self.num_blocks,
@@ -60,6 +64,7 @@ class LLMEngine:
             vocab_size=self.vocab_size,
             eos_token_ids=self.loaded.eos_token_ids,
             max_waiting=max_waiting,
+            spec=self.spec,
         )
         self.output_processor = OutputProcessor(self.scheduler, self.tokenizer)
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None

@@ -32,3 +32,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Reuse the KV of full blocks whose token prefix was computed before (kept
     # after their request ends, evicted when space is needed): stages/kv/.
     prefix_cache: bool = True
+
+    # Speculative decoding (stages/spec/): "off" | "ngram" (prompt lookup).
+    speculative: str = "off"
+    num_speculative_tokens: int = 3  # k: drafts per verify step, 1..8
+    speculative_ngram_max: int = 3  # ngram looks up the last n tokens, n = max down to min
+    speculative_ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        from .spec.config import spec_config_of
+
+        spec_config_of(self)  # ValueError naming the bad key

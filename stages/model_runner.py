@@ -37,6 +37,8 @@ from .model.loader import LoadedModel
 from .model.paged_metadata import build_attention_metadata
 from .runtime.ops import HostFuture, Ops
 from .sampler import Sampler, SamplerOutput
+from .spec import verify as spec_verify
+from .spec.config import spec_config_of
 from .step_stager import StepStager
 from .step_types import MAX_LOGPROBS, SchedulerOutput, StepOutput
 
@@ -52,6 +54,7 @@ class PreparedStep:
     any_random: bool
     num_logprobs: int
     buf: StagingBuffer | None  # None for an empty step
+    verify: spec_verify.VerifyBatch | None = None  # the step's draft verification (speculative decoding)
 
 
 @dataclass(slots=True)
@@ -92,6 +95,11 @@ class ModelRunner:
         # logits are the model dtype's values in float32: sorting them in that dtype is exact
         self.sampler = Sampler(ops, loaded.config.vocab_size, sort_dtype=self.model.dtype)
         self._stager = StepStager(self.limits)
+        spec = spec_config_of(cfg)
+        # T columns of a verify row; 0: speculative decoding is off
+        self.verify_columns = spec.columns if spec.enabled else 0
+        self.verifier = spec_verify.Verifier(ops, self.model, self.limits.max_tokens, self.limits.max_rows,
+                                             spec.columns) if spec.enabled else None
         self._pool = StagingPool(self.limits, staging_depth, ops.host_zeros)
         self._lock = threading.Lock()  # prepare may run beside launch/collect
         self._prepared = 0
@@ -130,7 +138,8 @@ class ModelRunner:
                     self._pool.release(buf)
                 raise
             self._prepared += 1
-            return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf)
+            verify = spec_verify.stage(so, self.verify_columns) if self.verify_columns else None
+            return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf, verify)
 
     def launch(self, prepared: PreparedStep) -> StepHandle:
         if prepared.seq != self._launched + 1:
@@ -154,7 +163,8 @@ class ModelRunner:
         key = self._graph_key(prepared, width)
         if key is None:
             inp.load(buf, n)
-            out = self._body(n.num_tokens, r, n.query_lens, n.seq_lens, prepared.any_random, width, padded=False)
+            out = self._body(n.num_tokens, r, n.query_lens, n.seq_lens, prepared.any_random, width, padded=False,
+                             verify=prepared.verify)
         else:
             rows, blocks, sampled, _ = key
             _pad_decode_rows(buf, r, rows, inp.pad_slot)
@@ -182,7 +192,7 @@ class ModelRunner:
         return self.graphs.key(n.num_rows, int(n.seq_lens.max()), self.block_size, p.any_random, width)
 
     def _body(self, num_tokens: int, r: int, query_lens: np.ndarray, seq_lens: np.ndarray, any_random: bool,
-              num_logprobs: int, padded: bool) -> SamplerOutput:
+              num_logprobs: int, padded: bool, verify: spec_verify.VerifyBatch | None = None) -> SamplerOutput:
         """Forward and sampling over the persistent inputs: device work only, no
         host reads and no uploads on the decode path, so a graph can capture it."""
         ops, inp = self.ops, self.inputs
@@ -201,12 +211,19 @@ class ModelRunner:
         if padded:  # padding rows (sample_mask 0) write to the spare block
             meta.slot_mapping = ops.where(ops.gt(inp.sample_mask[:r], 0), meta.slot_mapping, self._spare_slot)
         hidden = self.model.forward(inp.input_ids[:num_tokens], meta, self.kv_caches)
-        logits = self.model.compute_logits(hidden, ops.sub(inp.query_start_loc[1: r + 1], 1))
+        verified = None
+        if verify is None:
+            logits = self.model.compute_logits(hidden, ops.sub(inp.query_start_loc[1: r + 1], 1))
+        else:  # drafts to verify: logits at more positions than each row's last (stages/spec/verify.py)
+            assert self.verifier is not None
+            logits, verified = self.verifier.logits_and_verify(hidden, verify)
         slots, mask = inp.row_slots[:r], inp.sample_mask[:r]
         params = inp.sampling.build(slots, mask, advance=any_random)
         sampled = self.sampler.sample(logits, params, any_random=any_random)
         finish = inp.stops.finish_codes(sampled, slots, mask, inp.out_index[:r])
         out = self.sampler.pack(logits, sampled, finish, num_logprobs)
+        if verified is not None:  # verify rows' accept counts and tokens ride in the same copy
+            out.ints = ops.concat([out.ints, verified], axis=1)
         ops.copy_(inp.prev_sampled, sampled)  # the next launch's decode inputs
         return out
 
@@ -222,15 +239,20 @@ class ModelRunner:
             if p.buf is not None:
                 self._pool.release(p.buf)
                 p.buf = None
+        accept_num = spec_tokens = None
+        if p.verify is not None:
+            accept_num, spec_tokens = spec_verify.split_outputs(ints, p.verify.columns)
         return StepOutput(
             step_id=p.step_id,
             req_ids=p.req_ids,
             sampled=ints[:, 0].astype(np.int32),
             k=k,
             logprobs=lps.astype(np.float32) if lps is not None else None,
-            top_ids=ints[:, 3:].astype(np.int32) if k else None,
+            top_ids=ints[:, 3: 3 + k].astype(np.int32) if k else None,
             ranks=ints[:, 2].astype(np.int32) if k else None,
             finish=ints[:, 1].astype(np.int32),
+            accept_num=accept_num,
+            spec_tokens=spec_tokens,
         )
 
     def execute(self, so: SchedulerOutput) -> StepOutput:

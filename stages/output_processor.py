@@ -18,9 +18,12 @@ from typing import Any, NamedTuple
 import msgspec
 import numpy as np
 
+from overlapd.kernels.meta import FLAG_NORMAL, FLAG_SPECULATIVE
+
 from .detokenizer import Decoder, IncrementalDetokenizer
 from .request import Request
 from .scheduler import SampledToken, Scheduler
+from .spec import outputs as spec_outputs
 from .step_types import FinishReason, SchedulerOutput, StepOutput
 
 
@@ -50,16 +53,18 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class RingRows:
-    """One step's rows for the ring: the requests that emitted a token (SPEC 1.3, T = 1)."""
+    """One step's rows for the ring: the requests that emitted tokens (SPEC 1.3;
+    T = 1, or k + 1 with flag 2 in a step that verified drafts)."""
 
     step_id: int
     k: int  # logprob candidates per token, the step's k
     request_id: np.ndarray  # u64 [bsz]
     finish: np.ndarray  # i32 [bsz], FinishReason codes
-    accept_num: np.ndarray  # i32 [bsz], all 1
-    tokens: np.ndarray  # i32 [bsz, 1, k+1]: the emitted token, then the top-k candidate ids
-    logprobs: np.ndarray | None  # f32 [bsz, 1, k+1] when k > 0
-    ranks: np.ndarray | None  # i32 [bsz, 1] when k > 0
+    accept_num: np.ndarray  # i32 [bsz]: tokens each row emitted (1 without speculation)
+    tokens: np.ndarray  # i32 [bsz, T, k+1]: the emitted tokens, each then its top-k candidate ids
+    logprobs: np.ndarray | None  # f32 [bsz, T, k+1] when k > 0
+    ranks: np.ndarray | None  # i32 [bsz, T] when k > 0
+    flag: int = FLAG_NORMAL
 
     @property
     def bsz(self) -> int:
@@ -75,6 +80,7 @@ class RingRows:
             "accept_num": self.accept_num,
             "logprobs": self.logprobs,
             "ranks": self.ranks,
+            "flag": self.flag,
         }
 
 
@@ -128,6 +134,8 @@ class OutputProcessor:
 
     def process(self, so: SchedulerOutput, out: StepOutput) -> StepResult:
         accepted = self.scheduler.update(so, out)
+        if out.accept_num is not None:
+            return self._process_speculative(so, out, accepted)
         outputs: list[RequestOutput] = []
         finish_codes: list[int] = []
         for tok in accepted:
@@ -136,6 +144,26 @@ class OutputProcessor:
             finish_codes.append(int(result.finish_reason or FinishReason.RUNNING))
         rows = np.fromiter((t.row_index for t in accepted), dtype=np.intp, count=len(accepted))
         return StepResult(outputs, _ring_rows(out, rows, np.asarray(finish_codes, dtype=np.int32)))
+
+    def _process_speculative(self, so: SchedulerOutput, out: StepOutput, accepted: list[SampledToken]) -> StepResult:
+        """A step that verified drafts: a verify row's tokens come one after
+        another (up to a stop string: later ones are dropped), then merge into
+        one output and one ring row per request."""
+        outputs: list[RequestOutput] = []
+        rows: list[int] = []
+        for tok in accepted:
+            if rows and rows[-1] == tok.row_index and outputs[-1].finished:
+                continue  # a stop string ended the request earlier in this row
+            outputs.append(self._one(tok, out))
+            rows.append(tok.row_index)
+        merged, rows = spec_outputs.merge(outputs, rows)
+        k = out.k if out.logprobs is not None else 0
+        drafted = np.fromiter((so.rows[i].num_drafts > 0 for i in rows), dtype=bool, count=len(rows))
+        finish = np.fromiter((int(m.finish_reason or FinishReason.RUNNING) for m in merged), np.int32, count=len(merged))
+        ring = RingRows(step_id=out.step_id, k=k, request_id=np.asarray(out.req_ids, dtype=np.uint64)[rows],
+                        finish=finish, flag=FLAG_SPECULATIVE,
+                        **spec_outputs.ring_columns(merged, rows, drafted, out, k))  # type: ignore[arg-type]
+        return StepResult(merged, ring)
 
     def _one(self, tok: SampledToken, out: StepOutput) -> RequestOutput:
         st = self._states.get(tok.req_id)

@@ -206,6 +206,7 @@ class Pipeline:
             stop_token_ids=tuple(params.stop_token_ids),
             ignore_eos=params.ignore_eos,
             logprobs=params.logprobs,
+            speculative=params.speculative,
         )
         try:
             if params.prompt_ids is not None:
@@ -371,6 +372,8 @@ class Pipeline:
         graphs = self.engine.runner.graphs  # None where no CUDA graphs are captured (CPU, or turned off)
         out["graph_captures"] = graphs.captures if graphs is not None else 0
         out["graph_replays"] = graphs.replays if graphs is not None else 0
+        if self.engine.spec is not None:
+            out.update(self.engine.spec.stats.snapshot())
         out.update(self.times.snapshot())
         return out
 

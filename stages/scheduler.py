@@ -32,6 +32,11 @@ update() turns placeholders into tokens in step order and applies the
 token-level stop conditions (the device's verdict where the step carries
 one). Sync mode runs the same code with update() between schedules, so both
 modes make the same decisions wherever the outputs they know are the same.
+
+Speculative decoding (`spec`, stages/spec/planner.py): in pass 1 a
+speculating request's decode row may carry drafts after its last token (a
+verify row, KV slots for all of them); update() appends the tokens the device
+accepted and the planner trims the rest.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from .request import (
     validate_fits_cache,
     validate_request,
 )
+from .spec.planner import SpecPlanner
 from .step_types import (
     FinishReason,
     SamplingParams,
@@ -107,6 +113,7 @@ class Scheduler:
         vocab_size: int,
         eos_token_ids: Iterable[int] = (),
         max_waiting: int = 4096,
+        spec: SpecPlanner | None = None,
     ) -> None:
         if cfg.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
@@ -151,6 +158,7 @@ class Scheduler:
         self.prefix_hit_tokens = 0
         self.prompt_tokens_computed = 0
         self._to_key: list[Request] = []  # rows of this schedule() that completed a block
+        self.spec = spec  # speculative decoding (stages/spec/planner.py); None: off
 
     # ---- admission and removal ------------------------------------------
 
@@ -248,6 +256,8 @@ class Scheduler:
         rows: list[ScheduledRow] = []
         scheduled: set[int] = set()
         preempted = False
+        # Drafts only take budget that every running request's decode leaves.
+        spare = budget - len(self.running)
 
         # Pass 1: decodes. A victim is never a row already in this step: it
         # is a request whose last output is in flight, or one later in
@@ -257,11 +267,18 @@ class Scheduler:
                 continue  # preempted for an earlier decode
             if req.num_tokens_to_compute != 1 or req.num_outputs >= req.params.max_tokens:
                 continue  # a prefill (pass 2), or its last output is already in flight
-            n, did_preempt = self._make_room(req, 1, scheduled, allow_self=True)
+            drafts: list[int] = []
+            if self.spec is not None:
+                if self.spec.waits(req):
+                    continue  # its verify step's accept count is not on the host yet
+                drafts = self.spec.drafts(req, spare)
+            n, did_preempt = self._make_room(req, 1 + len(drafts), scheduled, allow_self=True)
             preempted |= did_preempt
             if req.status is not RequestStatus.RUNNING:
                 continue  # it preempted itself: it was the latest
-            rows.append(self._row(req, n, step_id))
+            drafts = drafts[: n - 1]  # as many as found KV room
+            spare -= len(drafts)
+            rows.append(self._row(req, n, step_id, drafts))
             scheduled.add(req.req_id)
             budget -= n
 
@@ -361,11 +378,13 @@ class Scheduler:
                 return r
         return None
 
-    def _row(self, req: Request, n: int, step_id: int) -> ScheduledRow:
+    def _row(self, req: Request, n: int, step_id: int, drafts: Sequence[int] = ()) -> ScheduledRow:
         start = req.num_computed_tokens
-        token_ids = req.token_ids_slice(start, start + n)
-        sample = start + n == req.num_tokens
+        known = n - len(drafts)  # drafts follow the request's known tokens (a verify row)
+        token_ids = req.token_ids_slice(start, start + known)
+        sample = start + known == req.num_tokens
         from_prev = token_ids[-1] == -1
+        token_ids.extend(drafts)
         if from_prev:
             # Only the newest token can be in flight, and only from the step
             # just before: that is where the runner reads it from.
@@ -394,6 +413,7 @@ class Scheduler:
             params=req.params,
             seed=req.seed,
             stops=req.stops,
+            num_drafts=len(drafts),
         )
 
     # ---- outputs ---------------------------------------------------------
@@ -408,6 +428,7 @@ class Scheduler:
         accepted: list[SampledToken] = []
         sampled = out.sampled.tolist()  # Python ints: indexing numpy per row costs more than the row
         finish = out.finish.tolist() if out.finish is not None else None
+        accept_num = out.accept_num.tolist() if out.accept_num is not None else None
         for i, row in enumerate(so.rows):
             if not row.sample:
                 continue
@@ -425,6 +446,10 @@ class Scheduler:
                 raise RuntimeError(f"{req}: output {row.output_index} arrived out of order")
             # A preempted request still takes this output (FastDeploy #6176)
             # and recomputes it with the rest when it runs again.
+            if row.num_drafts:
+                assert accept_num is not None and out.spec_tokens is not None and self.spec is not None
+                accepted.extend(self._apply_verified(req, i, row, out.spec_tokens[i, : accept_num[i]].tolist()))
+                continue
             token = sampled[i]
             req.output_token_ids.append(token)
             if finish is not None and row.stops is not None:
@@ -455,6 +480,23 @@ class Scheduler:
             req.num_placeholders -= 1
             if req.num_placeholders == 0:
                 del self._requests[req.req_id]
+
+    def _apply_verified(self, req: Request, i: int, row: ScheduledRow, tokens: list[int]) -> list[SampledToken]:
+        """A verify row's tokens, in order, up to the first that ends the request
+        (eos, a stop id, the length limit: nothing past it is emitted)."""
+        out: list[SampledToken] = []
+        for j, token in enumerate(tokens):
+            req.output_token_ids.append(token)
+            # the device's finish code is for one token a row: the host checks these
+            reason = token_stop_reason(req, token, self.eos_token_ids, self.max_model_len)
+            out.append(SampledToken(req, req.req_id, i, token, row.output_index + j, reason))
+            if reason is not None:
+                break
+        assert self.spec is not None
+        self.spec.verified(req, row, len(tokens), len(out), self.block_manager)
+        if out[-1].finish_reason is not None:
+            self._finish(req, out[-1].finish_reason)
+        return out
 
     # ---- state changes ---------------------------------------------------
 

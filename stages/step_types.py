@@ -51,6 +51,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int = 0  # top-k candidates to return, 0..MAX_LOGPROBS
+    speculative: bool = True  # False: never speculate for this request (SPEC 2.2)
 
 
 class TokenStops(msgspec.Struct, frozen=True):
@@ -96,6 +97,9 @@ class ScheduledRow:
     # None (rows made without a scheduler): the device never stops the row and
     # whoever reads the outputs checks the stops itself
     stops: TokenStops | None = None
+    # speculative decoding: the last num_drafts of token_ids are drafts this
+    # step verifies (stages/spec/); the row may emit up to num_drafts + 1 tokens
+    num_drafts: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -137,3 +141,8 @@ class StepOutput:
     # i32 [num_rows]: the device's token-level verdict per row (FinishReason
     # codes, 0 = running) for rows that carried `stops`; None: not computed
     finish: np.ndarray | None = None
+    # steps with verify rows (stages/spec/verify.py): i32 [num_rows] tokens each
+    # row emits (1 for plain rows), and i32 [num_rows, T] the target's tokens,
+    # of which a verify row emits the first accept_num
+    accept_num: np.ndarray | None = None
+    spec_tokens: np.ndarray | None = None

@@ -1,0 +1,155 @@
+"""Speculative decoding (ngram prompt lookup) vs plain decoding, in one run.
+
+One engine with `speculative = "ngram"` serves both sides: the plain side's
+requests turn speculation off per request (`speculative: false`, SPEC 2.2), so
+both run the same weights, the same process and the same pipeline order.
+The workload is one whose greedy output repeats its prompt (a text to copy
+once more, a table to write again, chat requests to repeat a paragraph or a
+list), where prompt lookup has something to find. Each
+repeat runs the plain side, then the speculative side (or the reverse, in
+alternation, batch by batch, so both sides see the same background load),
+one request at a time (batch 1) or `--batch` at once; tokens/s come from the
+median over repeats of each side's total time. Greedy outputs must be identical, token
+for token, or the benchmark fails.
+
+    python bench/spec_decode.py                         # default model (SmolLM2-135M-Instruct), CPU
+    python bench/spec_decode.py --k 4 --batch 4 --repeats 5
+    python bench/spec_decode.py --step-costs               # also single steps of one row, by tokens and drafts
+    python bench/spec_decode.py --model llama-3.2-1b --load-format dummy --runtime torch --device gpu
+
+The GPU run (for the record; not measured by this CPU benchmark's author):
+    python bench/spec_decode.py --runtime torch --device gpu --batch 1
+    python bench/spec_decode.py --runtime torch --device gpu --batch 32 --copies 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from overlapd.stages.engine import LLMEngine
+from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput
+
+PARAGRAPH = ("The old lighthouse keeper climbed the spiral stairs every evening, lit the great lamp, "
+             "and watched the ships pass safely through the narrow channel below.")
+# (chat?, text): requests whose greedy answers copy or continue what the prompt holds
+TASKS = [
+    (False, f"Text: {PARAGRAPH}\nCopy of the text: {PARAGRAPH}\nAnother copy of the text:"),
+    (False, "id,name,city\n1,Alice,Paris\n2,Bob,London\n3,Carol,Berlin\n4,Dave,Madrid\n\n"
+            "The same table again:\nid,name,city\n"),
+    (True, f"Repeat this paragraph twice, word for word: {PARAGRAPH}"),
+    (True, "List the days of the week, then list them again in the same order, then once more."),
+]
+
+
+def run_side(engine: LLMEngine, prompts: list[str], max_tokens: int,
+             speculative: bool) -> tuple[float, int, list[list[int]]]:
+    """(seconds, steps, outputs) for `prompts`, run together as one batch."""
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, speculative=speculative)
+    steps0 = engine.scheduler.last_step_id
+    t0 = time.perf_counter()
+    outputs = [r.token_ids for r in engine.generate(prompts, sp)]
+    return time.perf_counter() - t0, engine.scheduler.last_step_id - steps0, outputs
+
+
+def step_costs(engine: LLMEngine, repeats: int = 9) -> dict[str, float]:
+    """Median ms of one step of one row after a 200-token prompt, by what the
+    row carries: n tokens without drafts (a prefill chunk) or 1 + d with d
+    drafts (a verify row). Rows are built by hand: the runner alone."""
+    runner, sp = engine.runner, SamplingParams(temperature=0.0)
+    blocks = list(range(-(-256 // engine.cfg.block_size)))
+    rid = 1 << 40  # no request of the engine's: its slot and blocks are this function's
+    runner.execute(SchedulerOutput(1, [ScheduledRow(rid, list(range(100, 300)), 0, False, True, 0, blocks, sp, 0)]))
+    out: dict[str, float] = {}
+    for n, d in ((1, 0), (2, 0), (4, 0), (2, 1), (4, 3)):
+        times = []
+        for _ in range(repeats):
+            row = ScheduledRow(rid, [5] * n, 200, False, True, 1, blocks, sp, 0, num_drafts=d)
+            t0 = time.perf_counter()
+            runner.execute(SchedulerOutput(2, [row]))
+            times.append(time.perf_counter() - t0)
+        out[f"{n} tokens, {d} drafts"] = 1e3 * statistics.median(times)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--runtime", default="paddle")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
+    ap.add_argument("--batch", type=int, default=1, help="requests run together")
+    ap.add_argument("--copies", type=int, default=1, help="each task this many times (for large batches)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--ngram-min", type=int, default=1, help="speculative_ngram_min")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--overlap", action="store_true", help="LLMEngine's overlap loop (default: sync)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--step-costs", action="store_true",
+                    help="also time single steps of one row: 1, 2, 4 tokens plain and as verify rows")
+    args = ap.parse_args()
+
+    cfg = EngineConfig(model=args.model, load_format=args.load_format, runtime=args.runtime, device=args.device,
+                       speculative="ngram", num_speculative_tokens=args.k, speculative_ngram_min=args.ngram_min,
+                       max_model_len=1024,
+                       max_num_seqs=max(8, args.batch))
+    engine = LLMEngine(cfg, overlap=args.overlap)
+    chat = engine.loaded.chat_template
+    prompts = [chat.render([{"role": "user", "content": t}]) if is_chat else t for is_chat, t in TASKS] * args.copies
+    assert engine.spec is not None
+    run_side(engine, prompts[:1], 8, True)  # warm-up: first-call allocations on both paths
+    run_side(engine, prompts[:1], 8, False)
+
+    # Sides alternate batch by batch (plain first in even repeats, speculative
+    # first in odd ones): on a shared host both see the same background load.
+    batches = [prompts[i: i + args.batch] for i in range(0, len(prompts), args.batch)]
+    seconds = {False: [0.0] * args.repeats, True: [0.0] * args.repeats}
+    steps = {False: 0, True: 0}
+    outputs: dict[bool, list[list[int]]] = {False: [], True: []}
+    before = engine.spec.stats.snapshot()
+    for rep in range(args.repeats):
+        for group in batches:
+            for speculative in ((False, True) if rep % 2 == 0 else (True, False)):
+                s, n, outs = run_side(engine, group, args.max_tokens, speculative)
+                seconds[speculative][rep] += s
+                if rep == 0:
+                    steps[speculative] += n
+                    outputs[speculative] += outs
+    after = engine.spec.stats.snapshot()
+    if outputs[True] != outputs[False]:
+        raise SystemExit("speculative greedy output differs from plain greedy output")
+    tokens = sum(map(len, outputs[False]))
+    delta = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted")}
+    plain_s, spec_s = statistics.median(seconds[False]), statistics.median(seconds[True])
+    result = {
+        "model": args.model, "runtime": args.runtime, "device": args.device, "k": args.k, "ngram_min": args.ngram_min,
+        "batch": args.batch, "requests": len(prompts), "tokens": tokens, "overlap": args.overlap,
+        "plain_tok_s": tokens / plain_s, "spec_tok_s": tokens / spec_s, "speedup": plain_s / spec_s,
+        "plain_steps": steps[False], "spec_steps": steps[True],
+        "plain_step_ms": 1e3 * plain_s / steps[False], "spec_step_ms": 1e3 * spec_s / steps[True],
+        "tokens_per_verify_row": delta["spec_emitted"] / max(delta["spec_verify_rows"], 1),
+        "acceptance_rate": delta["spec_accepted"] / max(delta["spec_proposed"], 1),
+        "identical_output": True,
+    }
+    if args.step_costs:
+        result["step_ms"] = step_costs(engine)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.model} ({args.runtime}/{args.device}), k={args.k}, batch {args.batch}, {len(prompts)} requests, "
+          f"{tokens} greedy tokens, {'overlap' if args.overlap else 'sync'}, median of {args.repeats}")
+    print(f"  plain:       {result['plain_tok_s']:8.1f} tok/s  {steps[False]} steps of {result['plain_step_ms']:.1f} ms")
+    print(f"  speculative: {result['spec_tok_s']:8.1f} tok/s  {steps[True]} steps of {result['spec_step_ms']:.1f} ms  "
+          f"({result['speedup']:.2f}x; {result['tokens_per_verify_row']:.2f} tokens per verify row, "
+          f"acceptance {result['acceptance_rate']:.0%})")
+    print("  outputs identical: yes")
+    for what, ms in result.get("step_ms", {}).items():
+        print(f"  one step, {what}: {ms:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

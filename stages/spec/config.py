@@ -1,0 +1,47 @@
+"""Speculative decoding settings, checked once (from EngineConfig's `speculative*` keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from overlapd.stages.engine_config import EngineConfig
+
+SPEC_METHODS = ("off", "ngram")
+MAX_SPECULATIVE_TOKENS = 8  # T = k + 1 columns per ring row; verify rows take k + 1 query slots
+
+
+@dataclass(frozen=True, slots=True)
+class SpecConfig:
+    method: str  # one of SPEC_METHODS
+    num_tokens: int  # k: drafts proposed per verify step, 1..MAX_SPECULATIVE_TOKENS
+    ngram_max: int  # the proposer looks for the last n tokens, n = ngram_max down to ngram_min
+    ngram_min: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+    @property
+    def columns(self) -> int:
+        """T: token columns of a verify row (its input token and k drafts)."""
+        return self.num_tokens + 1
+
+
+def spec_config(method: str, num_tokens: int, ngram_max: int, ngram_min: int) -> SpecConfig:
+    """A checked SpecConfig; ValueError names the bad key."""
+    if method not in SPEC_METHODS:
+        raise ValueError(f"speculative must be one of {', '.join(SPEC_METHODS)}, not {method!r}")
+    if not 1 <= num_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"num_speculative_tokens must be between 1 and {MAX_SPECULATIVE_TOKENS}, not {num_tokens}")
+    if not 1 <= ngram_min <= ngram_max <= 16:
+        raise ValueError(f"speculative_ngram_min ({ngram_min}) and speculative_ngram_max ({ngram_max}) "
+                         "must satisfy 1 <= min <= max <= 16")
+    return SpecConfig(method, num_tokens, ngram_max, ngram_min)
+
+
+def spec_config_of(cfg: EngineConfig) -> SpecConfig:
+    """The engine's speculative settings (checked when the EngineConfig was made)."""
+    return spec_config(cfg.speculative, cfg.num_speculative_tokens, cfg.speculative_ngram_max,
+                       cfg.speculative_ngram_min)
