@@ -174,10 +174,12 @@ class ModelRunner:
             seqlens = np.full(rows, blocks * self.block_size, np.int64)
             assert self.graphs is not None
             out = self.graphs.run(key, lambda: self._body(rows, rows, qlens, seqlens, sampled, width, padded=True))
-        # this step's rows and its largest k of the `width` candidates (the copy packs a view)
+        # this step's rows and its largest k of the `width` candidates (the copy packs a view);
+        # a verify step's accept counts and target tokens are its last columns: all come home
+        columns = out.ints.shape[1] if prepared.verify is not None else (3 + k if k else 2)
         return StepHandle(
             prepared,
-            self.ops.to_host_async(_head(out.ints, r, 3 + k if k else 2)),
+            self.ops.to_host_async(_head(out.ints, r, columns)),
             self.ops.to_host_async(_head(out.logprobs, r, k + 1)) if out.logprobs is not None and k else None,
         )
 
