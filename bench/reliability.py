@@ -118,7 +118,7 @@ def overload_run(tmp: Path, seconds: float) -> dict[str, Any]:
 def steps(tmp: Path, rounds: int) -> dict[str, Any]:
     d = serve_real(tmp)
     try:
-        fig = step_memory(str(d.socket_path), d.proc.pid, rounds=rounds, per_client=25)
+        fig = step_memory(str(d.socket_path), d.proc.pid, rounds=rounds, per_client=25, warmup_rounds=3)
         assert d.terminate() == 0
     finally:
         d.kill()

@@ -130,12 +130,13 @@ class EchoDaemon(DaemonProcess):
         return rss_kib(self.proc.pid)
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of a live process (VmRSS), in KiB."""
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """Resident set size of a live process (VmRSS), or another /proc/PID/status
+    field in KiB: RssAnon leaves out mapped files and shared memory (the ring)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
+    raise AssertionError(f"no {field} for pid {pid}")
 
 
 def real_argv(tmp: Path, *flags: str, config: str | None = None) -> list[str]:

@@ -70,7 +70,11 @@ LEAK_KIB_PER_1000_STEPS = 256
 # Paddle 3.3.1 never frees a tensor made by paddle.to_tensor, nor the ones
 # paddle.where makes of Python scalars (~110 B each); the runtime once made
 # several per step (~0.7 KiB a step). This test found it.
+# Measured after three warm-up rounds and in anonymous memory: after one, on a
+# loaded host, the allocator's arenas still grew 160-590 KiB per 1,000 steps
+# and the ring's shared pages ~120 B a step, and the test failed in about one
+# run of four (issue 15; docs/reliability.md has the figures).
 def test_rss_stays_flat_over_engine_steps(crowd_daemon):
-    fig = step_memory(str(crowd_daemon.socket_path), crowd_daemon.proc.pid, per_client=8)
+    fig = step_memory(str(crowd_daemon.socket_path), crowd_daemon.proc.pid, per_client=8, warmup_rounds=3)
     assert fig.steps > 1000, fig
     assert fig.growth_kib_per_1000_steps < LEAK_KIB_PER_1000_STEPS, fig
