@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 from overlapd.daemon.client import Client, ClientError
@@ -28,6 +29,9 @@ from overlapd.daemon.protocol import (
 START_TIMEOUT_S = 10.0
 # `overlapd serve`: Paddle's import and the tiny model's first creation, on a loaded CI machine.
 REAL_START_TIMEOUT_S = 60.0
+
+
+_D = TypeVar("_D", bound="DaemonProcess")
 
 
 class DaemonProcess:
@@ -61,6 +65,18 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+    def wait_ready(self) -> None:
+        raise NotImplementedError
+
+    def ready(self: _D) -> _D:
+        """wait_ready, killing the daemon if it never gets there; returns self."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+        return self
 
 
 class EchoDaemon(DaemonProcess):
@@ -155,11 +171,7 @@ def serve_real(tmp: Path, *flags: str, config: str | None = None, wait: bool = T
     d = EchoDaemon(tmp / "d.sock", argv=real_argv(tmp, *flags, config=config), start_timeout=REAL_START_TIMEOUT_S)
     d.ring_path = tmp / "d.ring"  # type: ignore[attr-defined]
     if wait:
-        try:
-            d.wait_ready()
-        except BaseException:
-            d.kill()
-            raise
+        d.ready()
     return d
 
 

@@ -83,7 +83,7 @@ def serve_http(tmp: Path, *flags: str, config: str | None = None) -> HttpDaemon:
     log_path = tmp / "d.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(serve_argv(tmp, *flags, config=config), stdout=log, stderr=subprocess.STDOUT)
-    return _ready(HttpDaemon(tmp, proc, log_path, None))
+    return HttpDaemon(tmp, proc, log_path, None).ready()
 
 
 def serve_http_activated(tmp: Path, *flags: str) -> tuple[HttpDaemon, socket.socket, socket.socket]:
@@ -110,13 +110,6 @@ def serve_http_activated(tmp: Path, *flags: str) -> tuple[HttpDaemon, socket.soc
             pass_fds=(unix.fileno(), tcp.fileno()), stdout=log, stderr=subprocess.STDOUT,
         )
     d = HttpDaemon(tmp, proc, log_path, tcp.getsockname()[1])
-    return _ready(d), unix, tcp
+    return d.ready(), unix, tcp
 
 
-def _ready(d: HttpDaemon) -> HttpDaemon:
-    try:
-        d.wait_ready()
-    except BaseException:
-        d.kill()
-        raise
-    return d
