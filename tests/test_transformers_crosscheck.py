@@ -64,9 +64,10 @@ GENERATE = [
     "In 1969, the first humans",
 ]
 MAX_NEW = 32
-# float32 on both sides, different kernels and summation orders: 30 layers of
-# SmolLM2 agree to about 1e-4 of the logits' range (measured max 3e-5 x range).
-LOGIT_RTOL = 2e-4
+# float32 on both sides, different kernels and summation orders: over 30 layers
+# of SmolLM2 the logits agree to 8.8e-5 at most on a range of ~60, 1.5e-6 of the
+# range (measured 2026-12-03 on these prompts); the bound leaves ten times that.
+LOGIT_RTOL = 2e-5
 
 
 def hf_reference(tmp: Path, gguf: Path, **spec: object) -> dict:
