@@ -62,3 +62,20 @@ def test_a_model_with_a_broken_template_fails_at_load(tmp_path: Path) -> None:
     path = write_llama_gguf(tmp_path / "broken.gguf", config, weights, tok_json, chat_template="{% if %}")
     with pytest.raises(ModelLoadError, match="chat template does not compile"):
         load_model(EngineConfig(model=str(path), max_model_len=128), get_ops())
+
+
+def test_a_checkpoint_directory_brings_its_template_and_special_tokens(tmp_path: Path) -> None:
+    import json
+
+    from overlapd.stages.model.tiny import ensure_tiny_checkpoint
+
+    path = ensure_tiny_checkpoint(tmp_path)
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML + "{{ eos_token }}", "bos_token": "<|begin_of_text|>",
+        "eos_token": {"content": "<|end_of_text|>", "special": True}}))
+    loaded = load_model(EngineConfig(model=str(path), max_model_len=128), get_ops())
+    # the tiny tokenizer prepends bos itself, so the template's bos renders empty
+    assert loaded.chat_template.render(HI) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<|end_of_text|>"
+    (path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="must hold a JSON object"):
+        load_model(EngineConfig(model=str(path), max_model_len=128), get_ops())

@@ -100,13 +100,7 @@ class LlamaConfig:
         p = Path(path) / "config.json"
         if not p.is_file():
             raise ModelConfigError(f"{path} has no config.json (is it a Hugging Face checkpoint directory?)")
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelConfigError(f"{p} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ModelConfigError(f"{p} must hold a JSON object")
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(read_json_object(p))
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -132,6 +126,17 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
         return d
+
+
+def read_json_object(p: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file that must hold an object; ModelConfigError names the file."""
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelConfigError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ModelConfigError(f"{p} must hold a JSON object")
+    return d
 
 
 def _rope_scaling(d: Any) -> RopeScaling | None:

@@ -31,7 +31,7 @@ from ..engine_config import TINY_MODEL, EngineConfig
 from ..runtime.ops import FLOAT_DTYPES, Ops, Tensor
 from ..sizing import DEFAULT_MAX_MODEL_LEN_CAP, resolve_max_model_len
 from .chat_template import ChatTemplate, ChatTemplateError
-from .config import NAMED_SHAPES, LlamaConfig, ModelConfigError
+from .config import NAMED_SHAPES, LlamaConfig, ModelConfigError, read_json_object
 from .gguf_checkpoint import GGUFCheckpoint, GGUFError
 from .gguf_tokenizer import special_token_text, tokenizer_from_gguf
 from .llama import LlamaModel, param_layout
@@ -175,14 +175,10 @@ def _prepends_bos(tokenizer: TokenizerLike) -> bool:
 def _dir_chat_template(path: Path, prepends_bos: bool) -> ChatTemplate:
     """tokenizer_config.json's chat_template (a string) and special tokens, else the plain template."""
     file = path / "tokenizer_config.json"
-    d: dict = {}
-    if file.is_file():
-        try:
-            d = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{file} is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ModelLoadError(f"{file} must hold a JSON object")
+    try:
+        d = read_json_object(file) if file.is_file() else {}
+    except ModelConfigError as e:
+        raise ModelLoadError(str(e)) from None
     source = d.get("chat_template")
 
     def text(name: str) -> str:  # a token is a string or {"content": ...}
