@@ -13,6 +13,7 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +96,7 @@ async def _bench(args: argparse.Namespace) -> int:
     for i in range(args.requests):
         queue.put_nowait([(31 * i + j) % 250 + 3 for j in range(args.prompt_len)])
     totals = Totals()
+    before = await _engine_stats(args)
     started = time.perf_counter()
     if args.http:
         from overlapd.daemon.bench_http import http_client
@@ -109,13 +111,16 @@ async def _bench(args: argparse.Namespace) -> int:
         return 1
     elapsed = time.perf_counter() - started
     sys.stderr.write("\n")
-    summary = {
+    summary: dict[str, Any] = {
         "requests": totals.done,
         "errors": totals.errors,
         "elapsed_s": elapsed,
         "requests_per_s": totals.done / elapsed,
         "output_tokens_per_s": totals.tokens / elapsed,
     }
+    after = await _engine_stats(args)
+    if before is not None and after is not None:
+        summary.update(_step_figures(before, after))
     if args.json:
         import msgspec
 
@@ -131,7 +136,36 @@ async def _bench(args: argparse.Namespace) -> int:
     print(f"{'time to first token':<26} {_pct(totals.ttft)}")
     print(f"{'time between tokens':<26} {_pct(totals.itl)}")
     print(f"{'whole request':<26} {_pct(totals.e2e)}")
+    if "steps" in summary:
+        print(f"engine steps {summary['steps']}, {summary['tokens_per_step']:.2f} output tokens per step")
+    if summary.get("spec_verify_rows"):
+        print(f"speculation: {summary['spec_verify_rows']} verify rows, {summary['spec_tokens_per_verify_row']:.2f} "
+              f"tokens per verify row, {summary['spec_acceptance_rate']:.0%} of drafts accepted")
     return 0 if not totals.errors else 1
+
+
+async def _engine_stats(args: argparse.Namespace) -> dict[str, int | float] | None:
+    """The daemon's counters over its socket (None where only --http was given)."""
+    if args.http and not args.socket:
+        return None
+    from overlapd.daemon.client_async import AsyncClient
+
+    async with await AsyncClient.connect(args.socket) as client:
+        return await client.stats()
+
+
+def _step_figures(before: dict[str, int | float], after: dict[str, int | float]) -> dict[str, int | float]:
+    """Steps and tokens per step over the run (other clients' work counts too), and,
+    when the daemon speculates, what its verify rows gained."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+    steps = int(d.get("steps", 0))
+    out: dict[str, int | float] = {"steps": steps, "tokens_per_step": d.get("tokens", 0) / steps if steps else 0.0}
+    rows = int(d.get("spec_verify_rows", 0))
+    if rows:
+        proposed = d.get("spec_proposed", 0)
+        out.update(spec_verify_rows=rows, spec_tokens_per_verify_row=d.get("spec_emitted", 0) / rows,
+                   spec_acceptance_rate=d.get("spec_accepted", 0) / proposed if proposed else 0.0)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

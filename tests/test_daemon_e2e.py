@@ -216,6 +216,9 @@ def test_overlapd_bench_drives_the_daemon_and_reports_percentiles(daemon):
     assert summary["requests"] == 6 and summary["errors"] == {}
     assert summary["output_tokens_per_s"] > 0
     assert 0 < summary["ttft_ms"]["p50"] <= summary["ttft_ms"]["p99"]
+    # 6 requests x 5 tokens in engine steps of at most 3 rows (3 clients, one request each at a time)
+    assert summary["steps"] >= 10 and 1 <= summary["tokens_per_step"] <= 3
+    assert "spec_verify_rows" not in summary  # this daemon does not speculate
     assert "100.0%" in proc.stderr  # the progress bar reached the end
 
 
