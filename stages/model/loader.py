@@ -73,13 +73,13 @@ def load_model(cfg: EngineConfig, ops: Ops) -> LoadedModel:
         raise ModelLoadError(f"load_format must be one of {LOAD_FORMATS}, got {cfg.load_format!r}")
     if cfg.dtype not in FLOAT_DTYPES:
         raise ModelLoadError(f"dtype must be one of {FLOAT_DTYPES}, got {cfg.dtype!r}")
+    t0 = time.monotonic()
     source = _resolve(cfg)
     config = source.config
     try:
         max_len = resolve_max_model_len(cfg, config)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
-    t0 = time.monotonic()
     if cfg.load_format == "dummy" and ops.device != "cpu" and hasattr(ops, "random_normal"):
         params = device_random_params(config, ops, cfg.seed, cfg.dtype)
     else:
