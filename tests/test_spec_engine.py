@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from overlapd.kernels.meta import FLAG_NORMAL, FLAG_SPECULATIVE, pack_step, unpack_step
@@ -140,6 +141,7 @@ def test_sampled_and_logprob_rows_decode_plainly_beside_verify_rows(plain_output
         # steps with a verify row and the logprob row: T = K + 1 and k = 2 in one record
         mixed = [r for r in rings if r.flag == FLAG_SPECULATIVE and r.k == 2]
         assert mixed
+        verify_cells = 0
         for r in mixed:
             body = unpack_step(pack_step(**r.columns()))
             assert (body.T, body.k) == (K + 1, 2)
@@ -147,6 +149,11 @@ def test_sampled_and_logprob_rows_decode_plainly_beside_verify_rows(plain_output
                 n = int(body.accept_num[i])
                 if rid == 3:  # the logprob request: its token's logprob and rank are real
                     assert n == 1 and body.ranks[i, 0] >= 1 and body.logprobs[i, 0, 0] <= 0.0
+                if rid == 1 and n > 1:  # a verify row: no logprobs for its tokens, zeros past them
+                    assert np.isnan(body.logprobs[i, :n]).all() and (body.logprobs[i, n:] == 0).all()
+                    assert (body.ranks[i] == 0).all() and (body.tokens[i, n:] == 0).all()
+                    verify_cells += 1
+        assert verify_cells, "no verify row with accepted drafts shared a step with the logprob row"
 
 
 def test_speculative_false_gives_plain_steps(plain_outputs):

@@ -42,8 +42,9 @@ def ring_columns(merged: list[RequestOutput], rows: list[int], drafted: np.ndarr
     `drafted` (bool [bsz]) marks the verify rows.
 
     Logprobs exist for plain rows only (logprob requests do not speculate in
-    this slice): a verify row's cells in a step that carries logprobs for
-    other rows hold NaN, rank 0 and candidate ids 0."""
+    this slice): in a step that carries logprobs for other rows, a verify
+    row's emitted columns hold NaN logprobs, rank 0 and candidate ids 0, and
+    its columns past accept_num zeros, as every row's do (SPEC 1.3)."""
     assert out.spec_tokens is not None
     bsz, t = len(merged), out.spec_tokens.shape[1]
     tokens = np.zeros((bsz, t, k + 1), np.int32)
@@ -57,7 +58,9 @@ def ring_columns(merged: list[RequestOutput], rows: list[int], drafted: np.ndarr
         plain = ~drafted
         logprobs = np.zeros((bsz, t, k + 1), np.float32)
         ranks = np.zeros((bsz, t), np.int32)
-        logprobs[:, 0] = np.where(plain[:, None], out.logprobs[idx, : k + 1], np.nan)
+        logprobs[:, 0] = np.where(plain[:, None], out.logprobs[idx, : k + 1], 0.0)
+        for i in np.flatnonzero(drafted):  # every emitted column of a verify row: unknown, not zero
+            logprobs[i, : accept_num[i]] = np.nan
         ranks[:, 0] = np.where(plain, out.ranks[idx], 0)
         tokens[:, 0, 1:] = np.where(plain[:, None], out.top_ids[idx, :k], 0)
     return {"tokens": tokens, "accept_num": accept_num, "logprobs": logprobs, "ranks": ranks}
