@@ -41,6 +41,30 @@ class Totals:
     itl: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
 
+    def error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
+class RequestTimer:
+    """One request's timestamps into Totals: its first token (TTFT), the gaps after, its end."""
+
+    def __init__(self, totals: Totals) -> None:
+        self.totals = totals
+        self.t0 = self.last = time.perf_counter()
+        self.first = True
+
+    def tokens(self, now: float) -> None:
+        if self.first:
+            self.totals.ttft.append(now - self.t0)
+            self.first = False
+        else:
+            self.totals.itl.append(now - self.last)
+        self.last = now
+
+    def done(self, now: float) -> None:
+        self.totals.done += 1
+        self.totals.e2e.append(now - self.t0)
+
 
 def _progress(totals: Totals, n: int, started: float) -> None:
     frac = (totals.done + sum(totals.errors.values())) / n
@@ -60,25 +84,18 @@ async def _client(args: argparse.Namespace, queue: asyncio.Queue[list[int]], tot
                 prompt_ids = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            t0 = last = time.perf_counter()
-            first = True
+            timer = RequestTimer(totals)
             async for event in await client.generate(
                 prompt_ids=prompt_ids, max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True
             ):
                 now = time.perf_counter()
                 if isinstance(event, TokensFrame):
-                    if first:
-                        totals.ttft.append(now - t0)
-                        first = False
-                    else:
-                        totals.itl.append(now - last)
-                    last = now
+                    timer.tokens(now)
                     totals.tokens += len(event.token_ids)
                 elif isinstance(event, DoneFrame):
-                    totals.done += 1
-                    totals.e2e.append(now - t0)
+                    timer.done(now)
                 elif isinstance(event, ErrorFrame):
-                    totals.errors[event.code] = totals.errors.get(event.code, 0) + 1
+                    totals.error(event.code)
             _progress(totals, args.requests, started)
 
 

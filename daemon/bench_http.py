@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import TYPE_CHECKING
-
 import msgspec
 
-if TYPE_CHECKING:
-    from .bench import Totals
+from .bench import RequestTimer, Totals  # bench imports this module only when --http is given
 
 _decode = msgspec.json.Decoder()
 
@@ -40,12 +37,10 @@ async def http_client(
                 "prompt": prompt_ids, "max_tokens": args.max_tokens, "temperature": args.temperature,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             }
-            t0 = last = time.perf_counter()
-            first = True
+            timer = RequestTimer(totals)
             async with s.post(url, json=body) as resp:
                 if resp.status != 200:
-                    code = f"http_{resp.status}"
-                    totals.errors[code] = totals.errors.get(code, 0) + 1
+                    totals.error(f"http_{resp.status}")
                     await resp.read()
                     continue
                 async for line in resp.content:
@@ -54,17 +49,10 @@ async def http_client(
                     event = _decode.decode(line[6:])
                     now = time.perf_counter()
                     if "error" in event:
-                        code = str(event["error"].get("code"))
-                        totals.errors[code] = totals.errors.get(code, 0) + 1
+                        totals.error(str(event["error"].get("code")))
                     elif event.get("usage"):
                         totals.tokens += event["usage"]["completion_tokens"]
-                        totals.done += 1
-                        totals.e2e.append(now - t0)
+                        timer.done(now)
                     elif event["choices"] and event["choices"][0]["text"]:
-                        if first:
-                            totals.ttft.append(now - t0)
-                            first = False
-                        else:
-                            totals.itl.append(now - last)
-                        last = now
+                        timer.tokens(now)
             progress(totals, args.requests, started)
