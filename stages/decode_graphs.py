@@ -17,9 +17,11 @@ or sampled (temperature, top-p, top-k and seeds for every row, each row's own
 parameters read from the persistent per-slot buffers, greedy rows taking the
 argmax inside the same graph), each with or without top-k logprobs (always
 `logprob_width` candidates: a request's own k is a slice of them on the host
-side). So a batch mixing greedy, sampled and logprob rows replays one graph,
-and an all-greedy batch keeps the cheaper one. Only steps whose rows are all
-one-token decodes are captured; prefill steps run eagerly through the same code.
+side), and with or without a check of each row's token against its draft
+(speculative decoding's verify rows run as one-token rows: stages/spec/verify.py).
+So a batch mixing greedy, sampled and logprob rows replays one graph, and an
+all-greedy batch keeps the cheaper one. Only steps whose rows are all one-token
+decodes are captured; prefill steps run eagerly through the same code.
 
 The capture itself is the runtime's (`Ops.capture_graph`, Torch on CUDA only),
 so this bookkeeping runs on the CPU with a fake capture in the tests.
@@ -41,8 +43,8 @@ CaptureFn = Callable[[Callable[[], Any]], CapturedGraph]
 
 DEFAULT_CONTEXT_STEP_BLOCKS = 8
 
-# (padded rows, padded context blocks, sampled, logprob width)
-GraphKey = tuple[int, int, bool, int]
+# (padded rows, padded context blocks, sampled, logprob width, verifies drafts)
+GraphKey = tuple[int, int, bool, int, bool]
 
 
 def logprob_width(num_logprobs: int, max_logprobs: int, vocab_size: int) -> int:
@@ -74,14 +76,14 @@ class DecodeGraphs:
         self.replays = 0
 
     def key(self, num_rows: int, max_seq_len: int, block_size: int, sampled: bool = False,
-            logprobs: int = 0) -> GraphKey:
-        """(padded rows, padded context blocks, sampled, logprob width) for a decode step."""
+            logprobs: int = 0, verify: bool = False) -> GraphKey:
+        """(padded rows, padded context blocks, sampled, logprob width, verify) for a decode step."""
         if not 1 <= num_rows <= self.max_rows:
             raise ValueError(f"num_rows must lie in [1, {self.max_rows}], got {num_rows}")
         rows = self._rows[bisect.bisect_left(self._rows, num_rows)]
         need = -(-max_seq_len // block_size)
         blocks = min(-(-need // self.step_blocks) * self.step_blocks, self.max_blocks)
-        return rows, blocks, sampled, logprobs
+        return rows, blocks, sampled, logprobs, verify
 
     def run(self, key: GraphKey, body: Callable[[], Any]) -> Any:
         """Replay the graph for `key` (capturing `body` first if new); returns its outputs."""

@@ -34,14 +34,37 @@ class BatchLimits:
     num_blocks: int
     max_model_len: int
     vocab_size: int
+    # T = k + 1 with speculative decoding, else 1: a verify row runs as up to T
+    # one-token step rows (stages/spec/verify.py), each on a scratch slot of its own
+    verify_columns: int = 1
+
+    @property
+    def step_rows(self) -> int:
+        """Rows a step may have once verify rows are spread out, one per token."""
+        return self.max_rows * self.verify_columns
+
+    @property
+    def scratch_slots(self) -> int:
+        """Per-step slots for verify rows' tokens: one for each, past the pad slot."""
+        return self.step_rows if self.verify_columns > 1 else 0
+
+    @property
+    def num_slots(self) -> int:
+        """Per-slot device state: the requests' slots, the pad slot, the scratch slots."""
+        return self.max_rows + 1 + self.scratch_slots
+
+    @property
+    def slot_updates(self) -> int:
+        """Slot parameter or table updates one step may stage: every request and scratch slot."""
+        return self.max_rows + self.scratch_slots
 
 
 def step_layout(lim: BatchLimits) -> list[tuple[str, int, int]]:
     """(name, offset, length) of the per-step int64 arrays packed into one buffer,
     so a step's inputs reach the device in a single copy."""
-    t, r = lim.max_tokens, lim.max_rows
+    t, r = lim.max_tokens, lim.step_rows
     sizes = [("query_start_loc", r + 1), ("start_pos", r), ("seq_lens", r), ("row_slots", r),
-             ("sample_mask", r), ("out_index", r), ("input_ids", t), ("prev_rows", t)]
+             ("sample_mask", r), ("out_index", r), ("draft_ids", r), ("input_ids", t), ("prev_rows", t)]
     layout, at = [], 0
     for name, n in sizes:
         layout.append((name, at, n))
@@ -65,16 +88,17 @@ class StagingBuffer:
     pool only after its step's outputs came back: its uploads ran long before."""
 
     def __init__(self, lim: BatchLimits, zeros: HostZeros = _np_zeros) -> None:
-        r, b = lim.max_rows, lim.max_blocks
+        r, b = lim.slot_updates, lim.max_blocks
         layout = step_layout(lim)
         self.step = zeros([sum(n for _, _, n in layout)], INT64)
         # views into `step`: input_ids, prev_rows (the previous step's output row of a
         # decode's input token, -1: token given here), query_start_loc, start_pos,
         # seq_lens, row_slots, sample_mask (1: the row's last token is sampled),
-        # out_index (the output index of the token a row samples)
+        # out_index (the output index of the token a row samples), draft_ids (the
+        # draft a verify row's token must equal to be accepted, -1: none)
         for name, at, n in layout:
             setattr(self, name, self.step[at: at + n])
-        # requests entering a slot this step
+        # slots whose parameters are (re)written this step: requests entering one, verify rows' scratch slots
         self.new_slots = zeros([r], INT64)
         self.new_temperature = zeros([r], FLOAT32)
         self.new_top_p = zeros([r], FLOAT32)
@@ -131,6 +155,9 @@ class StagedCounts:
     any_prev: bool  # some input token comes from the previous step's device output
     query_lens: np.ndarray = field(repr=False)  # int64 [num_rows]
     seq_lens: np.ndarray = field(repr=False)  # int64 [num_rows]
+    # steps with verify rows: int64 [scheduled rows, T], the step row of each
+    # scheduled row's token column (-1: none); num_rows counts step rows
+    spec_rows: np.ndarray | None = field(default=None, repr=False)
 
 
 class DeviceInputs:
@@ -140,7 +167,7 @@ class DeviceInputs:
     kernels/step_kernels.py over the ops fallbacks; the GPU tests compare both."""
 
     def __init__(self, ops: Ops, lim: BatchLimits, use_kernels: bool | None = None) -> None:
-        r, b = lim.max_rows, lim.max_blocks
+        r, b, slots, updates = lim.max_rows, lim.max_blocks, lim.num_slots, lim.slot_updates
         self.ops = ops
         self.use_kernels = step_kernels.available(ops) if use_kernels is None else use_kernels
         layout = step_layout(lim)
@@ -148,19 +175,20 @@ class DeviceInputs:
         for name, at, n in layout:  # views into `step` (first-axis slices keep its memory)
             setattr(self, name, self.step[at: at + n])
         # Per-slot state has one slot more than requests get: padding rows of a
-        # captured decode step point there (`pad_slot`), never at a request's.
+        # captured decode step point there (`pad_slot`), never at a request's;
+        # with speculative decoding, scratch slots follow it (BatchLimits).
         self.pad_slot = r
-        self.block_tables = ops.zeros([r + 1, b], INT64)  # by slot
-        self.sampling = PersistentSamplingParams(ops, r + 1, self.use_kernels)  # by slot
-        self.stops = PersistentStopFlags(ops, r + 1, STOP_TABLE_WIDTH, self.use_kernels)  # by slot
-        self.prev_sampled = ops.zeros([r], INT64)  # the last step's sampled ids, by its row
+        self.block_tables = ops.zeros([slots, b], INT64)  # by slot
+        self.sampling = PersistentSamplingParams(ops, slots, self.use_kernels)  # by slot
+        self.stops = PersistentStopFlags(ops, slots, STOP_TABLE_WIDTH, self.use_kernels)  # by slot
+        self.prev_sampled = ops.zeros([lim.step_rows], INT64)  # the last step's sampled ids, by its row
         # landing areas for the per-slot updates, scattered into place from here
-        self._new_slots = ops.zeros([r], INT64)
-        self._new_f32 = ops.zeros([r], FLOAT32)
-        self._new_i64 = ops.zeros([r], INT64)
-        self._new_stop_ids = ops.zeros([r, STOP_TABLE_WIDTH], INT64)
-        self._table_slots = ops.zeros([r], INT64)
-        self._table_rows = ops.zeros([r, b], INT64)
+        self._new_slots = ops.zeros([updates], INT64)
+        self._new_f32 = ops.zeros([updates], FLOAT32)
+        self._new_i64 = ops.zeros([updates], INT64)
+        self._new_stop_ids = ops.zeros([updates, STOP_TABLE_WIDTH], INT64)
+        self._table_slots = ops.zeros([updates], INT64)
+        self._table_rows = ops.zeros([updates, b], INT64)
 
     def persistent_tensors(self) -> dict[str, Tensor]:
         """Every buffer whose address must never change (tests check it)."""
@@ -168,7 +196,8 @@ class DeviceInputs:
         return {
             "step": self.step, "input_ids": self.input_ids, "prev_rows": self.prev_rows, "query_start_loc": self.query_start_loc,
             "start_pos": self.start_pos, "seq_lens": self.seq_lens, "row_slots": self.row_slots,
-            "sample_mask": self.sample_mask, "out_index": self.out_index, "block_tables": self.block_tables,
+            "sample_mask": self.sample_mask, "out_index": self.out_index, "draft_ids": self.draft_ids,
+            "block_tables": self.block_tables,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed_state": s.seed_state,
             "stop_ids": st.stop_ids, "num_eos": st.num_eos, "max_outputs": st.max_outputs,
             "prev_sampled": self.prev_sampled,

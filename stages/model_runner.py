@@ -35,7 +35,7 @@ from .input_batch import (
 )
 from .model.loader import LoadedModel
 from .model.paged_metadata import build_attention_metadata
-from .runtime.ops import HostFuture, Ops
+from .runtime.ops import INT64, HostFuture, Ops
 from .sampler import Sampler, SamplerOutput
 from .spec import verify as spec_verify
 from .spec.config import spec_config_of
@@ -54,13 +54,19 @@ class PreparedStep:
     any_random: bool
     num_logprobs: int
     buf: StagingBuffer | None  # None for an empty step
-    verify: spec_verify.VerifyBatch | None = None  # the step's draft verification (speculative decoding)
+
+    @property
+    def verifies(self) -> bool:
+        """The step carries verify rows (stages/spec/verify.py)."""
+        return self.counts.spec_rows is not None
 
 
 @dataclass(slots=True)
 class StepHandle:
     prepared: PreparedStep
-    ints: HostFuture | None  # int64 [R, 2] or [R, 3 + k]: sampled, finish, then rank and top-k ids
+    # int64 [R, 2] or [R, 3 + k]: sampled, finish, then rank and top-k ids; a
+    # verify step's rows (one per token) carry every column and its draft match last
+    ints: HostFuture | None
     logprobs: HostFuture | None  # float32 [R, k + 1]
 
 
@@ -77,6 +83,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.block_size = cfg.block_size
         self.max_model_len = loaded.max_model_len
+        spec = spec_config_of(cfg)
         self.limits = BatchLimits(
             max_tokens=cfg.max_num_batched_tokens,
             max_rows=cfg.max_num_seqs,
@@ -85,6 +92,7 @@ class ModelRunner:
             num_blocks=num_blocks,
             max_model_len=self.max_model_len,
             vocab_size=loaded.config.vocab_size,
+            verify_columns=spec.columns if spec.enabled else 1,
         )
         # One block more than the scheduler knows of: padding rows of a captured
         # decode step write their keys and values there, never into a request's.
@@ -95,11 +103,6 @@ class ModelRunner:
         # logits are the model dtype's values in float32: sorting them in that dtype is exact
         self.sampler = Sampler(ops, loaded.config.vocab_size, sort_dtype=self.model.dtype)
         self._stager = StepStager(self.limits)
-        spec = spec_config_of(cfg)
-        # T columns of a verify row; 0: speculative decoding is off
-        self.verify_columns = spec.columns if spec.enabled else 0
-        self.verifier = spec_verify.Verifier(ops, self.model, self.limits.max_tokens, self.limits.max_rows,
-                                             spec.columns) if spec.enabled else None
         self._pool = StagingPool(self.limits, staging_depth, ops.host_zeros)
         self._lock = threading.Lock()  # prepare may run beside launch/collect
         self._prepared = 0
@@ -122,7 +125,7 @@ class ModelRunner:
             self.ops.copy_(seeds, saved)
             return graph
 
-        self.graphs = DecodeGraphs(capture_keeping_seeds, self.limits.max_rows, self.limits.max_blocks)
+        self.graphs = DecodeGraphs(capture_keeping_seeds, self.limits.step_rows, self.limits.max_blocks)
 
     # --- the three phases -----------------------------------------------------
     def prepare(self, so: SchedulerOutput) -> PreparedStep:
@@ -138,8 +141,7 @@ class ModelRunner:
                     self._pool.release(buf)
                 raise
             self._prepared += 1
-            verify = spec_verify.stage(so, self.verify_columns) if self.verify_columns else None
-            return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf, verify)
+            return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf)
 
     def launch(self, prepared: PreparedStep) -> StepHandle:
         if prepared.seq != self._launched + 1:
@@ -164,19 +166,20 @@ class ModelRunner:
         if key is None:
             inp.load(buf, n)
             out = self._body(n.num_tokens, r, n.query_lens, n.seq_lens, prepared.any_random, width, padded=False,
-                             verify=prepared.verify)
+                             verify=prepared.verifies)
         else:
-            rows, blocks, sampled, _ = key
+            rows, blocks, sampled, _, verify = key
             _pad_decode_rows(buf, r, rows, inp.pad_slot)
             inp.load(buf, n)
             # Host facts the capture sees: `rows` one-token rows over `blocks` blocks.
             qlens = np.ones(rows, np.int64)
             seqlens = np.full(rows, blocks * self.block_size, np.int64)
             assert self.graphs is not None
-            out = self.graphs.run(key, lambda: self._body(rows, rows, qlens, seqlens, sampled, width, padded=True))
+            out = self.graphs.run(key, lambda: self._body(rows, rows, qlens, seqlens, sampled, width, padded=True,
+                                                          verify=verify))
         # this step's rows and its largest k of the `width` candidates (the copy packs a view);
-        # a verify step's accept counts and target tokens are its last columns: all come home
-        columns = out.ints.shape[1] if prepared.verify is not None else (3 + k if k else 2)
+        # a verify step's draft matches are its last column: all come home
+        columns = out.ints.shape[1] if prepared.verifies else (3 + k if k else 2)
         return StepHandle(
             prepared,
             self.ops.to_host_async(_head(out.ints, r, columns)),
@@ -191,10 +194,10 @@ class ModelRunner:
         assert p.buf is not None
         if not p.buf.sample_mask[: n.num_rows].all():
             return None
-        return self.graphs.key(n.num_rows, int(n.seq_lens.max()), self.block_size, p.any_random, width)
+        return self.graphs.key(n.num_rows, int(n.seq_lens.max()), self.block_size, p.any_random, width, p.verifies)
 
     def _body(self, num_tokens: int, r: int, query_lens: np.ndarray, seq_lens: np.ndarray, any_random: bool,
-              num_logprobs: int, padded: bool, verify: spec_verify.VerifyBatch | None = None) -> SamplerOutput:
+              num_logprobs: int, padded: bool, verify: bool = False) -> SamplerOutput:
         """Forward and sampling over the persistent inputs: device work only, no
         host reads and no uploads on the decode path, so a graph can capture it."""
         ops, inp = self.ops, self.inputs
@@ -213,19 +216,16 @@ class ModelRunner:
         if padded:  # padding rows (sample_mask 0) write to the spare block
             meta.slot_mapping = ops.where(ops.gt(inp.sample_mask[:r], 0), meta.slot_mapping, self._spare_slot)
         hidden = self.model.forward(inp.input_ids[:num_tokens], meta, self.kv_caches)
-        verified = None
-        if verify is None:
-            logits = self.model.compute_logits(hidden, ops.sub(inp.query_start_loc[1: r + 1], 1))
-        else:  # drafts to verify: logits at more positions than each row's last (stages/spec/verify.py)
-            assert self.verifier is not None
-            logits, verified = self.verifier.logits_and_verify(hidden, verify)
+        logits = self.model.compute_logits(hidden, ops.sub(inp.query_start_loc[1: r + 1], 1))
         slots, mask = inp.row_slots[:r], inp.sample_mask[:r]
         params = inp.sampling.build(slots, mask, advance=any_random)
         sampled = self.sampler.sample(logits, params, any_random=any_random)
         finish = inp.stops.finish_codes(sampled, slots, mask, inp.out_index[:r])
         out = self.sampler.pack(logits, sampled, finish, num_logprobs)
-        if verified is not None:  # verify rows' accept counts and tokens ride in the same copy
-            out.ints = ops.concat([out.ints, verified], axis=1)
+        if verify:  # did each verify column draw its draft? (stages/spec/verify.py; the ops layer has no ==)
+            drafts = inp.draft_ids[:r]
+            drew = ops.where(ops.logical_and(ops.ge(sampled, drafts), ops.le(sampled, drafts)), 1, 0)
+            out.ints = ops.concat([out.ints, ops.reshape(ops.cast(drew, INT64), [r, 1])], axis=1)
         ops.copy_(inp.prev_sampled, sampled)  # the next launch's decode inputs
         return out
 
@@ -241,9 +241,8 @@ class ModelRunner:
             if p.buf is not None:
                 self._pool.release(p.buf)
                 p.buf = None
-        accept_num = spec_tokens = None
-        if p.verify is not None:
-            accept_num, spec_tokens = spec_verify.split_outputs(ints, p.verify.columns)
+        if p.counts.spec_rows is not None:
+            return _verified_output(p, ints, lps)
         return StepOutput(
             step_id=p.step_id,
             req_ids=p.req_ids,
@@ -253,8 +252,6 @@ class ModelRunner:
             top_ids=ints[:, 3: 3 + k].astype(np.int32) if k else None,
             ranks=ints[:, 2].astype(np.int32) if k else None,
             finish=ints[:, 1].astype(np.int32),
-            accept_num=accept_num,
-            spec_tokens=spec_tokens,
         )
 
     def execute(self, so: SchedulerOutput) -> StepOutput:
@@ -294,6 +291,29 @@ def _pad_decode_rows(buf: StagingBuffer, r: int, rows: int, pad_slot: int) -> No
 def _head(x: Any, rows: int, cols: int) -> Any:
     """x[:rows, :cols], without a slice where that is all of x."""
     return x if tuple(x.shape) == (rows, cols) else x[:rows, :cols]
+
+
+def _verified_output(p: PreparedStep, ints: np.ndarray, lps: np.ndarray | None) -> StepOutput:
+    """A verify step's output by scheduled row: column 0 where plain rows read,
+    every column's token and logprobs where verify rows read."""
+    assert p.counts.spec_rows is not None
+    k = p.num_logprobs
+    v = spec_verify.contract(ints, lps, p.counts.spec_rows, k)
+    return StepOutput(
+        step_id=p.step_id,
+        req_ids=p.req_ids,
+        sampled=v.sampled,
+        k=k,
+        logprobs=v.logprobs[:, 0] if v.logprobs is not None else None,
+        top_ids=v.top_ids[:, 0] if v.top_ids is not None else None,
+        ranks=v.ranks[:, 0] if v.ranks is not None else None,
+        finish=v.finish,
+        accept_num=v.accept_num,
+        spec_tokens=v.tokens,
+        spec_logprobs=v.logprobs,
+        spec_top_ids=v.top_ids,
+        spec_ranks=v.ranks,
+    )
 
 
 def _empty_output(step_id: int) -> StepOutput:

@@ -158,11 +158,10 @@ class OutputProcessor:
             rows.append(tok.row_index)
         merged, rows = spec_outputs.merge(outputs, rows)
         k = out.k if out.logprobs is not None else 0
-        drafted = np.fromiter((so.rows[i].num_drafts > 0 for i in rows), dtype=bool, count=len(rows))
         finish = np.fromiter((int(m.finish_reason or FinishReason.RUNNING) for m in merged), np.int32, count=len(merged))
         ring = RingRows(step_id=out.step_id, k=k, request_id=np.asarray(out.req_ids, dtype=np.uint64)[rows],
                         finish=finish, flag=FLAG_SPECULATIVE,
-                        **spec_outputs.ring_columns(merged, rows, drafted, out, k))  # type: ignore[arg-type]
+                        **spec_outputs.ring_columns(merged, rows, out, k))  # type: ignore[arg-type]
         return StepResult(merged, ring)
 
     def _one(self, tok: SampledToken, out: StepOutput) -> RequestOutput:
@@ -196,11 +195,13 @@ class OutputProcessor:
 def _logprobs(out: StepOutput, tok: SampledToken, n: int) -> list[TokenLogprob]:
     if out.logprobs is None or out.ranks is None or out.top_ids is None:
         raise ValueError(f"request {tok.req_id} asked for logprobs but step {out.step_id} carries none")
-    i = tok.row_index
-    n = min(n, out.k)
-    lp = out.logprobs[i]
-    top = [(int(out.top_ids[i, j]), float(lp[j + 1])) for j in range(n)]
-    return [TokenLogprob(tok.token_id, float(lp[0]), int(out.ranks[i]), top)]
+    i, n = tok.row_index, min(n, out.k)
+    if out.spec_logprobs is not None and out.spec_top_ids is not None and out.spec_ranks is not None:
+        lp, ids, rank = out.spec_logprobs[i, tok.column], out.spec_top_ids[i, tok.column], out.spec_ranks[i, tok.column]
+    else:
+        lp, ids, rank = out.logprobs[i], out.top_ids[i], out.ranks[i]
+    top = [(int(ids[j]), float(lp[j + 1])) for j in range(n)]
+    return [TokenLogprob(tok.token_id, float(lp[0]), int(rank), top)]
 
 
 def _ring_rows(out: StepOutput, rows: np.ndarray, finish: np.ndarray) -> RingRows:

@@ -101,6 +101,7 @@ class SampledToken:
     token_id: int
     output_index: int
     finish_reason: FinishReason | None  # set when this token ended the request
+    column: int = 0  # its token column in a verify row (StepOutput.spec_*), 0 otherwise
 
 
 class Scheduler:
@@ -489,7 +490,7 @@ class Scheduler:
             req.output_token_ids.append(token)
             # the device's finish code is for one token a row: the host checks these
             reason = token_stop_reason(req, token, self.eos_token_ids, self.max_model_len)
-            out.append(SampledToken(req, req.req_id, i, token, row.output_index + j, reason))
+            out.append(SampledToken(req, req.req_id, i, token, row.output_index + j, reason, j))
             if reason is not None:
                 break
         assert self.spec is not None

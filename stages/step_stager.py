@@ -30,16 +30,36 @@ class StepStager:
         # is the per-row, per-step check, and list equality is the cheap one
         self._table_lists: list[list[int]] = [[] for _ in range(lim.max_rows)]
         self._prev_rows: dict[int, int] = {}  # req_id -> its row in the last staged step (rows that sampled)
+        # requests whose slot's seed state must be rewritten at their next plain
+        # row: their verify rows sampled on scratch slots
+        self._reseed: set[int] = set()
+        self._num_new = self._num_tables = 0  # slot updates staged so far in this step
 
     def stage(self, so: SchedulerOutput, buf: StagingBuffer) -> StagedCounts:
         self._validate(so)
         for req_id in so.freed_req_ids:
             self._release(req_id)
-        num_new = num_tables = token = 0
+        self._num_new = self._num_tables = 0
+        at = token = 0  # the next step row and input token
         any_prev = False
-        qlens = np.empty(len(so.rows), np.int64)
+        qlens = np.empty(self.lim.step_rows, np.int64)
+        columns = self.lim.verify_columns
+        spec_rows = np.full((len(so.rows), columns), -1, np.int64) \
+            if any(row.num_drafts for row in so.rows) else None
+        prev_rows: dict[int, int] = {}
         for i, row in enumerate(so.rows):
             slot, new = self._slot_for(row.req_id)
+            if new:
+                self._stage_params(buf, slot, row, row.output_index)
+            if row.num_drafts:
+                assert spec_rows is not None
+                spec_rows[i, : row.num_tokens] = np.arange(at, at + row.num_tokens)
+                qlens[at: at + row.num_tokens] = 1
+                at, token = self._stage_verify_row(buf, row, at, token)
+                self._reseed.add(row.req_id)  # its slot's seed state is behind: scratch slots sampled
+                continue
+            if spec_rows is not None:
+                spec_rows[i, 0] = at
             n = row.num_tokens
             if row.from_prev_step:
                 buf.input_ids[token] = 0  # placeholder, replaced on the device
@@ -48,24 +68,52 @@ class StepStager:
             else:
                 buf.input_ids[token: token + n] = row.token_ids
                 buf.prev_rows[token: token + n] = -1
-            buf.query_start_loc[i] = token
-            buf.start_pos[i] = row.start_pos
-            buf.seq_lens[i] = row.start_pos + n
-            buf.row_slots[i] = slot
-            buf.sample_mask[i] = row.sample
-            buf.out_index[i] = row.output_index
-            qlens[i] = n
-            token += n
-            if new:
-                self._stage_params(buf, num_new, slot, row)
-                num_new += 1
+            self._stage_row(buf, at, token, row.start_pos, n, slot, row.sample, row.output_index, -1)
+            qlens[at] = n
+            if row.sample:
+                prev_rows[row.req_id] = at
+            if not new and row.req_id in self._reseed:
+                self._stage_params(buf, slot, row, row.output_index)
             if new or self._table_changed(slot, row.block_ids):
-                self._stage_table(buf, num_tables, slot, row.block_ids)
-                num_tables += 1
-        buf.query_start_loc[len(so.rows)] = token
-        self._prev_rows = {row.req_id: i for i, row in enumerate(so.rows) if row.sample}
-        r = len(so.rows)
-        return StagedCounts(token, r, num_new, num_tables, any_prev, qlens, buf.seq_lens[:r].copy())
+                self._stage_table(buf, slot, row.block_ids)
+            self._reseed.discard(row.req_id)
+            at += 1
+            token += n
+        buf.query_start_loc[at] = token
+        # verify rows are left out: a speculating request's next row never takes
+        # its input from the device (stages/spec/planner.py)
+        self._prev_rows = prev_rows
+        return StagedCounts(token, at, self._num_new, self._num_tables, any_prev, qlens[:at],
+                            buf.seq_lens[:at].copy(), spec_rows)
+
+    def _stage_row(self, buf: StagingBuffer, at: int, token: int, start: int, n: int, slot: int, sample: bool,
+                   output_index: int, draft: int) -> None:
+        buf.query_start_loc[at] = token
+        buf.start_pos[at] = start
+        buf.seq_lens[at] = start + n
+        buf.row_slots[at] = slot
+        buf.sample_mask[at] = sample
+        buf.out_index[at] = output_index
+        buf.draft_ids[at] = draft
+
+    def _stage_verify_row(self, buf: StagingBuffer, row: ScheduledRow, at: int, token: int) -> tuple[int, int]:
+        """A verify row [t, d1..dk] as k + 1 one-token step rows: column j holds
+        its token at position start + j, samples output output_index + j on a
+        scratch slot seeded for that output (so a seeded row draws what it would
+        without speculation), and is accepted when it samples d(j+1). One-token
+        rows are decode rows: a step of them and plain decodes replays a graph."""
+        d = row.num_drafts
+        for j in range(d + 1):
+            scratch = self.lim.max_rows + 1 + at
+            buf.input_ids[token] = row.token_ids[j]
+            buf.prev_rows[token] = -1
+            self._stage_row(buf, at, token, row.start_pos + j, 1, scratch, True, row.output_index + j,
+                            row.token_ids[j + 1] if j < d else -1)
+            self._stage_params(buf, scratch, row, row.output_index + j)
+            self._stage_table(buf, scratch, row.block_ids)
+            at += 1
+            token += 1
+        return at, token
 
     def stage_empty(self, so: SchedulerOutput) -> StagedCounts:
         """A step without rows still frees the rows of requests that left."""
@@ -88,6 +136,7 @@ class StepStager:
         return slot, True
 
     def _release(self, req_id: int) -> None:
+        self._reseed.discard(req_id)
         slot = self.slots.pop(req_id, None)
         if slot is not None:
             self._table_lists[slot] = []
@@ -96,23 +145,30 @@ class StepStager:
     def _table_changed(self, slot: int, block_ids: list[int]) -> bool:
         return block_ids != self._table_lists[slot]
 
-    def _stage_table(self, buf: StagingBuffer, k: int, slot: int, block_ids: list[int]) -> None:
+    def _stage_table(self, buf: StagingBuffer, slot: int, block_ids: list[int]) -> None:
+        k = self._num_tables
+        self._num_tables += 1
         n = len(block_ids)
-        self._tables[slot, :n] = block_ids
-        self._tables[slot, n:] = 0  # unused entries point at block 0, never read past seq_len
-        self._table_lists[slot] = list(block_ids)
+        if slot < self.lim.max_rows:  # a request's slot: remembered, to stage only changes
+            self._tables[slot, :n] = block_ids
+            self._tables[slot, n:] = 0  # unused entries point at block 0, never read past seq_len
+            self._table_lists[slot] = list(block_ids)
+            buf.table_rows[k] = self._tables[slot]
+        else:
+            buf.table_rows[k, :n] = block_ids
+            buf.table_rows[k, n:] = 0
         buf.table_slots[k] = slot
-        buf.table_rows[k] = self._tables[slot]
 
-    @staticmethod
-    def _stage_params(buf: StagingBuffer, k: int, slot: int, row: ScheduledRow) -> None:
+    def _stage_params(self, buf: StagingBuffer, slot: int, row: ScheduledRow, output_index: int) -> None:
+        k = self._num_new
+        self._num_new += 1
         p = row.params
         buf.new_slots[k] = slot
         buf.new_temperature[k] = p.temperature
         buf.new_top_p[k] = p.top_p
         buf.new_top_k[k] = p.top_k
         # (seed, output_index): a request re-entering after preemption resumes its stream
-        buf.new_seed_state[k] = seed_state(row.seed, row.output_index)
+        buf.new_seed_state[k] = seed_state(row.seed, output_index)
         stops = row.stops
         table = stops.table if stops is not None else ()
         buf.new_stop_ids[k, : len(table)] = table
@@ -158,7 +214,12 @@ class StepStager:
         if (slot is None or self._table_changed(slot, row.block_ids)) and row.block_ids \
                 and (min(row.block_ids) < 0 or max(row.block_ids) >= lim.num_blocks):
             raise ValueError(f"request {rid}: block_ids must lie in [0, {lim.num_blocks})")
+        if row.num_drafts >= lim.verify_columns:
+            raise ValueError(f"request {rid}: {row.num_drafts} drafts, but verify rows hold at most "
+                             f"{lim.verify_columns - 1}")
         if row.from_prev_step:
+            if row.num_drafts:
+                raise ValueError(f"request {rid}: a verify row's tokens must all be given")
             if n != 1:
                 raise ValueError(f"request {rid}: from_prev_step rows carry one placeholder token, got {n}")
             if rid not in self._prev_rows or rid in freed or rid not in self.slots:

@@ -142,7 +142,11 @@ class StepOutput:
     # codes, 0 = running) for rows that carried `stops`; None: not computed
     finish: np.ndarray | None = None
     # steps with verify rows (stages/spec/verify.py): i32 [num_rows] tokens each
-    # row emits (1 for plain rows), and i32 [num_rows, T] the target's tokens,
-    # of which a verify row emits the first accept_num
+    # row emits (1 for plain rows), i32 [num_rows, T] each column's token, of
+    # which a row emits the first accept_num, and with logprobs each column's
+    # (f32 [num_rows, T, k + 1], i32 [num_rows, T, k], i32 [num_rows, T])
     accept_num: np.ndarray | None = None
     spec_tokens: np.ndarray | None = None
+    spec_logprobs: np.ndarray | None = None
+    spec_top_ids: np.ndarray | None = None
+    spec_ranks: np.ndarray | None = None

@@ -62,6 +62,30 @@ def run(ops, loaded, graphs: bool, overlapped: bool, mixed: bool = False):
     return [r.outputs for r in reqs], runner.graphs, lps
 
 
+# Prompts that repeat themselves (prompt lookup finds drafts at once); greedy and seeded rows.
+SPEC_PROMPTS = [[5, 6, 7, 8, 9] * 4 + [5, 6], list(range(3, 40)) * 2 + [3, 4], [11, 12, 13] * 5]
+SPEC_PARAMS = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+               SamplingParams(temperature=0.3, top_p=0.9, max_tokens=36, seed=5, ignore_eos=True),
+               SamplingParams(temperature=0.0, max_tokens=32, logprobs=2, ignore_eos=True)]
+
+
+def spec_run(graphs: bool, overlap: bool) -> tuple[list[list[int]], list]:
+    """Speculative decoding (ngram, k = 4): its verify steps are one-token rows, so they replay too."""
+    from overlapd.stages.engine import LLMEngine
+    from overlapd.stages.engine_config import EngineConfig
+    e = LLMEngine(EngineConfig(model="tiny", runtime="torch", speculative="ngram", num_speculative_tokens=4,
+                               block_size=4), overlap=overlap)
+    if graphs:
+        e.runner.enable_graphs(lambda fn: FakeGraph(e.runner.ops, fn))
+    ids = [e.add_request(p, sp) for p, sp in zip(SPEC_PROMPTS, SPEC_PARAMS)]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    while e.has_work():
+        for out in e.step():
+            tokens[out.req_id] += out.new_token_ids
+    keys = sorted({k[2:] for k in e.runner.graphs._graphs}) if graphs else []
+    return [tokens[i] for i in ids], keys
+
+
 def same_logprobs(a, b, atol: float = 1e-5) -> bool:
     if [len(x) for x in a] != [len(x) for x in b]:
         return False
@@ -83,6 +107,9 @@ def main() -> None:
     m_sync_eager, _, m_sync_eager_lp = run(ops, loaded, False, False, mixed=True)
     m_replayed, mg, m_lp = run(ops, loaded, True, True, mixed=True)
     m_replayed_sync, _, m_sync_lp = run(ops, loaded, True, False, mixed=True)
+    s_eager, _ = spec_run(False, True)
+    s_replayed, s_keys = spec_run(True, True)
+    s_replayed_sync, _ = spec_run(True, False)
     print(json.dumps({
         "same_overlapped": replayed == eager, "same_sync": replayed_sync == eager,
         "captures": g.captures, "replays": g.replays, "row_buckets": sorted({k[0] for k in g._graphs}),
@@ -96,6 +123,7 @@ def main() -> None:
         "mixed_keys": sorted({k[2:] for k in mg._graphs}), "mixed_replays": mg.replays,
         "mixed_logprob_rows": [len(x) for x in m_lp],
         "mixed_distinct_streams": len({tuple(t) for t in m_replayed}),
+        "spec_same": s_replayed == s_eager and s_replayed_sync == s_eager, "spec_keys": s_keys,
     }))
 
 

@@ -22,9 +22,9 @@ def test_row_buckets_and_keys() -> None:
     assert row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert row_buckets(3) == [1, 2, 3]
     g = DecodeGraphs(lambda fn: None, max_rows=64, max_blocks=20, context_step_blocks=8)
-    assert g.key(3, 17, 16) == (4, 8, False, 0)
-    assert g.key(64, 16 * 9, 16) == (64, 16, False, 0)
-    assert g.key(9, 16 * 19, 16, sampled=True, logprobs=20) == (16, 20, True, 20)  # capped at the table width
+    assert g.key(3, 17, 16) == (4, 8, False, 0, False)
+    assert g.key(64, 16 * 9, 16) == (64, 16, False, 0, False)
+    assert g.key(9, 16 * 19, 16, sampled=True, logprobs=20) == (16, 20, True, 20, False)  # capped at the table width
     assert [logprob_width(k, 20, 50_000) for k in (0, 1, 5, 20)] == [0, 20, 20, 20]
     assert logprob_width(5, 20, 12) == 12
     with pytest.raises(ValueError):
@@ -46,8 +46,12 @@ def test_replayed_decode_steps_give_the_eager_tokens() -> None:
     # greedy, seeded (top-p, top-k, both) and logprob rows in one batch: graph
     # replays give the eager tokens and logprobs, overlapped and in sync
     assert r["mixed_same_overlapped"] and r["mixed_same_sync"] and r["mixed_eager_overlap_is_sync"]
-    assert r["mixed_keys"] == [[True, 20]] and r["mixed_replays"] > 20
+    assert r["mixed_keys"] == [[True, 20, False]] and r["mixed_replays"] > 20
     assert r["mixed_logprob_rows"] == [30, 34, 26, 22, 31] and r["mixed_distinct_streams"] == 5
+    # speculative decoding: steps of verify rows (and plain decodes) replay graphs
+    # of their own variant and give the eager tokens, overlapped and in sync
+    assert r["spec_same"]
+    assert [True, 20, True] in r["spec_keys"], r["spec_keys"]
 
 
 def test_seeded_and_logprob_decode_steps_are_captured_prefill_stays_eager(tiny_loaded) -> None:
@@ -61,7 +65,7 @@ def test_seeded_and_logprob_decode_steps_are_captured_prefill_stays_eager(tiny_l
     d.add(Req(2, [0, 7], SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)))
     d.run()
     # the first step prefills both prompts (eager); every later one is a decode step
-    assert len(keys) == 5 and {k[2:] for k in keys} == {(True, 20)}
+    assert len(keys) == 5 and {k[2:] for k in keys} == {(True, 20, False)}
     assert runner.graphs.captures == 1
 
 

@@ -1,7 +1,7 @@
 """Speculative decoding (ngram) in the engine: real model code on the CPU.
 
-Greedy output with speculation must equal plain greedy output token for
-token, with overlap and without; verify rows emit several tokens per step and
+Output with speculation must equal output without it token for token, with
+overlap and without: greedy, seeded sampled and logprob rows alike; verify rows emit several tokens per step and
 the ring rows say so (flag 2, T = k + 1); stops apply inside a verify row's
 tokens; every KV block is free again afterwards, also after preemption in the
 middle of speculation.
@@ -125,35 +125,59 @@ def test_stops_apply_inside_a_verify_rows_tokens(plain_outputs):
         assert len(got[2]) == 7 and len(got[3]) == 1
 
 
-def test_sampled_and_logprob_rows_decode_plainly_beside_verify_rows(plain_outputs):
-    params = [greedy(), SamplingParams(max_tokens=40, temperature=0.8, seed=7, ignore_eos=True),
-              greedy(logprobs=2), greedy(speculative=False)]
+def logprobs_of(e: LLMEngine, params: list[SamplingParams], prompts: list[list[int]] = PROMPTS):
+    """(tokens, per request the (token, logprob, rank, top ids) of each output, ring rows)."""
+    ids = [e.add_request(p, params[i]) for i, p in enumerate(prompts)]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    lps: dict[int, list[tuple[int, float, int, list[int]]]] = {i: [] for i in ids}
+    rings = []
+    while e.has_work():
+        for out in e.step():
+            tokens[out.req_id] += out.new_token_ids
+            for lp in out.logprobs or ():
+                lps[out.req_id].append((lp.token_id, lp.logprob, lp.rank, [t for t, _ in lp.top]))
+        if e.last_result is not None and e.last_result.ring.bsz:
+            rings.append(e.last_result.ring)
+    return [tokens[i] for i in ids], [lps[i] for i in ids], rings
+
+
+def test_sampled_and_logprob_rows_speculate_and_give_the_plain_tokens(plain_outputs):
+    # seeded sampled rows (cool enough to follow the repeats, so drafts hit), logprob rows, an opted-out row
+    params = [greedy(), SamplingParams(max_tokens=40, temperature=0.3, top_p=0.9, seed=7, ignore_eos=True),
+              greedy(logprobs=2), SamplingParams(max_tokens=40, temperature=0.25, seed=3, logprobs=3, ignore_eos=True),
+              greedy(speculative=False)]
+    prompts = PROMPTS + [PROMPTS[0]]
+    want, want_lps, _ = logprobs_of(engine("off"), params, prompts)
     for overlap in (False, True):
         e = engine(overlap=overlap)
-        got, _, rings = run(e, params)
-        want, _, _ = run(engine("off", overlap=overlap), params)
+        got, got_lps, rings = logprobs_of(e, params, prompts)
+        # each token is what the plain run drew with the same seed state (spec/verify.py)
         assert got == want
         assert got[0] == plain_outputs[0]
-        # only request 1 (the first prompt, greedy, speculating) took verify rows
-        rows = [int(r.accept_num[i]) for r in rings for i, rid in enumerate(r.request_id.tolist()) if rid != 1]
-        assert rows and max(rows) == 1
-        assert e.spec.stats.verify_rows > 0
-        # steps with a verify row and the logprob row: T = K + 1 and k = 2 in one record
-        mixed = [r for r in rings if r.flag == FLAG_SPECULATIVE and r.k == 2]
-        assert mixed
-        verify_cells = 0
-        for r in mixed:
+        for g, w in zip(got_lps, want_lps):
+            assert [x[0] for x in g] == [x[0] for x in w] and [x[2] for x in g] == [x[2] for x in w]
+            assert [x[3] for x in g] == [x[3] for x in w]
+            assert np.allclose([x[1] for x in g], [x[1] for x in w], atol=1e-4)
+        # every request but the opted-out one took verify rows that accepted drafts
+        accepted = {rid for r in rings for i, rid in enumerate(r.request_id.tolist()) if r.accept_num[i] > 1}
+        assert accepted == {1, 2, 3, 4}, accepted
+        # the ring carries each emitted token's logprobs at the actual k, zeros past accept_num
+        cells = 0
+        for r in rings:
+            if r.flag != FLAG_SPECULATIVE or r.k == 0:
+                continue
             body = unpack_step(pack_step(**r.columns()))
-            assert (body.T, body.k) == (K + 1, 2)
+            assert (body.T, body.k) == (K + 1, r.k)
             for i, rid in enumerate(body.request_id.tolist()):
                 n = int(body.accept_num[i])
-                if rid == 3:  # the logprob request: its token's logprob and rank are real
-                    assert n == 1 and body.ranks[i, 0] >= 1 and body.logprobs[i, 0, 0] <= 0.0
-                if rid == 1 and n > 1:  # a verify row: no logprobs for its tokens, zeros past them
-                    assert np.isnan(body.logprobs[i, :n]).all() and (body.logprobs[i, n:] == 0).all()
-                    assert (body.ranks[i] == 0).all() and (body.tokens[i, n:] == 0).all()
-                    verify_cells += 1
-        assert verify_cells, "no verify row with accepted drafts shared a step with the logprob row"
+                assert (body.logprobs[i, n:] == 0).all() and (body.ranks[i, n:] == 0).all()
+                assert (body.tokens[i, n:] == 0).all()
+                if rid in (3, 4) and n > 1:
+                    assert np.isfinite(body.logprobs[i, :n]).all() and (body.logprobs[i, :n] <= 0).all()
+                    assert (body.ranks[i, :n] >= 1).all()
+                    assert (body.tokens[i, :n, 1] == body.tokens[i, :n, 0]).all() if rid == 3 else True
+                    cells += 1
+        assert cells, "no logprob request's verify row accepted drafts"
 
 
 def test_speculative_false_gives_plain_steps(plain_outputs):

@@ -27,6 +27,8 @@ def merge(outputs: list[RequestOutput], rows: list[int]) -> tuple[list[RequestOu
         if merged and merged_rows[-1] == row:
             last = merged[-1]
             last.new_token_ids = last.new_token_ids + out.new_token_ids
+            if last.logprobs is not None and out.logprobs is not None:
+                last.logprobs = last.logprobs + out.logprobs
             last.text_delta += out.text_delta
             last.finish_reason = out.finish_reason
             last.completion_tokens = out.completion_tokens
@@ -36,15 +38,10 @@ def merge(outputs: list[RequestOutput], rows: list[int]) -> tuple[list[RequestOu
     return merged, merged_rows
 
 
-def ring_columns(merged: list[RequestOutput], rows: list[int], drafted: np.ndarray, out: StepOutput,
+def ring_columns(merged: list[RequestOutput], rows: list[int], out: StepOutput,
                  k: int) -> dict[str, np.ndarray | None]:
-    """tokens [bsz, T, k+1], accept_num, and with k > 0 logprobs and ranks;
-    `drafted` (bool [bsz]) marks the verify rows.
-
-    Logprobs exist for plain rows only (logprob requests do not speculate in
-    this slice): in a step that carries logprobs for other rows, a verify
-    row's emitted columns hold NaN logprobs, rank 0 and candidate ids 0, and
-    its columns past accept_num zeros, as every row's do (SPEC 1.3)."""
+    """tokens [bsz, T, k+1], accept_num, and with k > 0 logprobs and ranks:
+    each emitted token's own (its column's), zeros past accept_num (SPEC 1.3)."""
     assert out.spec_tokens is not None
     bsz, t = len(merged), out.spec_tokens.shape[1]
     tokens = np.zeros((bsz, t, k + 1), np.int32)
@@ -53,14 +50,10 @@ def ring_columns(merged: list[RequestOutput], rows: list[int], drafted: np.ndarr
         tokens[i, : len(m.new_token_ids), 0] = m.new_token_ids
     logprobs = ranks = None
     if k > 0:
-        assert out.logprobs is not None and out.ranks is not None and out.top_ids is not None
+        assert out.spec_logprobs is not None and out.spec_ranks is not None and out.spec_top_ids is not None
         idx = np.asarray(rows, np.intp)
-        plain = ~drafted
-        logprobs = np.zeros((bsz, t, k + 1), np.float32)
-        ranks = np.zeros((bsz, t), np.int32)
-        logprobs[:, 0] = np.where(plain[:, None], out.logprobs[idx, : k + 1], 0.0)
-        for i in np.flatnonzero(drafted):  # every emitted column of a verify row: unknown, not zero
-            logprobs[i, : accept_num[i]] = np.nan
-        ranks[:, 0] = np.where(plain, out.ranks[idx], 0)
-        tokens[:, 0, 1:] = np.where(plain[:, None], out.top_ids[idx, :k], 0)
+        emitted = np.arange(t)[None, :] < accept_num[:, None]  # [bsz, T]
+        logprobs = np.where(emitted[:, :, None], out.spec_logprobs[idx, :, : k + 1], 0.0).astype(np.float32)
+        ranks = np.where(emitted, out.spec_ranks[idx], 0).astype(np.int32)
+        tokens[:, :, 1:] = np.where(emitted[:, :, None], out.spec_top_ids[idx, :, :k], 0)
     return {"tokens": tokens, "accept_num": accept_num, "logprobs": logprobs, "ranks": ranks}

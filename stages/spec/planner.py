@@ -1,11 +1,11 @@
 """The scheduler's side of speculative decoding: who speculates, with which
 drafts, and what the host keeps of a verify row once its accept count is known.
 
-A verify row is a small prefill chunk: [last known token, d1..dk] at the
-request's next positions, with KV slots for all k+1. The target's greedy
-token after each of those positions decides how many drafts are accepted
-(`verify.py`); the row then emits the accepted drafts and the target's next
-token, and the host trims its view back: the KV positions of rejected drafts
+A verify row is [last known token, d1..dk] at the request's next positions,
+with KV slots for all k+1. The token the target draws after each of those
+positions (its argmax, or a seeded sample) decides how many drafts are
+accepted (`verify.py`); the row then emits the accepted drafts and the
+target's next token, and the host trims its view back: the KV positions of rejected drafts
 are forgotten (the next step overwrites them) and blocks that only they used
 go back to the pool.
 
@@ -37,11 +37,9 @@ class SpecPlanner:
         self.stats = SpecStats()
 
     def speculates(self, req: Request) -> bool:
-        """Greedy requests without logprobs that did not turn speculation off.
-        Sampled rows would need rejection sampling, logprob rows per-draft
-        candidates: both decode plainly in this slice."""
-        p = req.params
-        return p.speculative and p.temperature == 0 and p.logprobs == 0
+        """Every request that did not turn speculation off: greedy, sampled
+        and logprob rows verify by the same rule (verify.py)."""
+        return req.params.speculative
 
     def waits(self, req: Request) -> bool:
         """True while a speculating request's last output is in flight: its next

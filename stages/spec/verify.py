@@ -1,20 +1,26 @@
-"""Verification of a step's draft tokens in the step's own target forward.
+"""Verification of a step's drafts: what the device computes per token, and
+what the host makes of it.
 
-A verify row carries [t, d1..dk] (its last known token, then k drafts). The
-target's greedy token after position j is its choice for output j; drafts are
-accepted while they equal those choices, and the row emits them plus the
-target's token after the last accepted one: accept_num = leading matches + 1.
-Greedy rows therefore emit exactly what plain greedy decoding would.
+A verify row [t, d1..dk] runs as k + 1 one-token step rows (the stager spreads
+it: stages/step_stager.py). Column j is an ordinary decode row at position
+start + j that samples the request's output `output_index + j` with the
+request's own parameters and the seed state of that output, on a scratch slot;
+the device also marks whether it drew d(j+1), the draft that follows it.
+The row emits the drafts up to the first column that drew something else,
+then that column's token: accept_num = leading matches + 1.
 
-Host side (`stage`, at prepare time, from ScheduledRow facts only): which
-hidden states each of the step's rows reads (T per row: a verify row's
-1 + d positions, padded with its last; a plain row its last position) and
-the drafts they must match (-1 where none, so the last column never matches
-and every row accepts at least its target token). Device side
-(`Verifier.logits_and_verify`): logits at those positions, argmax, the
-matching prefix, one int64 block [R, 1 + T] = accept_num, then T target
-tokens, appended to the step's output ints so the step still makes one
-device-to-host copy; and each row's last-position logits for the sampler.
+Why this is rejection sampling. The drafts are deterministic (prompt lookup,
+or a draft model's argmax): the draft distribution q is a point mass on d.
+The speculative-sampling rule then accepts d with probability
+min(1, p(d) / q(d)) = p(d) and, on rejection, draws from the residual
+max(0, p - q), which is p without d, renormalised. Drawing x from p with the
+row's uniform and accepting d exactly when x = d does both at once: x = d has
+probability p(d), and a rejected x is distributed as p given x != d. Every
+emitted token is therefore what non-speculative decoding would have drawn
+with the same seed state, so a seeded request gives the same tokens with or
+without speculation, alone or in a crowd, whatever drafts it was offered;
+greedy rows (an argmax) are the special case. One device rule serves greedy,
+sampled and logprob rows, and each emitted token's logprobs are its column's.
 """
 
 from __future__ import annotations
@@ -23,83 +29,43 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from overlapd.stages.runtime.ops import INT64, Ops, Tensor
-from overlapd.stages.step_types import SchedulerOutput
-
 
 @dataclass(slots=True)
-class VerifyBatch:
-    columns: int  # T = k + 1
-    positions: np.ndarray  # int64 [P]: the step's flat token index of every position whose logits are needed
-    column_map: np.ndarray  # int64 [R * T]: for each (row, column), its entry in `positions`
-    last: np.ndarray  # int64 [R]: each row's last position in `positions` (what plain sampling reads)
-    drafts: np.ndarray  # int64 [R, T]: the token each column's target choice must equal, -1 where none
+class Verified:
+    """A verify step's outputs by scheduled row and token column (T columns)."""
+
+    accept_num: np.ndarray  # i32 [R]: tokens each row emits (1 for plain rows)
+    tokens: np.ndarray  # i32 [R, T]: the sampled token of every column (the first accept_num are emitted)
+    sampled: np.ndarray  # i32 [R]: column 0's token (a plain row's only one)
+    finish: np.ndarray  # i32 [R]: column 0's device stop verdict (verify rows' tokens are checked on the host)
+    logprobs: np.ndarray | None  # f32 [R, T, k + 1]
+    top_ids: np.ndarray | None  # i32 [R, T, k]
+    ranks: np.ndarray | None  # i32 [R, T]
 
 
-def stage(so: SchedulerOutput, columns: int) -> VerifyBatch | None:
-    """The step's verify positions; None when no row carries drafts (a plain step).
+def contract(ints: np.ndarray, logprobs: np.ndarray | None, spec_rows: np.ndarray, k: int) -> Verified:
+    """Fold a verify step's per-token step rows back into its scheduled rows.
 
-    Logits are computed once per needed position (a verify row's 1 + d, a
-    plain row's last): plain rows in a speculative step cost no more than in a
-    plain step, and the sampler takes its rows' logits from the same block."""
-    if not any(row.num_drafts for row in so.rows):
-        return None
-    r = len(so.rows)
-    positions: list[int] = []
-    column_map = np.empty((r, columns), np.int64)
-    last = np.empty(r, np.int64)
-    drafts = np.full((r, columns), -1, np.int64)
-    cols = np.arange(columns, dtype=np.int64)
-    at = 0
-    for i, row in enumerate(so.rows):
-        n, d = row.num_tokens, row.num_drafts
-        if d >= columns:
-            raise ValueError(f"request {row.req_id}: {d} drafts but verify rows hold at most {columns - 1}")
-        base = len(positions)
-        positions.extend(range(at + n - 1 - d, at + n))  # the last known token, then each draft
-        column_map[i] = base + np.minimum(cols, d)
-        last[i] = base + d
-        if d:
-            drafts[i, :d] = row.token_ids[n - d:]
-        at += n
-    return VerifyBatch(columns, np.asarray(positions, np.int64), column_map.reshape(-1), last, drafts)
-
-
-class Verifier:
-    """Runs on the execute thread. The step's verify arrays go up into
-    persistent device buffers with the runtime's per-step upload (no stream
-    synchronization on a GPU), sized for the largest step."""
-
-    def __init__(self, ops: Ops, model: object, max_tokens: int, max_rows: int, columns: int) -> None:
-        self.ops = ops
-        self.model = model
-        self._positions = ops.zeros([max_tokens], INT64)
-        self._column_map = ops.zeros([max_rows * columns], INT64)
-        self._last = ops.zeros([max_rows], INT64)
-        self._drafts = ops.zeros([max_rows * columns], INT64)
-
-    def logits_and_verify(self, hidden: Tensor, batch: VerifyBatch) -> tuple[Tensor, Tensor]:
-        """(float32 logits [R, V] at each row's last position, for the sampler;
-        int64 [R, 1 + T]: accept_num, then the target's greedy token at each column)."""
-        ops, t = self.ops, batch.columns
-        r = batch.drafts.shape[0]
-        p = len(batch.positions)
-        ops.copy_from_host_(self._positions, batch.positions)
-        ops.copy_from_host_(self._column_map, batch.column_map)
-        ops.copy_from_host_(self._last, batch.last)
-        ops.copy_from_host_(self._drafts, batch.drafts.reshape(-1))
-        logits = self.model.compute_logits(hidden, self._positions[:p])  # type: ignore[attr-defined]
-        choice = ops.cast(ops.argmax(logits, axis=-1), INT64)
-        target = ops.reshape(ops.index_select(choice, self._column_map[: r * t]), [r, t])
-        drafts = ops.reshape(self._drafts[: r * t], [r, t])
-        match = ops.logical_and(ops.ge(target, drafts), ops.le(target, drafts))  # the ops layer has no equality
-        misses = ops.cumsum(ops.where(match, 0, 1), axis=-1)
-        leading = ops.sum(ops.le(misses, 0), axis=-1, keepdim=True, dtype=INT64)
-        last_logits = ops.index_select(logits, self._last[:r])
-        return last_logits, ops.concat([ops.add(leading, 1), target], axis=1)
-
-
-def split_outputs(ints: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
-    """(accept_num i32 [R], target tokens i32 [R, T]) from the last 1 + T columns of a step's ints."""
-    tail = ints[:, ints.shape[1] - columns - 1:]
-    return tail[:, 0].astype(np.int32), tail[:, 1:].astype(np.int32)
+    `ints` is the step's int64 [step rows, C] output block (sampled id, stop
+    verdict, then with logprobs the rank and k candidate ids, and last a 1
+    where the row drew its draft); `spec_rows` int64 [R, T] maps each
+    scheduled row's column to its step row (-1: none)."""
+    exists = spec_rows >= 0
+    at = np.where(exists, spec_rows, 0)
+    drew_draft = (ints[at, -1] == 1) & exists
+    # a column counts only after unbroken matches; the last column has no draft to match
+    leading = np.cumprod(drew_draft, axis=1).sum(axis=1)
+    tokens = np.where(exists, ints[at, 0], 0).astype(np.int32)
+    first = spec_rows[:, 0]
+    out = Verified(
+        accept_num=(leading + 1).astype(np.int32),
+        tokens=tokens,
+        sampled=tokens[:, 0].copy(),
+        finish=ints[first, 1].astype(np.int32),
+        logprobs=None, top_ids=None, ranks=None,
+    )
+    if k and logprobs is not None:
+        out.logprobs = np.where(exists[:, :, None], logprobs[at, : k + 1], 0.0).astype(np.float32)
+        out.ranks = np.where(exists, ints[at, 2], 0).astype(np.int32)
+        out.top_ids = np.where(exists[:, :, None], ints[at, 3: 3 + k], 0).astype(np.int32)
+    return out
