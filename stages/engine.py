@@ -20,7 +20,7 @@ from .model.loader import load_model
 from .model_runner import ModelRunner, StepHandle
 from .output_processor import OutputProcessor, RequestOutput, StepResult, TokenLogprob
 from .runtime import load_runtime
-from .scheduler import Scheduler
+from .scheduling import Scheduler
 from .sizing import kv_cache_num_blocks
 from .spec import SpecPlanner
 from .spec.config import spec_config_of

@@ -22,7 +22,7 @@ from overlapd.kernels.meta import FLAG_NORMAL, FLAG_SPECULATIVE
 
 from .detokenizer import Decoder, IncrementalDetokenizer
 from .request import Request
-from .scheduler import SampledToken, Scheduler
+from .scheduling import SampledToken, Scheduler
 from .spec import outputs as spec_outputs
 from .step_types import FinishReason, SchedulerOutput, StepOutput
 

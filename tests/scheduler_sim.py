@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from overlapd.stages.scheduler import SampledToken, Scheduler
+from overlapd.stages.scheduling import SampledToken, Scheduler
 from overlapd.stages.step_types import FinishReason, SamplingParams, SchedulerOutput, StepOutput
 
 EMPTY = -2

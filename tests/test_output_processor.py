@@ -7,7 +7,7 @@ import pytest
 from overlapd.kernels.meta import pack_step, unpack_step
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.output_processor import OutputProcessor, RequestOutput
-from overlapd.stages.scheduler import Scheduler
+from overlapd.stages.scheduling import Scheduler
 from overlapd.stages.step_types import FinishReason, SamplingParams, SchedulerOutput, StepOutput
 from scheduler_sim import SimDevice, reference_tokens
 from tiny_bpe import EOS_TOKEN, tiny_bpe

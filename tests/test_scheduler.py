@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.request import RequestStatus
-from overlapd.stages.scheduler import Scheduler
+from overlapd.stages.scheduling import Scheduler
 from overlapd.stages.step_types import FinishReason, SamplingParams, StepOutput
 from scheduler_sim import SimDevice, check_blocks, reference_tokens, run_overlap, run_sync
 

@@ -15,7 +15,7 @@ from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.input_batch import BatchLimits, DeviceInputs, StagingBuffer
 from overlapd.stages.request import Request, device_stop_reason, token_stop_reason, token_stops
 from overlapd.stages.sampler import SEED_INCREMENT, SEED_MODULUS, Sampler, seed_state, uniform_from_state
-from overlapd.stages.scheduler import Scheduler
+from overlapd.stages.scheduling import Scheduler
 from overlapd.stages.step_stager import StepStager
 from overlapd.stages.step_types import (
     STOP_TABLE_WIDTH, FinishReason, SamplingParams, ScheduledRow, SchedulerOutput, TokenStops,

@@ -7,7 +7,7 @@ import math
 import pytest
 from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.request import InvalidRequest, validate_request
-from overlapd.stages.scheduler import Scheduler, SchedulerFull
+from overlapd.stages.scheduling import Scheduler, SchedulerFull
 from overlapd.stages.step_types import SamplingParams
 
 VOCAB = 100

@@ -266,7 +266,7 @@ def test_runner_with_kernels_gives_the_ops_paths_tokens_and_stop_verdicts(torch,
     from engine_test_support import engine_config
     from overlapd.stages.model.loader import load_model
     from overlapd.stages.model_runner import ModelRunner
-    from overlapd.stages.scheduler import Scheduler
+    from overlapd.stages.scheduling import Scheduler
     from overlapd.stages.step_types import STOP_TABLE_WIDTH, FinishReason, SamplingParams
 
     cfg = engine_config(runtime="torch", device="gpu")
