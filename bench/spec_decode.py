@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 from overlapd.stages.engine import LLMEngine
@@ -75,6 +77,32 @@ def step_costs(engine: LLMEngine, repeats: int = 9) -> dict[str, float]:
     return out
 
 
+def step_timer(engine: LLMEngine):
+    """bench/gpu.py's StepTimer on the engine's runner (imported only for --gaps: it needs CUDA)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu import StepTimer
+    return StepTimer(engine.runner)
+
+
+def gap_summary(timers: list) -> dict[str, float]:
+    """Gaps and periods over every timed batch of one side (each timer's own consecutive steps)."""
+    import numpy as np
+    gaps: list[float] = []
+    periods: list[float] = []
+    steps = 0
+    for t in timers:
+        t.summary()  # synchronizes
+        r = t.records
+        steps += sum(x.decode for x in r)
+        for a, b in zip(r, r[1:]):
+            if a.decode and b.decode:
+                gaps.append(a.end.elapsed_time(b.start) * 1e3)
+                periods.append(a.end.elapsed_time(b.end))
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    return {"gap_us_p50": pct(gaps, 50), "gap_us_p99": pct(gaps, 99), "step_period_ms_p50": pct(periods, 50),
+            "decode_steps": steps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -88,6 +116,9 @@ def main() -> None:
     ap.add_argument("--ngram-min", type=int, default=1, help="speculative_ngram_min")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--overlap", action="store_true", help="LLMEngine's overlap loop (default: sync)")
+    ap.add_argument("--gaps", action="store_true",
+                    help="GPU: CUDA events around each step's launch in the first repeat (bench/gpu.py's StepTimer): "
+                         "device idle gap between consecutive decode steps and step period, per side")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--step-costs", action="store_true",
                     help="also time single steps of one row: 1, 2, 4 tokens plain and as verify rows")
@@ -111,10 +142,17 @@ def main() -> None:
     steps = {False: 0, True: 0}
     outputs: dict[bool, list[list[int]]] = {False: [], True: []}
     before = engine.spec.stats.snapshot()
+    timers: dict[bool, list] = {False: [], True: []}
     for rep in range(args.repeats):
         for group in batches:
             for speculative in ((False, True) if rep % 2 == 0 else (True, False)):
-                s, n, outs = run_side(engine, group, args.max_tokens, speculative)
+                timer = step_timer(engine) if args.gaps and rep == 0 else None
+                try:
+                    s, n, outs = run_side(engine, group, args.max_tokens, speculative)
+                finally:
+                    if timer is not None:
+                        engine.runner.launch = timer._launch
+                        timers[speculative].append(timer)
                 seconds[speculative][rep] += s
                 if rep == 0:
                     steps[speculative] += n
@@ -135,6 +173,8 @@ def main() -> None:
         "acceptance_rate": delta["spec_accepted"] / max(delta["spec_proposed"], 1),
         "identical_output": True,
     }
+    if args.gaps:
+        result["gaps"] = {side: gap_summary(timers[spec]) for side, spec in (("plain", False), ("spec", True))}
     if args.step_costs:
         result["step_ms"] = step_costs(engine)
     if args.json:
@@ -147,6 +187,9 @@ def main() -> None:
           f"({result['speedup']:.2f}x; {result['tokens_per_verify_row']:.2f} tokens per verify row, "
           f"acceptance {result['acceptance_rate']:.0%})")
     print("  outputs identical: yes")
+    for side, g in result.get("gaps", {}).items():
+        print(f"  {side}: GPU idle gap between decode steps p50 {g['gap_us_p50']:.1f} us, p99 {g['gap_us_p99']:.1f} us; "
+              f"step period p50 {g['step_period_ms_p50']:.3f} ms over {g['decode_steps']} decode steps")
     for what, ms in result.get("step_ms", {}).items():
         print(f"  one step, {what}: {ms:.1f} ms")
 
