@@ -158,6 +158,9 @@ def test_sampled_and_logprob_rows_speculate_and_give_the_plain_tokens(plain_outp
             assert [x[0] for x in g] == [x[0] for x in w] and [x[2] for x in g] == [x[2] for x in w]
             assert [x[3] for x in g] == [x[3] for x in w]
             assert np.allclose([x[1] for x in g], [x[1] for x in w], atol=1e-4)
+        # a seeded request alone gives what it gave in the crowd
+        alone, _, _ = logprobs_of(engine(overlap=overlap), [params[1]], [prompts[1]])
+        assert alone[0] == got[1]
         # every request but the opted-out one took verify rows that accepted drafts
         accepted = {rid for r in rings for i, rid in enumerate(r.request_id.tolist()) if r.accept_num[i] > 1}
         assert accepted == {1, 2, 3, 4}, accepted
