@@ -55,7 +55,9 @@ class StepStager:
                 assert spec_rows is not None
                 spec_rows[i, : row.num_tokens] = np.arange(at, at + row.num_tokens)
                 qlens[at: at + row.num_tokens] = 1
+                any_prev |= row.from_prev_step
                 at, token = self._stage_verify_row(buf, row, at, token)
+                prev_rows[row.req_id] = at - 1  # a row chained on it starts from its last column
                 self._reseed.add(row.req_id)  # its slot's seed state is behind: scratch slots sampled
                 continue
             if spec_rows is not None:
@@ -80,8 +82,6 @@ class StepStager:
             at += 1
             token += n
         buf.query_start_loc[at] = token
-        # verify rows are left out: a speculating request's next row never takes
-        # its input from the device (stages/spec/planner.py)
         self._prev_rows = prev_rows
         return StagedCounts(token, at, self._num_new, self._num_tables, any_prev, qlens[:at],
                             buf.seq_lens[:at].copy(), spec_rows)
@@ -105,8 +105,12 @@ class StepStager:
         d = row.num_drafts
         for j in range(d + 1):
             scratch = self.lim.max_rows + 1 + at
-            buf.input_ids[token] = row.token_ids[j]
-            buf.prev_rows[token] = -1
+            if j == 0 and row.from_prev_step:  # chained: the previous row's last column, on the device
+                buf.input_ids[token] = 0
+                buf.prev_rows[token] = self._prev_rows[row.req_id]
+            else:
+                buf.input_ids[token] = row.token_ids[j]
+                buf.prev_rows[token] = -1
             self._stage_row(buf, at, token, row.start_pos + j, 1, scratch, True, row.output_index + j,
                             row.token_ids[j + 1] if j < d else -1)
             self._stage_params(buf, scratch, row, row.output_index + j)
@@ -217,14 +221,15 @@ class StepStager:
         if row.num_drafts >= lim.verify_columns:
             raise ValueError(f"request {rid}: {row.num_drafts} drafts, but verify rows hold at most "
                              f"{lim.verify_columns - 1}")
+        given = row.token_ids
         if row.from_prev_step:
-            if row.num_drafts:
-                raise ValueError(f"request {rid}: a verify row's tokens must all be given")
-            if n != 1:
-                raise ValueError(f"request {rid}: from_prev_step rows carry one placeholder token, got {n}")
+            if n - row.num_drafts != 1:
+                raise ValueError(f"request {rid}: from_prev_step rows carry one placeholder token (then drafts), "
+                                 f"got {n - row.num_drafts}")
             if rid not in self._prev_rows or rid in freed or rid not in self.slots:
                 raise ValueError(f"request {rid}: from_prev_step, but it did not sample in the previous step")
-        elif min(row.token_ids) < 0 or max(row.token_ids) >= lim.vocab_size:
+            given = row.token_ids[1:]
+        if given and (min(given) < 0 or max(given) >= lim.vocab_size):
             raise ValueError(f"request {rid}: token_ids must lie in [0, {lim.vocab_size})")
         if slot is not None:
             return

@@ -109,12 +109,16 @@ class Scheduler(StepUpdates):
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted for an earlier decode
-            if req.num_tokens_to_compute != 1 or req.num_outputs >= req.params.max_tokens:
-                continue  # a prefill (pass 2), or its last output is already in flight
             drafts: list[int] = []
-            if self.spec is not None:
-                if self.spec.waits(req):
-                    continue  # its verify step's accept count is not on the host yet
+            chained_index: int | None = None  # a chained row's output index (spec/planner.py)
+            if self.spec is not None and self.spec.waits(req):
+                chain = self.spec.chain(req, step_id, spare, self.max_model_len - req.num_computed_tokens - 1)
+                if chain is None:
+                    continue  # its row in flight must come home first
+                drafts, chained_index = chain
+            elif req.num_tokens_to_compute != 1 or req.num_outputs >= req.params.max_tokens:
+                continue  # a prefill (pass 2), or its last output is already in flight
+            elif self.spec is not None:
                 drafts = self.spec.drafts(req, spare)
             n, did_preempt = self._make_room(req, 1 + len(drafts), scheduled, allow_self=True)
             preempted |= did_preempt
@@ -122,7 +126,7 @@ class Scheduler(StepUpdates):
                 continue  # it preempted itself: it was the latest
             drafts = drafts[: n - 1]  # as many as found KV room
             spare -= len(drafts)
-            rows.append(self._row(req, n, step_id, drafts))
+            rows.append(self._row(req, n, step_id, drafts, chained_index))
             scheduled.add(req.req_id)
             budget -= n
 
@@ -132,7 +136,9 @@ class Scheduler(StepUpdates):
                 break
             if req.req_id in scheduled or req.status is not RequestStatus.RUNNING:
                 continue
-            if req.num_tokens_to_compute <= 1:
+            # an output in flight: the sequence to continue is not known (a void
+            # chained row's placeholder can leave more than one position to compute)
+            if req.num_tokens_to_compute <= 1 or req.num_placeholders:
                 continue
             n, did_preempt = self._make_room(req, min(req.num_tokens_to_compute, budget), scheduled, allow_self=False)
             preempted |= did_preempt
@@ -222,22 +228,29 @@ class Scheduler(StepUpdates):
                 return r
         return None
 
-    def _row(self, req: Request, n: int, step_id: int, drafts: Sequence[int] = ()) -> ScheduledRow:
+    def _row(self, req: Request, n: int, step_id: int, drafts: Sequence[int] = (),
+             chained_index: int | None = None) -> ScheduledRow:
+        """`chained_index`: a row chained on the request's row in flight
+        (spec/planner.py): its first token is that row's last, on the device,
+        and its first output has this index."""
         start = req.num_computed_tokens
         known = n - len(drafts)  # drafts follow the request's known tokens (a verify row)
-        token_ids = req.token_ids_slice(start, start + known)
-        sample = start + known == req.num_tokens
+        if chained_index is not None:
+            token_ids, sample = [-1], True
+        else:
+            token_ids = req.token_ids_slice(start, start + known)
+            sample = start + known == req.num_tokens
         from_prev = token_ids[-1] == -1
         token_ids.extend(drafts)
         if from_prev:
             # Only the newest token can be in flight, and only from the step
             # just before: that is where the runner reads it from.
-            if n != 1 or req.last_sample_step != step_id - 1:
+            if known != 1 or req.last_sample_step != step_id - 1:
                 raise RuntimeError(f"{req}: in-flight input token not from the previous step")
         # For a prefill chunk that does not sample, the index its request's
         # next sample will have: the runner seeds a new row's sampling stream
         # from (seed, output_index), also when it resumes after preemption.
-        output_index = req.num_outputs
+        output_index = req.num_outputs if chained_index is None else chained_index
         req.num_computed_tokens += n
         if start < req.num_prompt_tokens:
             self.prompt_tokens_computed += min(start + n, req.num_prompt_tokens) - start
@@ -246,7 +259,7 @@ class Scheduler(StepUpdates):
         if sample:
             req.num_placeholders += 1
             req.last_sample_step = step_id
-        return ScheduledRow(
+        row = ScheduledRow(
             req_id=req.req_id,
             token_ids=token_ids,
             start_pos=start,
@@ -259,3 +272,6 @@ class Scheduler(StepUpdates):
             stops=req.stops,
             num_drafts=len(drafts),
         )
+        if sample and self.spec is not None and self.spec.speculates(req):
+            self.spec.planned(req, row, step_id)
+        return row

@@ -196,6 +196,8 @@ class SchedulerState:
         self._release_blocks(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        if self.spec is not None:
+            self.spec.forget(req.req_id)
         if req.num_placeholders == 0:
             del self._requests[req.req_id]
 

@@ -62,13 +62,16 @@ class StepUpdates(SchedulerState):
                 if req.num_placeholders == 0:
                     del self._requests[req.req_id]
                 continue
+            if self.spec is not None and self.spec.voided(req, so.step_id):
+                continue  # chained on a row that rejected a draft: never emitted
             if row.output_index != len(req.output_token_ids):
                 raise RuntimeError(f"{req}: output {row.output_index} arrived out of order")
             # A preempted request still takes this output (FastDeploy #6176)
             # and recomputes it with the rest when it runs again.
             if row.num_drafts:
                 assert accept_num is not None and out.spec_tokens is not None and self.spec is not None
-                accepted.extend(self._apply_verified(req, i, row, out.spec_tokens[i, : accept_num[i]].tolist()))
+                accepted.extend(self._apply_verified(req, i, row, so.step_id,
+                                                     out.spec_tokens[i, : accept_num[i]].tolist()))
                 continue
             token = sampled[i]
             req.output_token_ids.append(token)
@@ -101,7 +104,8 @@ class StepUpdates(SchedulerState):
             if req.num_placeholders == 0:
                 del self._requests[req.req_id]
 
-    def _apply_verified(self, req: Request, i: int, row: ScheduledRow, tokens: list[int]) -> list[SampledToken]:
+    def _apply_verified(self, req: Request, i: int, row: ScheduledRow, step_id: int,
+                        tokens: list[int]) -> list[SampledToken]:
         """A verify row's tokens, in order, up to the first that ends the request
         (eos, a stop id, the length limit: nothing past it is emitted)."""
         out: list[SampledToken] = []
@@ -113,7 +117,7 @@ class StepUpdates(SchedulerState):
             if reason is not None:
                 break
         assert self.spec is not None
-        self.spec.verified(req, row, len(tokens), len(out), self.block_manager)
+        self.spec.verified(req, row, step_id, len(tokens), len(out), self.block_manager)
         if out[-1].finish_reason is not None:
             self._finish(req, out[-1].finish_reason)
         return out

@@ -9,18 +9,26 @@ target's next token, and the host trims its view back: the KV positions of rejec
 are forgotten (the next step overwrites them) and blocks that only they used
 go back to the pool.
 
-Overlap rule (this slice): a speculating request is planned only when none of
-its outputs is in flight, so its drafts always follow a sequence the host
-knows. Other rows keep overlapping (their next input comes from the device as
-before); a speculating row sits out the steps launched while its verify step
-is in flight. The step after that verify step is still planned on host facts
-only, so overlap and --no-overlap make the same decisions and emit the same
-tokens. DESIGN.md's device-side rule (the next step's inputs follow the
-device's accept counts, the host plans with worst cases) is the follow-up that
-lets such a row overlap too.
+Overlap: the host plans a speculating request's next row while its previous
+row is still in flight, as if that row accepts every draft (a chain). The
+next row then starts after those drafts, takes its first token (the previous
+row's last column) from the device like any overlapped decode, and carries
+drafts proposed from the known tokens plus the assumed ones. If the previous
+row rejected a draft, the assumption failed: the chained row is void (its
+outputs are dropped when they arrive, its positions and the blocks only it
+used are given back; its KV writes lie past the sequence and are overwritten
+before anything reads them) and the request's next row is planned once the
+host knows its tokens. Whatever drafts a row carries, verification keeps
+exactly the tokens plain decoding would draw (verify.py), so overlap and
+--no-overlap (which never chains: nothing is in flight when it plans) emit
+the same tokens. A chain is one row deep: a request waits while two of its
+rows are in flight, or when its row in flight is not from the step just
+before (the device's copy of its last token is gone).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from overlapd.stages.kv.block_manager import BlockManager
 from overlapd.stages.request import Request, RequestStatus
@@ -31,10 +39,31 @@ from .ngram import propose_ngram
 from .stats import SpecStats
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A speculating request's newest row that samples."""
+
+    step_id: int
+    drafts: list[int]  # what it emits, but its last token, if it accepts every draft
+
+
+@dataclass(slots=True)
+class _Chain:
+    """A row planned on the assumption that the row of `assumed_step` accepts every draft."""
+
+    assumed_step: int
+    full: int  # the tokens that row emits then: drafts + 1
+    step_id: int
+    positions: int  # the chained row's query positions
+
+
 class SpecPlanner:
     def __init__(self, cfg: SpecConfig) -> None:
         self.cfg = cfg
         self.stats = SpecStats()
+        self._in_flight: dict[int, _InFlight] = {}
+        self._chains: dict[int, _Chain] = {}  # by request: chains whose assumption is not settled yet
+        self._void: dict[int, int] = {}  # request -> step id of its chained row whose assumption failed
 
     def speculates(self, req: Request) -> bool:
         """Every request that did not turn speculation off: greedy, sampled
@@ -43,8 +72,51 @@ class SpecPlanner:
 
     def waits(self, req: Request) -> bool:
         """True while a speculating request's last output is in flight: its next
-        row is planned once the host knows that output (the overlap rule above)."""
+        row can only be a chained one (`chain`)."""
         return req.num_placeholders > 0 and self.speculates(req)
+
+    def chain(self, req: Request, step_id: int, room: int, positions_left: int) -> tuple[list[int], int] | None:
+        """(drafts, output index) for a row chained on the request's row in
+        flight (the overlap rule above), or None: it waits. `room` is the step's
+        spare token budget, `positions_left` the context left after the chained
+        row's first position."""
+        last = self._in_flight.get(req.req_id)
+        if (last is None or last.step_id != step_id - 1 or req.num_placeholders != 1
+                or req.req_id in self._chains or req.req_id in self._void or positions_left < 0):
+            return None
+        limit = req.stops.max_outputs if req.stops is not None else req.params.max_tokens
+        outputs = len(req.output_token_ids) + len(last.drafts) + 1  # if the row in flight keeps every draft
+        if outputs >= limit:
+            return None  # it may end the request: no row after it
+        k = min(self.cfg.num_tokens, room, limit - outputs - 1, positions_left)
+        if k < 1:
+            return [], outputs
+        known = req.prompt_token_ids + req.output_token_ids + last.drafts
+        # the first proposal guesses the in-flight row's last token (the device has it); the rest are drafts
+        return propose_ngram(known, k + 1, self.cfg.ngram_max, self.cfg.ngram_min)[1:], outputs
+
+    def planned(self, req: Request, row: ScheduledRow, step_id: int) -> None:
+        """A row of a speculating request that samples was made (chained or not)."""
+        last = self._in_flight.get(req.req_id)
+        if row.from_prev_step and last is not None and last.drafts:  # an assumption that can fail
+            self._chains[req.req_id] = _Chain(last.step_id, len(last.drafts) + 1, step_id, row.num_tokens)
+        self._in_flight[req.req_id] = _InFlight(step_id, row.token_ids[row.num_tokens - row.num_drafts:])
+        if row.from_prev_step:
+            self.stats.chained_rows += 1
+
+    def voided(self, req: Request, step_id: int) -> bool:
+        """True for the output of a chained row whose assumption failed: drop it."""
+        if self._void.get(req.req_id) != step_id:
+            return False
+        del self._void[req.req_id]
+        self.stats.void_rows += 1
+        return True
+
+    def forget(self, req_id: int) -> None:
+        """The request finished: outputs still in flight are dropped anyway."""
+        self._in_flight.pop(req_id, None)
+        self._chains.pop(req_id, None)
+        self._void.pop(req_id, None)
 
     def drafts(self, req: Request, room: int) -> list[int]:
         """Drafts for the request's next verify row, at most `room` (the step's
@@ -58,16 +130,25 @@ class SpecPlanner:
             return []
         return propose_ngram(req.prompt_token_ids + req.output_token_ids, k, self.cfg.ngram_max, self.cfg.ngram_min)
 
-    def verified(self, req: Request, row: ScheduledRow, accept_num: int, emitted: int, bm: BlockManager) -> None:
+    def verified(self, req: Request, row: ScheduledRow, step_id: int, accept_num: int, emitted: int,
+                 bm: BlockManager) -> None:
         """A verify row's outcome reached the host: `accept_num` tokens (accepted
-        drafts + 1) of which `emitted` were kept after stop conditions."""
+        drafts + 1) of which `emitted` were kept after stop conditions. A row
+        chained on it is void unless it accepted every draft."""
         accepted = accept_num - 1
         self.stats.record(row.num_drafts, accepted, emitted)
         rejected = row.num_drafts - accepted
+        chain = self._chains.get(req.req_id)
+        void_positions = 0
+        if chain is not None and chain.assumed_step == step_id:
+            del self._chains[req.req_id]
+            if accept_num < chain.full:
+                self._void[req.req_id] = chain.step_id
+                void_positions = chain.positions
         # A preempted or finished request already gave back its positions and blocks.
-        if rejected <= 0 or req.status is not RequestStatus.RUNNING:
+        if rejected + void_positions <= 0 or req.status is not RequestStatus.RUNNING:
             return
-        req.num_computed_tokens -= rejected
+        req.num_computed_tokens -= rejected + void_positions
         keep = bm.blocks_for_tokens(req.num_computed_tokens)
         if len(req.block_ids) > keep:
             bm.free(req.block_ids[keep:])
