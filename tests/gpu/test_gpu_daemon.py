@@ -300,9 +300,13 @@ def check_run(r: Run, label: str) -> None:
     assert [x["seq"] for x in steps] == list(range(steps[0]["seq"], steps[0]["seq"] + len(steps))), "ring seq gap"
     assert steps[-1]["step_id"] < 0 and all(x["step_id"] > 0 for x in steps[:-1]), f"{label}: no negated last step"
 
-    for phase in (PHASE1, PHASE2):  # the gate worked: a phase's requests were admitted together
+    # The gate worked: a phase's requests ran together (prompts are tokenized on
+    # a thread pool, so admission can spread over a step or two; every request
+    # must still be running when the phase's last one starts).
+    for phase in (PHASE1, PHASE2):
         firsts = {name: r.ring[r.seen[name].request_id].first_seq for name in phase}
-        assert len(set(firsts.values())) == 1, f"{label}: a phase's first tokens came in different steps: {firsts}"
+        ends = {name: firsts[name] + len(r.seen[name].tokens) for name in phase}
+        assert max(firsts.values()) < min(ends.values()), f"{label}: a phase did not run together: {firsts} {ends}"
 
     for name, s in r.seen.items():
         assert len(s.ends) == 1, f"{label} {name}: ended {len(s.ends)} times: {s.ends}"

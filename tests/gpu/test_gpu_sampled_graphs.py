@@ -60,7 +60,7 @@ def test_mixed_batch_replays_one_sampled_graph_and_gives_the_eager_tokens(torch,
     # logprob values within float rounding (a replay attends over the padded context bucket)
     tol = 1e-5 if dtype == "float32" else 2e-2
     assert same_logprobs(ovl_lp, eager_lp, tol) and same_logprobs(sync_lp, eager_lp, tol)
-    assert {k[2:] for k in g._graphs} == {(True, 20)} and g.replays > 20 and gs.replays > 20
+    assert {k[2:] for k in g._graphs} == {(True, 20, False)} and g.replays > 20 and gs.replays > 20
     assert len({tuple(t) for t in ovl}) == 5
 
 
