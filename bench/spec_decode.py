@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--runtime", default="paddle")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="", help="model dtype (default: the engine's default for the device)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ap.add_argument("--batch", type=int, default=1, help="requests run together")
     ap.add_argument("--copies", type=int, default=1, help="each task this many times (for large batches)")
@@ -124,8 +125,9 @@ def main() -> None:
                     help="also time single steps of one row: 1, 2, 4 tokens plain and as verify rows")
     args = ap.parse_args()
 
+    dtype = {"dtype": args.dtype} if args.dtype else {}
     cfg = EngineConfig(model=args.model, load_format=args.load_format, runtime=args.runtime, device=args.device,
-                       speculative="ngram", num_speculative_tokens=args.k, speculative_ngram_min=args.ngram_min,
+                       **dtype, speculative="ngram", num_speculative_tokens=args.k, speculative_ngram_min=args.ngram_min,
                        max_model_len=1024,
                        max_num_seqs=max(8, args.batch))
     engine = LLMEngine(cfg, overlap=args.overlap)
@@ -134,6 +136,10 @@ def main() -> None:
     assert engine.spec is not None
     run_side(engine, prompts[:1], 8, True)  # warm-up: first-call allocations on both paths
     run_side(engine, prompts[:1], 8, False)
+
+    for group in [prompts[i: i + args.batch] for i in range(0, len(prompts), args.batch)]:
+        for speculative in (False, True):  # an untimed round: every CUDA graph the timed ones replay is captured
+            run_side(engine, group, args.max_tokens, speculative)
 
     # Sides alternate batch by batch (plain first in even repeats, speculative
     # first in odd ones): on a shared host both see the same background load.
@@ -161,7 +167,8 @@ def main() -> None:
     if outputs[True] != outputs[False]:
         raise SystemExit("speculative greedy output differs from plain greedy output")
     tokens = sum(map(len, outputs[False]))
-    delta = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted")}
+    delta = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted",
+                                                       "spec_chained_rows", "spec_void_rows")}
     plain_s, spec_s = statistics.median(seconds[False]), statistics.median(seconds[True])
     result = {
         "model": args.model, "runtime": args.runtime, "device": args.device, "k": args.k, "ngram_min": args.ngram_min,
@@ -171,6 +178,8 @@ def main() -> None:
         "plain_step_ms": 1e3 * plain_s / steps[False], "spec_step_ms": 1e3 * spec_s / steps[True],
         "tokens_per_verify_row": delta["spec_emitted"] / max(delta["spec_verify_rows"], 1),
         "acceptance_rate": delta["spec_accepted"] / max(delta["spec_proposed"], 1),
+        "verify_rows": delta["spec_verify_rows"], "chained_rows": delta["spec_chained_rows"],
+        "void_rows": delta["spec_void_rows"],
         "identical_output": True,
     }
     if args.gaps:
@@ -185,7 +194,8 @@ def main() -> None:
     print(f"  plain:       {result['plain_tok_s']:8.1f} tok/s  {steps[False]} steps of {result['plain_step_ms']:.1f} ms")
     print(f"  speculative: {result['spec_tok_s']:8.1f} tok/s  {steps[True]} steps of {result['spec_step_ms']:.1f} ms  "
           f"({result['speedup']:.2f}x; {result['tokens_per_verify_row']:.2f} tokens per verify row, "
-          f"acceptance {result['acceptance_rate']:.0%})")
+          f"acceptance {result['acceptance_rate']:.0%}; {result['verify_rows']} verify rows, "
+          f"{result['chained_rows']} chained, {result['void_rows']} void)")
     print("  outputs identical: yes")
     for side, g in result.get("gaps", {}).items():
         print(f"  {side}: GPU idle gap between decode steps p50 {g['gap_us_p50']:.1f} us, p99 {g['gap_us_p99']:.1f} us; "

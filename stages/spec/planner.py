@@ -22,8 +22,10 @@ host knows its tokens. Whatever drafts a row carries, verification keeps
 exactly the tokens plain decoding would draw (verify.py), so overlap and
 --no-overlap (which never chains: nothing is in flight when it plans) emit
 the same tokens. A chain is one row deep: a request waits while two of its
-rows are in flight, or when its row in flight is not from the step just
-before (the device's copy of its last token is gone).
+rows are in flight, when its row in flight is not from the step just before
+(the device's copy of its last token is gone), and when that row carries
+drafts but the request's last verify row rejected one (a void row costs a
+whole step; waiting costs the host's round trip).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class SpecPlanner:
         self._in_flight: dict[int, _InFlight] = {}
         self._chains: dict[int, _Chain] = {}  # by request: chains whose assumption is not settled yet
         self._void: dict[int, int] = {}  # request -> step id of its chained row whose assumption failed
+        self._missed: set[int] = set()  # requests whose last settled verify row rejected a draft
 
     def speculates(self, req: Request) -> bool:
         """Every request that did not turn speculation off: greedy, sampled
@@ -83,6 +86,10 @@ class SpecPlanner:
         last = self._in_flight.get(req.req_id)
         if (last is None or last.step_id != step_id - 1 or req.num_placeholders != 1
                 or req.req_id in self._chains or req.req_id in self._void or positions_left < 0):
+            return None
+        if last.drafts and req.req_id in self._missed:
+            # its last verify row rejected a draft: a void row would cost a whole
+            # step, waiting costs only the host's round trip
             return None
         limit = req.stops.max_outputs if req.stops is not None else req.params.max_tokens
         outputs = len(req.output_token_ids) + len(last.drafts) + 1  # if the row in flight keeps every draft
@@ -117,6 +124,7 @@ class SpecPlanner:
         self._in_flight.pop(req_id, None)
         self._chains.pop(req_id, None)
         self._void.pop(req_id, None)
+        self._missed.discard(req_id)
 
     def drafts(self, req: Request, room: int) -> list[int]:
         """Drafts for the request's next verify row, at most `room` (the step's
@@ -138,6 +146,10 @@ class SpecPlanner:
         accepted = accept_num - 1
         self.stats.record(row.num_drafts, accepted, emitted)
         rejected = row.num_drafts - accepted
+        if row.num_drafts and accepted < row.num_drafts:
+            self._missed.add(req.req_id)
+        else:
+            self._missed.discard(req.req_id)
         chain = self._chains.get(req.req_id)
         void_positions = 0
         if chain is not None and chain.assumed_step == step_id:
