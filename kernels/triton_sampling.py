@@ -71,6 +71,15 @@ def _race_uniform(state, idx):
 
 
 @triton.jit
+def _row_params(temp_ptr, top_p_ptr, top_k_ptr, r, V):
+    """Row r's temperature (greedy rows' 0 read as 1: the caller keeps their
+    argmax), top-p, and top-k as a count (0, off, read as the whole vocabulary)."""
+    t = tl.load(temp_ptr + r)
+    top_k = tl.load(top_k_ptr + r)
+    return tl.where(t > 0, t, 1.0), tl.load(top_p_ptr + r), tl.where(top_k > 0, tl.minimum(top_k, V), V)
+
+
+@triton.jit
 def _row_softmax(part_m, part_z, r, S, S_P2: tl.constexpr):
     """The row's max of logits / temperature and its normalizer, from the stats partials."""
     s = tl.arange(0, S_P2)
@@ -132,11 +141,7 @@ def _search_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, part_m, part_z, part_m
                    SBLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
-    t = tl.load(temp_ptr + r)
-    t = tl.where(t > 0, t, 1.0)
-    top_p = tl.load(top_p_ptr + r)
-    top_k = tl.load(top_k_ptr + r)
-    top_k = tl.where(top_k > 0, tl.minimum(top_k, V), V)
+    t, top_p, top_k = _row_params(temp_ptr, top_p_ptr, top_k_ptr, r, V)
     m, z = _row_softmax(part_m, part_z, r, S, S_P2)
     inv_z = 1.0 / z
     lo, hi = _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, LO, HI, PASS, S_P2)
@@ -166,11 +171,7 @@ def _race_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_mass, pa
                  BLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
-    t = tl.load(temp_ptr + r)
-    t = tl.where(t > 0, t, 1.0)
-    top_p = tl.load(top_p_ptr + r)
-    top_k = tl.load(top_k_ptr + r)
-    top_k = tl.where(top_k > 0, tl.minimum(top_k, V), V)
+    t, top_p, top_k = _row_params(temp_ptr, top_p_ptr, top_k_ptr, r, V)
     state = tl.load(state_ptr + r)
     w, _ = _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, LO, HI, PASSES, S_P2)
     w = _as_key(w)
