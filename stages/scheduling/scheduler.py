@@ -41,7 +41,7 @@ outputs is updates.py's.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Sequence
 
 from ..engine_config import EngineConfig
 from ..kv.sequence_blocks import cache_full_blocks, cached_prefix
@@ -52,40 +52,9 @@ from .updates import StepUpdates
 
 
 class Scheduler(StepUpdates):
-    def __init__(
-        self,
-        cfg: EngineConfig,
-        *,
-        num_blocks: int,
-        max_model_len: int,
-        vocab_size: int,
-        eos_token_ids: Iterable[int] = (),
-        max_waiting: int = 4096,
-        spec: SpecPlanner | None = None,
-    ) -> None:
-        if cfg.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
-        # Every running request must be able to decode in every step, or a
-        # request with an output in flight could be skipped and its
-        # placeholder would no longer come from the previous step.
-        if cfg.max_num_batched_tokens < cfg.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= max_num_seqs ({cfg.max_num_seqs})"
-            )
-        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_model_len:
-            raise ValueError(
-                f"without chunked prefill max_num_batched_tokens ({cfg.max_num_batched_tokens}) "
-                f"must be >= max_model_len ({max_model_len}), or a long prompt could never run"
-            )
-        super().__init__(
-            cfg,
-            num_blocks=num_blocks,
-            max_model_len=max_model_len,
-            vocab_size=vocab_size,
-            eos_token_ids=eos_token_ids,
-            max_waiting=max_waiting,
-            spec=spec,
-        )
+    def __init__(self, cfg: EngineConfig, **state: Any) -> None:
+        """`state`: SchedulerState's keywords (num_blocks, max_model_len, ...)."""
+        super().__init__(cfg, **state)
         self._to_key: list[Request] = []  # rows of this schedule() that completed a block
 
     def schedule(self) -> SchedulerOutput:

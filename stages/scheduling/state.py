@@ -53,6 +53,20 @@ class SchedulerState:
         max_waiting: int = 4096,
         spec: SpecPlanner | None = None,
     ) -> None:
+        if cfg.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {cfg.max_num_seqs}")
+        # Every running request must be able to decode in every step, or a
+        # request with an output in flight could be skipped and its
+        # placeholder would no longer come from the previous step.
+        if cfg.max_num_batched_tokens < cfg.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= max_num_seqs ({cfg.max_num_seqs})"
+            )
+        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({cfg.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({max_model_len}), or a long prompt could never run"
+            )
         self.cfg = cfg
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
