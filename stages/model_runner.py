@@ -37,8 +37,10 @@ from .model.loader import LoadedModel
 from .model.paged_metadata import build_attention_metadata
 from .runtime.ops import HostFuture, Ops
 from .sampler import Sampler, SamplerOutput
+from .spec import drafter as spec_drafter
 from .spec import verify as spec_verify
 from .spec.config import spec_config_of
+from .spec.draft_model import build_draft_model
 from .step_stager import StepStager
 from .step_types import MAX_LOGPROBS, SchedulerOutput, StepOutput
 
@@ -55,6 +57,7 @@ class PreparedStep:
     num_logprobs: int
     buf: StagingBuffer | None  # None for an empty step
     verify: spec_verify.VerifyBatch | None = None  # the step's draft verification (speculative decoding)
+    draft: spec_drafter.DraftBatch | None = None  # the draft method's work in this step (spec/drafter.py)
 
 
 @dataclass(slots=True)
@@ -100,6 +103,10 @@ class ModelRunner:
         self.verify_columns = spec.columns if spec.enabled else 0
         self.verifier = spec_verify.Verifier(ops, self.model, self.limits.max_tokens, self.limits.max_rows,
                                              spec.columns) if spec.enabled else None
+        # speculative "draft": drafts made on the device before each verify step's forward
+        self.drafter = spec_drafter.Drafter(
+            ops, build_draft_model(cfg, loaded, ops, self.kv_caches, num_blocks), self.limits,
+            spec.num_tokens) if spec.method == "draft" else None
         self._pool = StagingPool(self.limits, staging_depth, ops.host_zeros)
         self._lock = threading.Lock()  # prepare may run beside launch/collect
         self._prepared = 0
@@ -139,7 +146,9 @@ class ModelRunner:
                 raise
             self._prepared += 1
             verify = spec_verify.stage(so, self.verify_columns) if self.verify_columns else None
-            return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf, verify)
+            draft = spec_drafter.stage(so, verify, self._stager.slots) if self.drafter is not None else None
+            return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf, verify,
+                                draft)
 
     def launch(self, prepared: PreparedStep) -> StepHandle:
         if prepared.seq != self._launched + 1:
@@ -163,12 +172,14 @@ class ModelRunner:
         key = self._graph_key(prepared, width)
         if key is None:
             inp.load(buf, n)
+            drafts = self._draft(prepared)
             out = self._body(n.num_tokens, r, n.query_lens, n.seq_lens, prepared.any_random, width, padded=False,
-                             verify=prepared.verify)
+                             verify=prepared.verify, device_drafts=drafts)
         else:
             rows, blocks, sampled, _ = key
             _pad_decode_rows(buf, r, rows, inp.pad_slot)
             inp.load(buf, n)
+            self._draft(prepared)  # a decode step has no verify row: its draft rows only catch up
             # Host facts the capture sees: `rows` one-token rows over `blocks` blocks.
             qlens = np.ones(rows, np.int64)
             seqlens = np.full(rows, blocks * self.block_size, np.int64)
@@ -183,6 +194,13 @@ class ModelRunner:
             self.ops.to_host_async(_head(out.logprobs, r, k + 1)) if out.logprobs is not None and k else None,
         )
 
+    def _draft(self, p: PreparedStep) -> tuple[Any, Any] | None:
+        """The draft method's drafts, on the device, after the step's inputs are loaded."""
+        if p.draft is None:
+            return None
+        assert self.drafter is not None
+        return self.drafter.run(p.draft, self.inputs)
+
     def _graph_key(self, p: PreparedStep, width: int) -> GraphKey | None:
         """The graph of a decode step (every row one token that samples); None: run eagerly."""
         n = p.counts
@@ -194,7 +212,8 @@ class ModelRunner:
         return self.graphs.key(n.num_rows, int(n.seq_lens.max()), self.block_size, p.any_random, width)
 
     def _body(self, num_tokens: int, r: int, query_lens: np.ndarray, seq_lens: np.ndarray, any_random: bool,
-              num_logprobs: int, padded: bool, verify: spec_verify.VerifyBatch | None = None) -> SamplerOutput:
+              num_logprobs: int, padded: bool, verify: spec_verify.VerifyBatch | None = None,
+              device_drafts: tuple[Any, Any] | None = None) -> SamplerOutput:
         """Forward and sampling over the persistent inputs: device work only, no
         host reads and no uploads on the decode path, so a graph can capture it."""
         ops, inp = self.ops, self.inputs
@@ -218,7 +237,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden, ops.sub(inp.query_start_loc[1: r + 1], 1))
         else:  # drafts to verify: logits at more positions than each row's last (stages/spec/verify.py)
             assert self.verifier is not None
-            logits, verified = self.verifier.logits_and_verify(hidden, verify)
+            logits, verified = self.verifier.logits_and_verify(hidden, verify, device_drafts)
         slots, mask = inp.row_slots[:r], inp.sample_mask[:r]
         params = inp.sampling.build(slots, mask, advance=any_random)
         sampled = self.sampler.sample(logits, params, any_random=any_random)

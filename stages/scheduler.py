@@ -258,6 +258,8 @@ class Scheduler:
         preempted = False
         # Drafts only take budget that every running request's decode leaves.
         spare = budget - len(self.running)
+        if self.spec is not None:
+            self.spec.begin_step()
 
         # Pass 1: decodes. A victim is never a row already in this step: it
         # is a request whose last output is in flight, or one later in
@@ -279,6 +281,8 @@ class Scheduler:
             drafts = drafts[: n - 1]  # as many as found KV room
             spare -= len(drafts)
             rows.append(self._row(req, n, step_id, drafts))
+            if self.spec is not None:
+                self.spec.planned(req, rows[-1])  # the draft method's chunk (spec/draft_plan.py)
             scheduled.add(req.req_id)
             budget -= n
 
@@ -511,6 +515,7 @@ class Scheduler:
         req.block_ids = []  # a new list: rows handed out keep their snapshots
         req.num_computed_tokens = 0
         req.num_keyed_blocks = 0
+        req.num_draft_computed = 0  # the draft model's KV lived in those blocks (spec/draft_plan.py)
 
     def _preempt(self, req: Request) -> None:
         self._leave_running(req)

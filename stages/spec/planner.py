@@ -27,14 +27,30 @@ from overlapd.stages.request import Request, RequestStatus
 from overlapd.stages.step_types import ScheduledRow
 
 from .config import SpecConfig
+from .draft_plan import DraftPlanner
 from .ngram import propose_ngram
 from .stats import SpecStats
 
+# The draft method's verify rows carry these in place of drafts: the drafter
+# writes the real ones into the step's inputs on the device (drafter.py).
+DRAFT_PLACEHOLDER = 0
+
 
 class SpecPlanner:
-    def __init__(self, cfg: SpecConfig) -> None:
+    def __init__(self, cfg: SpecConfig, max_num_batched_tokens: int = 0) -> None:
         self.cfg = cfg
         self.stats = SpecStats()
+        # the draft method's chunks and draft KV bookkeeping (draft_plan.py)
+        self.draft = None
+        if cfg.method == "draft":
+            if max_num_batched_tokens < 1:
+                raise ValueError("the draft method needs the step's token budget (max_num_batched_tokens)")
+            self.draft = DraftPlanner(cfg.self_draft, max_num_batched_tokens)
+
+    def begin_step(self) -> None:
+        """A new schedule() starts: per-step budgets start over."""
+        if self.draft is not None:
+            self.draft.begin_step()
 
     def speculates(self, req: Request) -> bool:
         """Greedy requests without logprobs that did not turn speculation off.
@@ -58,13 +74,22 @@ class SpecPlanner:
         k = min(self.cfg.num_tokens, room, limit - req.num_outputs - 1)
         if k < 1:
             return []
+        if self.draft is not None:  # drafted on the device, if the draft's catch-up fits this step
+            return [DRAFT_PLACEHOLDER] * k if self.draft.fits(req) else []
         return propose_ngram(req.prompt_token_ids + req.output_token_ids, k, self.cfg.ngram_max, self.cfg.ngram_min)
+
+    def planned(self, req: Request, row: ScheduledRow) -> None:
+        """A decode row was made for `req` (after drafts() and the KV allocation)."""
+        if self.draft is not None and self.speculates(req):
+            self.draft.plan(req, row)
 
     def verified(self, req: Request, row: ScheduledRow, accept_num: int, emitted: int, bm: BlockManager) -> None:
         """A verify row's outcome reached the host: `accept_num` tokens (accepted
         drafts + 1) of which `emitted` were kept after stop conditions."""
         accepted = accept_num - 1
         self.stats.record(row.num_drafts, accepted, emitted)
+        if self.draft is not None:
+            self.draft.verified(req, row, accepted)
         rejected = row.num_drafts - accepted
         # A preempted or finished request already gave back its positions and blocks.
         if rejected <= 0 or req.status is not RequestStatus.RUNNING:

@@ -78,9 +78,12 @@ class Verifier:
         self._last = ops.zeros([max_rows], INT64)
         self._drafts = ops.zeros([max_rows * columns], INT64)
 
-    def logits_and_verify(self, hidden: Tensor, batch: VerifyBatch) -> tuple[Tensor, Tensor]:
+    def logits_and_verify(self, hidden: Tensor, batch: VerifyBatch,
+                          device_drafts: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(float32 logits [R, V] at each row's last position, for the sampler;
-        int64 [R, 1 + T]: accept_num, then the target's greedy token at each column)."""
+        int64 [R, 1 + T]: accept_num, then the target's greedy token at each column).
+        `device_drafts` (the draft method, drafter.py): (cells of [R * T], ids)
+        drafted on the device this step, in place of the host's placeholders."""
         ops, t = self.ops, batch.columns
         r = batch.drafts.shape[0]
         p = len(batch.positions)
@@ -88,6 +91,8 @@ class Verifier:
         ops.copy_from_host_(self._column_map, batch.column_map)
         ops.copy_from_host_(self._last, batch.last)
         ops.copy_from_host_(self._drafts, batch.drafts.reshape(-1))
+        if device_drafts is not None:
+            ops.scatter_rows_(self._drafts, *device_drafts)
         logits = self.model.compute_logits(hidden, self._positions[:p])  # type: ignore[attr-defined]
         choice = ops.cast(ops.argmax(logits, axis=-1), INT64)
         target = ops.reshape(ops.index_select(choice, self._column_map[: r * t]), [r, t])
