@@ -1,6 +1,6 @@
-"""Speculative decoding (ngram prompt lookup) vs plain decoding, in one run.
+"""Speculative decoding (ngram prompt lookup, or a draft network) vs plain decoding, in one run.
 
-One engine with `speculative = "ngram"` serves both sides: the plain side's
+One engine with `speculative = "ngram"` (or `"draft"`, `--method draft`) serves both sides: the plain side's
 requests turn speculation off per request (`speculative: false`, SPEC 2.2), so
 both run the same weights, the same process and the same pipeline order.
 The workload is one whose greedy output repeats its prompt (a text to copy
@@ -15,6 +15,9 @@ for token, or the benchmark fails.
     python bench/spec_decode.py                         # default model (SmolLM2-135M-Instruct), CPU
     python bench/spec_decode.py --k 4 --batch 4 --repeats 5
     python bench/spec_decode.py --step-costs               # also single steps of one row, by tokens and drafts
+    python bench/spec_decode.py --method draft             # the model's own first layers draft (LayerSkip-style)
+    python bench/spec_decode.py --method draft --draft-layers 10
+    python bench/spec_decode.py --method draft --model tiny --draft-model tiny
     python bench/spec_decode.py --model llama-3.2-1b --load-format dummy --runtime torch --device gpu
 
 The GPU run (for the record; not measured by this CPU benchmark's author):
@@ -58,16 +61,24 @@ def run_side(engine: LLMEngine, prompts: list[str], max_tokens: int,
 def step_costs(engine: LLMEngine, repeats: int = 9) -> dict[str, float]:
     """Median ms of one step of one row after a 200-token prompt, by what the
     row carries: n tokens without drafts (a prefill chunk) or 1 + d with d
-    drafts (a verify row). Rows are built by hand: the runner alone."""
+    drafts (a verify row; with the draft method its drafts are made in the
+    step, so the time includes the draft's passes). Rows are built by hand:
+    the runner alone."""
     runner, sp = engine.runner, SamplingParams(temperature=0.0)
     blocks = list(range(-(-256 // engine.cfg.block_size)))
     rid = 1 << 40  # no request of the engine's: its slot and blocks are this function's
-    runner.execute(SchedulerOutput(1, [ScheduledRow(rid, list(range(100, 300)), 0, False, True, 0, blocks, sp, 0)]))
+    prompt = list(range(100, 300))
+    drafting = engine.cfg.speculative == "draft"
+    # a separate draft model computes its own KV of the prompt in the same step
+    catch_up = (0, prompt) if drafting else None
+    runner.execute(SchedulerOutput(1, [ScheduledRow(rid, prompt, 0, False, True, 0, blocks, sp, 0,
+                                                    draft_chunk=catch_up)]))
     out: dict[str, float] = {}
     for n, d in ((1, 0), (2, 0), (4, 0), (2, 1), (4, 3)):
         times = []
         for _ in range(repeats):
-            row = ScheduledRow(rid, [5] * n, 200, False, True, 1, blocks, sp, 0, num_drafts=d)
+            chunk = (200, [5]) if drafting and d else None  # the draft is caught up: its chunk is the last token
+            row = ScheduledRow(rid, [5] * n, 200, False, True, 1, blocks, sp, 0, num_drafts=d, draft_chunk=chunk)
             t0 = time.perf_counter()
             runner.execute(SchedulerOutput(2, [row]))
             times.append(time.perf_counter() - t0)
@@ -81,6 +92,10 @@ def main() -> None:
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--runtime", default="paddle")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--method", choices=["ngram", "draft"], default="ngram", help="speculative")
+    ap.add_argument("--draft-model", default="", help="--method draft: speculative_draft_model (default: self-draft)")
+    ap.add_argument("--draft-layers", type=int, default=0,
+                    help="--method draft, no --draft-model: the target's first L layers draft (0: a quarter)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ap.add_argument("--batch", type=int, default=1, help="requests run together")
     ap.add_argument("--copies", type=int, default=1, help="each task this many times (for large batches)")
@@ -94,7 +109,8 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = EngineConfig(model=args.model, load_format=args.load_format, runtime=args.runtime, device=args.device,
-                       speculative="ngram", num_speculative_tokens=args.k, speculative_ngram_min=args.ngram_min,
+                       speculative=args.method, num_speculative_tokens=args.k, speculative_ngram_min=args.ngram_min,
+                       speculative_draft_model=args.draft_model, speculative_draft_layers=args.draft_layers,
                        max_model_len=1024,
                        max_num_seqs=max(8, args.batch))
     engine = LLMEngine(cfg, overlap=args.overlap)
@@ -126,7 +142,9 @@ def main() -> None:
     delta = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted")}
     plain_s, spec_s = statistics.median(seconds[False]), statistics.median(seconds[True])
     result = {
-        "model": args.model, "runtime": args.runtime, "device": args.device, "k": args.k, "ngram_min": args.ngram_min,
+        "model": args.model, "runtime": args.runtime, "device": args.device, "method": args.method,
+        "draft": engine.runner.drafter.draft.name if engine.runner.drafter is not None else None,
+        "k": args.k, "ngram_min": args.ngram_min,
         "batch": args.batch, "requests": len(prompts), "tokens": tokens, "overlap": args.overlap,
         "plain_tok_s": tokens / plain_s, "spec_tok_s": tokens / spec_s, "speedup": plain_s / spec_s,
         "plain_steps": steps[False], "spec_steps": steps[True],
@@ -140,7 +158,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.model} ({args.runtime}/{args.device}), k={args.k}, batch {args.batch}, {len(prompts)} requests, "
+    method = args.method + (f" ({result['draft']})" if result["draft"] else "")
+    print(f"{args.model} ({args.runtime}/{args.device}), {method}, k={args.k}, batch {args.batch}, {len(prompts)} requests, "
           f"{tokens} greedy tokens, {'overlap' if args.overlap else 'sync'}, median of {args.repeats}")
     print(f"  plain:       {result['plain_tok_s']:8.1f} tok/s  {steps[False]} steps of {result['plain_step_ms']:.1f} ms")
     print(f"  speculative: {result['spec_tok_s']:8.1f} tok/s  {steps[True]} steps of {result['spec_step_ms']:.1f} ms  "
