@@ -18,6 +18,7 @@ for token, or the benchmark fails.
     python bench/spec_decode.py --method draft             # the model's own first layers draft (LayerSkip-style)
     python bench/spec_decode.py --method draft --draft-layers 10
     python bench/spec_decode.py --method draft --model tiny --draft-model tiny
+    python bench/spec_decode.py --method draft --acceptance-by-layers 7,15,22,26,28,29 --max-tokens 48
     python bench/spec_decode.py --model llama-3.2-1b --load-format dummy --runtime torch --device gpu
 
 The GPU run (for the record; not measured by this CPU benchmark's author):
@@ -86,6 +87,28 @@ def step_costs(engine: LLMEngine, repeats: int = 9) -> dict[str, float]:
     return out
 
 
+def acceptance_by_layers(engine: LLMEngine, prompts: list[str], max_tokens: int,
+                         layers: list[int]) -> dict[int, dict[str, float]]:
+    """The self-draft's acceptance and tokens per verify row over `prompts`
+    (one batch) for each draft depth L: the same engine, its drafter's view
+    of the target swapped between runs."""
+    from overlapd.stages.spec.draft_model import self_draft
+
+    drafter, spec = engine.runner.drafter, engine.spec
+    assert drafter is not None and drafter.draft.shares_target_kv and spec is not None, "needs the self-draft"
+    out: dict[int, dict[str, float]] = {}
+    for n in layers:
+        drafter.draft = self_draft(engine.loaded.model, engine.runner.kv_caches, n)
+        before = spec.stats.snapshot()
+        run_side(engine, prompts, max_tokens, True)
+        after = spec.stats.snapshot()
+        d = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted",
+                                                       "spec_emitted")}
+        out[n] = {"acceptance_rate": d["spec_accepted"] / max(d["spec_proposed"], 1),
+                  "tokens_per_verify_row": d["spec_emitted"] / max(d["spec_verify_rows"], 1)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -96,6 +119,8 @@ def main() -> None:
     ap.add_argument("--draft-model", default="", help="--method draft: speculative_draft_model (default: self-draft)")
     ap.add_argument("--draft-layers", type=int, default=0,
                     help="--method draft, no --draft-model: the target's first L layers draft (0: a quarter)")
+    ap.add_argument("--acceptance-by-layers", default="", metavar="L1,L2,...",
+                    help="--method draft, self-draft: only report acceptance for each draft depth (no timing)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ap.add_argument("--batch", type=int, default=1, help="requests run together")
     ap.add_argument("--copies", type=int, default=1, help="each task this many times (for large batches)")
@@ -117,6 +142,14 @@ def main() -> None:
     chat = engine.loaded.chat_template
     prompts = [chat.render([{"role": "user", "content": t}]) if is_chat else t for is_chat, t in TASKS] * args.copies
     assert engine.spec is not None
+    if args.acceptance_by_layers:
+        sweep = acceptance_by_layers(engine, prompts, args.max_tokens,
+                                     [int(x) for x in args.acceptance_by_layers.split(",")])
+        for n, r in sweep.items():
+            print(f"self-draft L={n}: acceptance {r['acceptance_rate']:.0%}, "
+                  f"{r['tokens_per_verify_row']:.2f} tokens per verify row (k={args.k}, {len(prompts)} requests, "
+                  f"{args.max_tokens} tokens at most)")
+        return
     run_side(engine, prompts[:1], 8, True)  # warm-up: first-call allocations on both paths
     run_side(engine, prompts[:1], 8, False)
 
