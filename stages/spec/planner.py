@@ -41,7 +41,7 @@ class SpecPlanner:
         self.cfg = cfg
         self.stats = SpecStats()
         # the draft method's chunks and draft KV bookkeeping (draft_plan.py)
-        self.draft = None
+        self.draft: DraftPlanner | None = None
         if cfg.method == "draft":
             if max_num_batched_tokens < 1:
                 raise ValueError("the draft method needs the step's token budget (max_num_batched_tokens)")
