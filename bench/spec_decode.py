@@ -1,6 +1,6 @@
-"""Speculative decoding (ngram prompt lookup) vs plain decoding, in one run.
+"""Speculative decoding (ngram prompt lookup, or a draft network) vs plain decoding, in one run.
 
-One engine with `speculative = "ngram"` serves both sides: the plain side's
+One engine with `speculative = "ngram"` (or `"draft"`, `--method draft`) serves both sides: the plain side's
 requests turn speculation off per request (`speculative: false`, SPEC 2.2), so
 both run the same weights, the same process and the same pipeline order.
 The workload is one whose greedy output repeats its prompt (a text to copy
@@ -15,6 +15,10 @@ for token, or the benchmark fails.
     python bench/spec_decode.py                         # default model (SmolLM2-135M-Instruct), CPU
     python bench/spec_decode.py --k 4 --batch 4 --repeats 5
     python bench/spec_decode.py --step-costs               # also single steps of one row, by tokens and drafts
+    python bench/spec_decode.py --method draft             # the model's own first layers draft (LayerSkip-style)
+    python bench/spec_decode.py --method draft --draft-layers 10
+    python bench/spec_decode.py --method draft --model tiny --draft-model tiny
+    python bench/spec_decode.py --method draft --acceptance-by-layers 7,15,22,26,28,29 --max-tokens 48
     python bench/spec_decode.py --model llama-3.2-1b --load-format dummy --runtime torch --device gpu
 
 The GPU run (for the record; not measured by this CPU benchmark's author):
@@ -60,16 +64,24 @@ def run_side(engine: LLMEngine, prompts: list[str], max_tokens: int,
 def step_costs(engine: LLMEngine, repeats: int = 9) -> dict[str, float]:
     """Median ms of one step of one row after a 200-token prompt, by what the
     row carries: n tokens without drafts (a prefill chunk) or 1 + d with d
-    drafts (a verify row). Rows are built by hand: the runner alone."""
+    drafts (a verify row; with the draft method its drafts are made in the
+    step, so the time includes the draft's passes). Rows are built by hand:
+    the runner alone."""
     runner, sp = engine.runner, SamplingParams(temperature=0.0)
     blocks = list(range(-(-256 // engine.cfg.block_size)))
     rid = 1 << 40  # no request of the engine's: its slot and blocks are this function's
-    runner.execute(SchedulerOutput(1, [ScheduledRow(rid, list(range(100, 300)), 0, False, True, 0, blocks, sp, 0)]))
+    prompt = list(range(100, 300))
+    drafting = engine.cfg.speculative == "draft"
+    # a separate draft model computes its own KV of the prompt in the same step
+    catch_up = (0, prompt) if drafting else None
+    runner.execute(SchedulerOutput(1, [ScheduledRow(rid, prompt, 0, False, True, 0, blocks, sp, 0,
+                                                    draft_chunk=catch_up)]))
     out: dict[str, float] = {}
     for n, d in ((1, 0), (2, 0), (4, 0), (2, 1), (4, 3)):
         times = []
         for _ in range(repeats):
-            row = ScheduledRow(rid, [5] * n, 200, False, True, 1, blocks, sp, 0, num_drafts=d)
+            chunk = (200, [5]) if drafting and d else None  # the draft is caught up: its chunk is the last token
+            row = ScheduledRow(rid, [5] * n, 200, False, True, 1, blocks, sp, 0, num_drafts=d, draft_chunk=chunk)
             t0 = time.perf_counter()
             runner.execute(SchedulerOutput(2, [row]))
             times.append(time.perf_counter() - t0)
@@ -103,6 +115,28 @@ def gap_summary(timers: list) -> dict[str, float]:
             "decode_steps": steps}
 
 
+def acceptance_by_layers(engine: LLMEngine, prompts: list[str], max_tokens: int,
+                         layers: list[int]) -> dict[int, dict[str, float]]:
+    """The self-draft's acceptance and tokens per verify row over `prompts`
+    (one batch) for each draft depth L: the same engine, its drafter's view
+    of the target swapped between runs."""
+    from overlapd.stages.spec.draft_model import self_draft
+
+    drafter, spec = engine.runner.drafter, engine.spec
+    assert drafter is not None and drafter.draft.shares_target_kv and spec is not None, "needs the self-draft"
+    out: dict[int, dict[str, float]] = {}
+    for n in layers:
+        drafter.draft = self_draft(engine.loaded.model, engine.runner.kv_caches, n)
+        before = spec.stats.snapshot()
+        run_side(engine, prompts, max_tokens, True)
+        after = spec.stats.snapshot()
+        d = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted",
+                                                       "spec_emitted")}
+        out[n] = {"acceptance_rate": d["spec_accepted"] / max(d["spec_proposed"], 1),
+                  "tokens_per_verify_row": d["spec_emitted"] / max(d["spec_verify_rows"], 1)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -110,6 +144,12 @@ def main() -> None:
     ap.add_argument("--runtime", default="paddle")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="", help="model dtype (default: the engine's default for the device)")
+    ap.add_argument("--method", choices=["ngram", "draft"], default="ngram", help="speculative")
+    ap.add_argument("--draft-model", default="", help="--method draft: speculative_draft_model (default: self-draft)")
+    ap.add_argument("--draft-layers", type=int, default=0,
+                    help="--method draft, no --draft-model: the target's first L layers draft (0: a quarter)")
+    ap.add_argument("--acceptance-by-layers", default="", metavar="L1,L2,...",
+                    help="--method draft, self-draft: only report acceptance for each draft depth (no timing)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ap.add_argument("--batch", type=int, default=1, help="requests run together")
     ap.add_argument("--copies", type=int, default=1, help="each task this many times (for large batches)")
@@ -127,13 +167,23 @@ def main() -> None:
 
     dtype = {"dtype": args.dtype} if args.dtype else {}
     cfg = EngineConfig(model=args.model, load_format=args.load_format, runtime=args.runtime, device=args.device,
-                       **dtype, speculative="ngram", num_speculative_tokens=args.k, speculative_ngram_min=args.ngram_min,
+                       **dtype, speculative=args.method, num_speculative_tokens=args.k,
+                       speculative_ngram_min=args.ngram_min,
+                       speculative_draft_model=args.draft_model, speculative_draft_layers=args.draft_layers,
                        max_model_len=1024,
                        max_num_seqs=max(8, args.batch))
     engine = LLMEngine(cfg, overlap=args.overlap)
     chat = engine.loaded.chat_template
     prompts = [chat.render([{"role": "user", "content": t}]) if is_chat else t for is_chat, t in TASKS] * args.copies
     assert engine.spec is not None
+    if args.acceptance_by_layers:
+        sweep = acceptance_by_layers(engine, prompts, args.max_tokens,
+                                     [int(x) for x in args.acceptance_by_layers.split(",")])
+        for n, r in sweep.items():
+            print(f"self-draft L={n}: acceptance {r['acceptance_rate']:.0%}, "
+                  f"{r['tokens_per_verify_row']:.2f} tokens per verify row (k={args.k}, {len(prompts)} requests, "
+                  f"{args.max_tokens} tokens at most)")
+        return
     run_side(engine, prompts[:1], 8, True)  # warm-up: first-call allocations on both paths
     run_side(engine, prompts[:1], 8, False)
 
@@ -171,7 +221,9 @@ def main() -> None:
                                                        "spec_chained_rows", "spec_void_rows")}
     plain_s, spec_s = statistics.median(seconds[False]), statistics.median(seconds[True])
     result = {
-        "model": args.model, "runtime": args.runtime, "device": args.device, "k": args.k, "ngram_min": args.ngram_min,
+        "model": args.model, "runtime": args.runtime, "device": args.device, "method": args.method,
+        "draft": engine.runner.drafter.draft.name if engine.runner.drafter is not None else None,
+        "k": args.k, "ngram_min": args.ngram_min,
         "batch": args.batch, "requests": len(prompts), "tokens": tokens, "overlap": args.overlap,
         "plain_tok_s": tokens / plain_s, "spec_tok_s": tokens / spec_s, "speedup": plain_s / spec_s,
         "plain_steps": steps[False], "spec_steps": steps[True],
@@ -189,7 +241,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.model} ({args.runtime}/{args.device}), k={args.k}, batch {args.batch}, {len(prompts)} requests, "
+    method = args.method + (f" ({result['draft']})" if result["draft"] else "")
+    print(f"{args.model} ({args.runtime}/{args.device}), {method}, k={args.k}, batch {args.batch}, {len(prompts)} requests, "
           f"{tokens} greedy tokens, {'overlap' if args.overlap else 'sync'}, median of {args.repeats}")
     print(f"  plain:       {result['plain_tok_s']:8.1f} tok/s  {steps[False]} steps of {result['plain_step_ms']:.1f} ms")
     print(f"  speculative: {result['spec_tok_s']:8.1f} tok/s  {steps[True]} steps of {result['spec_step_ms']:.1f} ms  "

@@ -56,7 +56,7 @@ class LLMEngine:
         # a staging buffer for each step in flight, and one being prepared
         self.runner = ModelRunner(self.loaded, self.ops, cfg, self.num_blocks, staging_depth=max_inflight + 1)
         spec = spec_config_of(cfg)
-        self.spec = SpecPlanner(spec) if spec.enabled else None  # speculative decoding; None: off
+        self.spec = SpecPlanner(spec, cfg.max_num_batched_tokens) if spec.enabled else None  # speculative decoding; None: off
         self.scheduler = Scheduler(
             cfg,
             num_blocks=self.num_blocks,

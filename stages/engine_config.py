@@ -33,11 +33,18 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # after their request ends, evicted when space is needed): stages/kv/.
     prefix_cache: bool = True
 
-    # Speculative decoding (stages/spec/): "off" | "ngram" (prompt lookup).
+    # Speculative decoding (stages/spec/): "off" | "ngram" (prompt lookup) |
+    # "draft" (a draft network proposes: speculative_draft_model, or the target's first layers).
     speculative: str = "off"
     num_speculative_tokens: int = 3  # k: drafts per verify step, 1..8
     speculative_ngram_max: int = 3  # ngram looks up the last n tokens, n = max down to min
     speculative_ngram_min: int = 1
+    # "draft": a checkpoint resolved like `model` ("tiny", a packaged name, a
+    # .gguf file, a checkpoint directory) sharing the target's tokenizer; ""
+    # (the default) drafts with the target's own first speculative_draft_layers
+    # layers, final norm and LM head (0 = max(1, layers // 4)).
+    speculative_draft_model: str = ""
+    speculative_draft_layers: int = 0
 
     def __post_init__(self) -> None:
         from .spec.config import spec_config_of

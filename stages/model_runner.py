@@ -37,8 +37,10 @@ from .model.loader import LoadedModel
 from .model.paged_metadata import build_attention_metadata
 from .runtime.ops import INT64, HostFuture, Ops
 from .sampler import Sampler, SamplerOutput
+from .spec import drafter as spec_drafter
 from .spec import verify as spec_verify
 from .spec.config import spec_config_of
+from .spec.draft_model import build_draft_model
 from .step_stager import StepStager
 from .step_types import MAX_LOGPROBS, SchedulerOutput, StepOutput
 
@@ -54,6 +56,7 @@ class PreparedStep:
     any_random: bool
     num_logprobs: int
     buf: StagingBuffer | None  # None for an empty step
+    draft: spec_drafter.DraftBatch | None = None  # the draft method's work in this step (spec/drafter.py)
 
     @property
     def verifies(self) -> bool:
@@ -103,6 +106,10 @@ class ModelRunner:
         # logits are the model dtype's values in float32: sorting them in that dtype is exact
         self.sampler = Sampler(ops, loaded.config.vocab_size, sort_dtype=self.model.dtype)
         self._stager = StepStager(self.limits)
+        # speculative "draft": drafts made on the device before each verify step's forward
+        self.drafter = spec_drafter.Drafter(
+            ops, build_draft_model(cfg, loaded, ops, self.kv_caches, num_blocks), self.limits,
+            spec.num_tokens) if spec.method == "draft" else None
         self._pool = StagingPool(self.limits, staging_depth, ops.host_zeros)
         self._lock = threading.Lock()  # prepare may run beside launch/collect
         self._prepared = 0
@@ -141,7 +148,9 @@ class ModelRunner:
                     self._pool.release(buf)
                 raise
             self._prepared += 1
-            return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf)
+            draft = spec_drafter.stage(so, counts.spec_rows, buf.query_start_loc, self._stager.slots) \
+                if self.drafter is not None and buf is not None else None
+            return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf, draft)
 
     def launch(self, prepared: PreparedStep) -> StepHandle:
         if prepared.seq != self._launched + 1:
@@ -165,12 +174,14 @@ class ModelRunner:
         key = self._graph_key(prepared, width)
         if key is None:
             inp.load(buf, n)
+            self._draft(prepared)
             out = self._body(n.num_tokens, r, n.query_lens, n.seq_lens, prepared.any_random, width, padded=False,
                              verify=prepared.verifies)
         else:
             rows, blocks, sampled, _, verify = key
             _pad_decode_rows(buf, r, rows, inp.pad_slot)
             inp.load(buf, n)
+            self._draft(prepared)
             # Host facts the capture sees: `rows` one-token rows over `blocks` blocks.
             qlens = np.ones(rows, np.int64)
             seqlens = np.full(rows, blocks * self.block_size, np.int64)
@@ -185,6 +196,14 @@ class ModelRunner:
             self.ops.to_host_async(_head(out.ints, r, columns)),
             self.ops.to_host_async(_head(out.logprobs, r, k + 1)) if out.logprobs is not None and k else None,
         )
+
+    def _draft(self, p: PreparedStep) -> None:
+        """The draft method's drafts, made on the device after the step's inputs
+        are loaded: into the verify columns' input ids and the drafts they must match."""
+        if p.draft is None:
+            return
+        assert self.drafter is not None
+        self.drafter.run(p.draft, self.inputs)
 
     def _graph_key(self, p: PreparedStep, width: int) -> GraphKey | None:
         """The graph of a decode step (every row one token that samples); None: run eagerly."""

@@ -53,6 +53,7 @@ class Request:
         "stops",
         "block_keys",
         "num_keyed_blocks",
+        "num_draft_computed",
     )
 
     def __init__(
@@ -82,6 +83,10 @@ class Request:
         # blocks of the table are cached (keyed here, or found in the cache).
         self.block_keys: list[bytes] = []
         self.num_keyed_blocks = 0
+        # Speculative "draft" with a separate draft model: leading positions whose
+        # draft-model KV is valid (stages/spec/draft_plan.py); 0 again when the
+        # request's KV is released.
+        self.num_draft_computed = 0
 
     @property
     def num_prompt_tokens(self) -> int:

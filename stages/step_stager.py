@@ -56,6 +56,8 @@ class StepStager:
                 spec_rows[i, : row.num_tokens] = np.arange(at, at + row.num_tokens)
                 qlens[at: at + row.num_tokens] = 1
                 any_prev |= row.from_prev_step
+                if new or self._table_changed(slot, row.block_ids):  # the draft method reads it by slot
+                    self._stage_table(buf, slot, row.block_ids)
                 at, token = self._stage_verify_row(buf, row, at, token)
                 prev_rows[row.req_id] = at - 1  # a row chained on it starts from its last column
                 self._reseed.add(row.req_id)  # its slot's seed state is behind: scratch slots sampled

@@ -100,6 +100,10 @@ class ScheduledRow:
     # speculative decoding: the last num_drafts of token_ids are drafts this
     # step verifies (stages/spec/); the row may emit up to num_drafts + 1 tokens
     num_drafts: int = 0
+    # speculative "draft" (stages/spec/drafter.py): (start position, known
+    # tokens) the draft network computes in this step before drafting; a verify
+    # row's chunk ends with its last known token, whose draft argmax is d1
+    draft_chunk: tuple[int, list[int]] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -31,7 +31,7 @@ def test_engine_keys_and_flags(tmp_path):
 @pytest.mark.parametrize(
     "text,needle",
     [
-        ('[engine]\nspeculative = "draft"\n', "speculative must be one of off, ngram"),
+        ('[engine]\nspeculative = "eagle"\n', "speculative must be one of off, ngram, draft"),
         ("[engine]\nnum_speculative_tokens = 9\n", "num_speculative_tokens must be between 1 and 8"),
         ("[engine]\nnum_speculative_tokens = 0\n", "num_speculative_tokens must be between 1 and 8"),
         ("[engine]\nspeculative_ngram_min = 4\n", "speculative_ngram_min (4) and speculative_ngram_max (3)"),

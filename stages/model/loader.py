@@ -68,7 +68,12 @@ class LoadedModel:
     chat_template: ChatTemplate
 
 
-def load_model(cfg: EngineConfig, ops: Ops) -> LoadedModel:
+# Called with the config and tokenizer of a model before its weights are read
+# (a draft model's are checked against its target's); raises to refuse it.
+SourceCheck = Callable[[LlamaConfig, TokenizerLike], None]
+
+
+def load_model(cfg: EngineConfig, ops: Ops, check: SourceCheck | None = None) -> LoadedModel:
     if cfg.load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"load_format must be one of {LOAD_FORMATS}, got {cfg.load_format!r}")
     if cfg.dtype not in FLOAT_DTYPES:
@@ -76,6 +81,8 @@ def load_model(cfg: EngineConfig, ops: Ops) -> LoadedModel:
     t0 = time.monotonic()
     source = _resolve(cfg)
     config = source.config
+    if check is not None:
+        check(config, source.tokenizer)
     try:
         max_len = resolve_max_model_len(cfg, config)
     except ValueError as e:

@@ -64,6 +64,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token's string and id, added tokens included (two models share a
+        vocabulary when these are equal)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
 
 class ByteTokenizer:
     """The fallback for checkpoints without tokenizer.json (dummy shapes).

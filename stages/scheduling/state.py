@@ -192,6 +192,7 @@ class SchedulerState:
         req.block_ids = []  # a new list: rows handed out keep their snapshots
         req.num_computed_tokens = 0
         req.num_keyed_blocks = 0
+        req.num_draft_computed = 0  # the draft model's KV lived in those blocks (spec/draft_plan.py)
 
     def _preempt(self, req: Request) -> None:
         self._leave_running(req)

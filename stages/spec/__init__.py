@@ -8,8 +8,10 @@ The rest of the engine calls in through small hooks:
 - the output processor merges a verify row's outputs and packs the step's
   ring rows (`outputs.py`).
 
-This slice: `ngram` (prompt lookup) proposals for greedy rows without
-logprobs; everything else decodes plainly beside them.
+Proposals for greedy rows without logprobs (everything else decodes plainly
+beside them): `ngram` (prompt lookup, on the host: `ngram.py`) or `draft` (a
+draft network run on the device inside the step: `draft_model.py` builds it,
+`draft_plan.py` plans its work on the host, `drafter.py` runs it at launch).
 """
 
 from .config import SPEC_METHODS, SpecConfig

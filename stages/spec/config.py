@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from overlapd.stages.engine_config import EngineConfig
 
-SPEC_METHODS = ("off", "ngram")
+SPEC_METHODS = ("off", "ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 8  # T = k + 1 columns per ring row; verify rows take k + 1 query slots
 
 
@@ -18,6 +18,10 @@ class SpecConfig:
     num_tokens: int  # k: drafts proposed per verify step, 1..MAX_SPECULATIVE_TOKENS
     ngram_max: int  # the proposer looks for the last n tokens, n = ngram_max down to ngram_min
     ngram_min: int
+    # method "draft": a checkpoint resolved like EngineConfig.model; "" = the
+    # self-draft, the target's first `draft_layers` layers (0: a quarter of them)
+    draft_model: str = ""
+    draft_layers: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -28,8 +32,14 @@ class SpecConfig:
         """T: token columns of a verify row (its input token and k drafts)."""
         return self.num_tokens + 1
 
+    @property
+    def self_draft(self) -> bool:
+        """The draft method without a draft checkpoint: the target's first layers draft."""
+        return self.method == "draft" and not self.draft_model
 
-def spec_config(method: str, num_tokens: int, ngram_max: int, ngram_min: int) -> SpecConfig:
+
+def spec_config(method: str, num_tokens: int, ngram_max: int, ngram_min: int, draft_model: str = "",
+                draft_layers: int = 0) -> SpecConfig:
     """A checked SpecConfig; ValueError names the bad key."""
     if method not in SPEC_METHODS:
         raise ValueError(f"speculative must be one of {', '.join(SPEC_METHODS)}, not {method!r}")
@@ -38,10 +48,16 @@ def spec_config(method: str, num_tokens: int, ngram_max: int, ngram_min: int) ->
     if not 1 <= ngram_min <= ngram_max <= 16:
         raise ValueError(f"speculative_ngram_min ({ngram_min}) and speculative_ngram_max ({ngram_max}) "
                          "must satisfy 1 <= min <= max <= 16")
-    return SpecConfig(method, num_tokens, ngram_max, ngram_min)
+    if draft_layers < 0:
+        raise ValueError(f"speculative_draft_layers must be >= 0 (0 = a quarter of the target's layers), "
+                         f"not {draft_layers}")
+    if draft_layers and draft_model:
+        raise ValueError(f"speculative_draft_layers ({draft_layers}) picks the target's own first layers as the "
+                         f"draft; it cannot go with speculative_draft_model ({draft_model!r})")
+    return SpecConfig(method, num_tokens, ngram_max, ngram_min, draft_model, draft_layers)
 
 
 def spec_config_of(cfg: EngineConfig) -> SpecConfig:
     """The engine's speculative settings (checked when the EngineConfig was made)."""
     return spec_config(cfg.speculative, cfg.num_speculative_tokens, cfg.speculative_ngram_max,
-                       cfg.speculative_ngram_min)
+                       cfg.speculative_ngram_min, cfg.speculative_draft_model, cfg.speculative_draft_layers)

@@ -37,8 +37,13 @@ from overlapd.stages.request import Request, RequestStatus
 from overlapd.stages.step_types import ScheduledRow
 
 from .config import SpecConfig
+from .draft_plan import DraftPlanner
 from .ngram import propose_ngram
 from .stats import SpecStats
+
+# The draft method's verify rows carry these in place of drafts: the drafter
+# writes the real ones into the step's inputs on the device (drafter.py).
+DRAFT_PLACEHOLDER = 0
 
 
 @dataclass(slots=True)
@@ -60,13 +65,24 @@ class _Chain:
 
 
 class SpecPlanner:
-    def __init__(self, cfg: SpecConfig) -> None:
+    def __init__(self, cfg: SpecConfig, max_num_batched_tokens: int = 0) -> None:
         self.cfg = cfg
         self.stats = SpecStats()
         self._in_flight: dict[int, _InFlight] = {}
         self._chains: dict[int, _Chain] = {}  # by request: chains whose assumption is not settled yet
         self._void: dict[int, int] = {}  # request -> step id of its chained row whose assumption failed
         self._missed: set[int] = set()  # requests whose last settled verify row rejected a draft
+        # the draft method's chunks and draft KV bookkeeping (draft_plan.py)
+        self.draft: DraftPlanner | None = None
+        if cfg.method == "draft":
+            if max_num_batched_tokens < 1:
+                raise ValueError("the draft method needs the step's token budget (max_num_batched_tokens)")
+            self.draft = DraftPlanner(cfg.self_draft, max_num_batched_tokens)
+
+    def begin_step(self) -> None:
+        """A new schedule() starts: per-step budgets start over."""
+        if self.draft is not None:
+            self.draft.begin_step()
 
     def speculates(self, req: Request) -> bool:
         """Every request that did not turn speculation off: greedy, sampled
@@ -83,6 +99,8 @@ class SpecPlanner:
         flight (the overlap rule above), or None: it waits. `room` is the step's
         spare token budget, `positions_left` the context left after the chained
         row's first position."""
+        if self.draft is not None:
+            return None  # a draft chunk needs every token known: the draft method does not chain
         last = self._in_flight.get(req.req_id)
         if (last is None or last.step_id != step_id - 1 or req.num_placeholders != 1
                 or req.req_id in self._chains or req.req_id in self._void or positions_left < 0):
@@ -103,7 +121,10 @@ class SpecPlanner:
         return propose_ngram(known, k + 1, self.cfg.ngram_max, self.cfg.ngram_min)[1:], outputs
 
     def planned(self, req: Request, row: ScheduledRow, step_id: int) -> None:
-        """A row of a speculating request that samples was made (chained or not)."""
+        """A row of a speculating request that samples was made (chained or not,
+        after drafts() and the KV allocation)."""
+        if self.draft is not None and row.num_tokens - row.num_drafts == 1:  # a decode row: its draft chunk
+            self.draft.plan(req, row)
         last = self._in_flight.get(req.req_id)
         if row.from_prev_step and last is not None and last.drafts:  # an assumption that can fail
             self._chains[req.req_id] = _Chain(last.step_id, len(last.drafts) + 1, step_id, row.num_tokens)
@@ -136,6 +157,8 @@ class SpecPlanner:
         k = min(self.cfg.num_tokens, room, limit - req.num_outputs - 1)
         if k < 1:
             return []
+        if self.draft is not None:  # drafted on the device, if the draft's catch-up fits this step
+            return [DRAFT_PLACEHOLDER] * k if self.draft.fits(req) else []
         return propose_ngram(req.prompt_token_ids + req.output_token_ids, k, self.cfg.ngram_max, self.cfg.ngram_min)
 
     def verified(self, req: Request, row: ScheduledRow, step_id: int, accept_num: int, emitted: int,
@@ -145,6 +168,8 @@ class SpecPlanner:
         chained on it is void unless it accepted every draft."""
         accepted = accept_num - 1
         self.stats.record(row.num_drafts, accepted, emitted)
+        if self.draft is not None:
+            self.draft.verified(req, row, accepted)
         rejected = row.num_drafts - accepted
         if row.num_drafts and accepted < row.num_drafts:
             self._missed.add(req.req_id)
