@@ -39,6 +39,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="speculative decoding: ngram = prompt lookup (greedy requests; default off)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="drafts per verify step, 1-8 (default 3)")
+    g.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="shard the model over N ranks: GPUs 0..N-1 (NCCL), or N processes on the CPU (gloo); "
+                        "--runtime torch only (default 1)")
     g.add_argument("--no-overlap", action="store_true", help="run stages strictly in order (for comparison and debugging)")
     g.add_argument("--overlap-depth", type=_overlap_depth, default=None,
                    help="with overlap, steps in flight (2-4; default 3, or [pipeline] overlap_depth)")
@@ -56,6 +59,7 @@ ENGINE_FLAGS = (
     "num_blocks",
     "speculative",
     "num_speculative_tokens",
+    "tensor_parallel_size",
 )
 
 
