@@ -46,9 +46,7 @@ class WorkerStatus(msgspec.Struct, frozen=True):
 def worker_main(cfg_json: bytes, rank: int, size: int, store_port: int, conn: Connection) -> None:
     """The spawned process's entry point."""
     _exit_with_parent()
-    from overlapd.daemon.logs import configure_logging
-
-    configure_logging(None, "info")
+    _log_to_stderr()
     try:
         runner = _start(cfg_json, rank, size, store_port)
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0, then a nonzero exit
@@ -119,7 +117,18 @@ def _report_failure(conn: Connection, rank: int, during: str, exc: BaseException
         conn.send_bytes(msgspec.msgpack.encode(WorkerStatus(rank, error=f"{during}: {text}")))
     except OSError:
         pass  # rank 0 is gone or has stopped listening
-    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _log_to_stderr() -> None:
+    """JSON lines, as the daemon's, but on stderr: `overlapd generate` keeps stdout
+    for the generated text, and journald reads both."""
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
 
 
 def _exit_with_parent() -> None:
