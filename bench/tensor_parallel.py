@@ -160,7 +160,8 @@ def main() -> None:
     where = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if args.device == "gpu" \
         else f"CPU, {cores} cores, gloo"
     print(f"\n{where}; greedy, {args.tokens} tokens after a {args.prompt_len}-token prompt per row")
-    print(f"{'model':24} {'batch':>5} {'N':>2} {'thr':>3} {'step ms':>8} {'tok/s':>8} {'coll ms/step':>12} {'coll/step':>9}")
+    print(f"{'model':24} {'batch':>5} {'N':>2} {'thr':>3} {'step ms':>8} {'tok/s':>8} {'coll ms/step':>12} "
+          f"{'coll/step':>9}")
     for r in rows:
         print(f"{r['model'][:24]:24} {r['batch']:>5} {r['size']:>2} {r['threads']:>3} {r['step_ms']:>8} "
               f"{r['tok_s']:>8} {r.get('collective_ms', '-'):>12} {r.get('collectives_per_step', '-'):>9}")

@@ -108,7 +108,8 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
 
             http = HttpServer(pipeline, cfg.http, stats=server.stats, listen_sock=inherited.http)
             await http.start()
-    except (SocketSetupError, OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a runtime or rank that cannot start
+    # RuntimeError: a runtime that cannot load, a tensor-parallel rank that cannot start
+    except (SocketSetupError, OSError, ValueError, RuntimeError) as exc:
         log.error("start_failed", error=str(exc))
         print(f"overlapd serve: {exc}", file=sys.stderr)
         if server is not None:

@@ -83,7 +83,7 @@ def check_engine(model: str, prompts: int, max_tokens: int, more: bool) -> dict[
 def _layers(rank: int, size: int, port: int, model_dir: str) -> dict[str, Any] | None:
     from overlapd.stages.model.loader import load_model
     from overlapd.stages.model.paged_metadata import build_attention_metadata
-    from overlapd.stages.parallel.group import init_group, join_store, open_store
+    from overlapd.stages.parallel.group import init_group, join_store
     from overlapd.stages.parallel.sharding import Shard
     from overlapd.stages.runtime import load_runtime
 
@@ -119,7 +119,8 @@ def _layers(rank: int, size: int, port: int, model_dir: str) -> dict[str, Any] |
     return {
         "embed_equal": bool(np.array_equal(ops.to_numpy(embedded), ops.to_numpy(whole.embed_tokens))),
         "logits_shape": list(logits.shape),
-        "logits_err": float(np.abs(ops.to_numpy(logits) - ops.to_numpy(whole.compute_logits(hidden, ops.arange(6)))).max()),
+        "logits_err": float(np.abs(ops.to_numpy(logits)
+                                   - ops.to_numpy(whole.compute_logits(hidden, ops.arange(6)))).max()),
         "forward_err": float(np.abs(forward_sharded - forward(whole)).max()),
         "forward_scale": float(np.abs(forward_sharded).max()),
         "q_heads": [sharded.num_q_heads, config.num_attention_heads],

@@ -176,6 +176,24 @@ def test_a_killed_worker_fails_the_request_and_the_daemon_exits_nonzero(tmp_path
         d.kill()
 
 
+def test_a_model_that_cannot_load_fails_the_start_and_stops_the_workers(tmp_path: Path) -> None:
+    """Every rank refuses the tiny model with a context longer than its 2048 positions."""
+    out = subprocess.run([sys.executable, "-m", "overlapd.daemon", "serve", "--socket", str(tmp_path / "s"),
+                          "--no-ring", "--model", "tiny", "--runtime", "torch", "--tensor-parallel-size", "2",
+                          "--max-model-len", "4096"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "max_model_len 4096 exceeds the model's max_position_embeddings 2048" in out.stderr
+    pids = worker_pids_started(out.stdout)
+    assert len(pids) == 1 and not alive(pids[0])
+
+
+def worker_pids_started(log: str) -> list[int]:
+    for line in log.splitlines():
+        if '"tensor_parallel_starting"' in line:
+            return json.loads(line)["worker_pids"]
+    raise AssertionError(f"no tensor_parallel_starting line in {log[-2000:]}")
+
+
 def test_the_paddle_runtime_refuses_more_than_one_rank(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "overlapd.daemon", "serve", "--socket", str(tmp_path / "s"),
                           "--model", "tiny", "--runtime", "paddle", "--tensor-parallel-size", "2"],

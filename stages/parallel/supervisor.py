@@ -46,6 +46,7 @@ from .wire import encode_step
 from .worker import MAX_STEP_MESSAGE, WorkerStatus, worker_main
 
 STOP_TIMEOUT_S = 10.0  # how long close() waits for a worker to exit before killing it
+DEATH_GRACE_S = 1.0  # how long a failed step waits to learn whether a worker died
 log = structlog.get_logger("overlapd.parallel")
 
 
@@ -58,6 +59,7 @@ class _Worker:
     rank: int
     proc: BaseProcess
     conn: Connection
+    status: WorkerStatus | None = None  # its last message (ready, or why it failed)
 
 
 class TensorParallel:
@@ -71,6 +73,7 @@ class TensorParallel:
         self._device = cfg.device
         self._threads = torch.get_num_threads()
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         self._broken: TensorParallelError | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,7 +159,7 @@ class TensorParallel:
         except BaseException as exc:
             # Some ranks may be inside this step's collectives and others not:
             # no later step could pair them up again.
-            self._fail(TensorParallelError(f"a tensor-parallel step failed on rank 0: {exc!r}"))
+            self._fail(self._cause(exc))
             raise
         self.steps += 1
         return handle
@@ -176,6 +179,16 @@ class TensorParallel:
         if not self._closed:
             self._fail(TensorParallelError(self._death_text(w, self._status(w), "while serving")))
 
+    def _cause(self, exc: BaseException) -> TensorParallelError:
+        """What broke a step here: a worker's death where one died (a collective
+        fails the moment its peer's sockets close, just before the sentinel
+        says why), else the error itself."""
+        ended = wait([w.proc.sentinel for w in self._workers], timeout=DEATH_GRACE_S)
+        for w in self._workers:
+            if w.proc.sentinel in ended:
+                return TensorParallelError(self._death_text(w, self._status(w), "while serving"))
+        return TensorParallelError(f"a tensor-parallel step failed on rank 0: {exc!r}")
+
     def _fail(self, exc: TensorParallelError) -> None:
         """Any thread: the first failure breaks the group and reaches `on_failure`."""
         with self._lock:
@@ -191,16 +204,19 @@ class TensorParallel:
         return self._broken
 
     def _status(self, w: _Worker) -> WorkerStatus | None:
-        """The worker's last word, if it sent one."""
-        try:
-            if w.conn.poll(0):
-                return msgspec.msgpack.decode(w.conn.recv_bytes(1 << 16), type=WorkerStatus)
-        except (OSError, EOFError, msgspec.DecodeError):
-            pass
-        return None
+        """The worker's last word, if it sent one (the loop and the execute thread may both ask)."""
+        with self._read_lock:
+            try:
+                while w.conn.poll(0):
+                    w.status = msgspec.msgpack.decode(w.conn.recv_bytes(1 << 16), type=WorkerStatus)
+            except (OSError, EOFError, msgspec.DecodeError):
+                pass
+            return w.status
 
     def _death_text(self, w: _Worker, status: WorkerStatus | None, when: str) -> str:
-        w.proc.join(0.5)  # its exit code, once the sentinel said it ended
+        deadline = time.monotonic() + 1.0
+        while w.proc.exitcode is None and time.monotonic() < deadline:  # closed fds come just before the exit code
+            w.proc.join(0.05)
         code = w.proc.exitcode
         how = "is still running" if code is None else \
             f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"

@@ -79,7 +79,8 @@ def _start(cfg_json: bytes, rank: int, size: int, store_port: int):  # -> ModelR
     select_device(rank, cfg.device)
     cpu_threads(cfg.device, size)
     ops = load_runtime(cfg.runtime, cfg.device)
-    ops.use_process_group(init_group(join_store(store_port, size), rank, size, cfg.device))  # type: ignore[attr-defined]
+    group = init_group(join_store(store_port, size), rank, size, cfg.device)
+    ops.use_process_group(group)  # type: ignore[attr-defined]
     loaded = load_model(cfg, ops, Shard(rank, size))
     return ModelRunner(loaded, ops, cfg, kv_cache_num_blocks(cfg, loaded.config), staging_depth=WORKER_INFLIGHT + 1)
 
