@@ -70,7 +70,6 @@ class TensorParallel:
 
         self.size = cfg.tensor_parallel_size
         self.shard = Shard(0, self.size)
-        self._device = cfg.device
         self._threads = torch.get_num_threads()
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -99,6 +98,7 @@ class TensorParallel:
             ops.use_process_group(group)  # type: ignore[attr-defined]
         except BaseException:
             self._stop_workers(0.0)
+            torch.set_num_threads(self._threads)
             raise
 
     @property
