@@ -36,7 +36,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-cache", action="store_true",
                    help="compute every prompt in full (default: reuse cached KV blocks of shared prefixes)")
     g.add_argument("--speculative", choices=["off", "ngram", "draft"], default=None,
-                   help="speculative decoding of greedy requests: ngram = prompt lookup, draft = a draft network "
+                   help="speculative decoding: ngram = prompt lookup, draft = a draft network "
                         "(--draft-model, or the model's own first layers); default off")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="drafts per verify step, 1-8 (default 3)")
@@ -46,6 +46,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-layers", dest="speculative_draft_layers", type=int, default=None, metavar="L",
                    help="with --speculative draft and no --draft-model: the model's first L layers draft "
                         "(default: a quarter of them, at least 1)")
+    g.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="shard the model over N ranks: GPUs 0..N-1 (NCCL), or N processes on the CPU (gloo); "
+                        "--runtime torch only (default 1)")
     g.add_argument("--no-overlap", action="store_true", help="run stages strictly in order (for comparison and debugging)")
     g.add_argument("--overlap-depth", type=_overlap_depth, default=None,
                    help="with overlap, steps in flight (2-4; default 3, or [pipeline] overlap_depth)")
@@ -65,6 +68,7 @@ ENGINE_FLAGS = (
     "num_speculative_tokens",
     "speculative_draft_model",
     "speculative_draft_layers",
+    "tensor_parallel_size",
 )
 
 

@@ -13,10 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import signal
 import sys
+import threading
 
 from overlapd.daemon.engine_options import add_engine_arguments
+
+# After a pipeline failure, how long the orderly shutdown may take before the
+# process exits anyway: a thread that never returns (a device wait, a
+# collective whose peer died) must not keep a failed daemon from restarting.
+FAILED_EXIT_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +108,8 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
 
             http = HttpServer(pipeline, cfg.http, stats=server.stats, listen_sock=inherited.http)
             await http.start()
-    except (SocketSetupError, OSError, ValueError) as exc:
+    # RuntimeError: a runtime that cannot load, a tensor-parallel rank that cannot start
+    except (SocketSetupError, OSError, ValueError, RuntimeError) as exc:
         log.error("start_failed", error=str(exc))
         print(f"overlapd serve: {exc}", file=sys.stderr)
         if server is not None:
@@ -126,6 +134,7 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
     if failed.done() and pipeline.failed is not None:
         log.error("pipeline_failed", error=repr(pipeline.failed))
         code = 1
+        _exit_after(FAILED_EXIT_S, code)
     failed.cancel()
     stopping.cancel()
 
@@ -146,3 +155,19 @@ async def _serve(cfg, args: argparse.Namespace) -> int:  # cfg: DaemonConfig
         log.info("speculative_stats", method=cfg.engine.speculative, **pipeline.engine.spec.stats.snapshot())
     log.info("stopped", exit_code=code)
     return code
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    """Ends the process with `code` in `seconds` if it has not ended by then."""
+
+    def exit_now() -> None:
+        import structlog
+
+        structlog.get_logger("overlapd.serve").error("forced_exit", exit_code=code, after_s=seconds)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True
+    timer.start()

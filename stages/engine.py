@@ -19,6 +19,7 @@ from .engine_config import EngineConfig
 from .model.loader import load_model
 from .model_runner import ModelRunner, StepHandle
 from .output_processor import OutputProcessor, RequestOutput, StepResult, TokenLogprob
+from .parallel.supervisor import TensorParallel
 from .runtime import load_runtime
 from .scheduling import Scheduler
 from .sizing import kv_cache_num_blocks
@@ -47,14 +48,22 @@ class LLMEngine:
         self.cfg = cfg
         self.overlap = overlap
         self.ops = load_runtime(cfg.runtime, cfg.device)
-        self.loaded = load_model(cfg, self.ops)
-        self.tokenizer = self.loaded.tokenizer
-        self.vocab_size = self.loaded.config.vocab_size
-        self.max_model_len = self.loaded.max_model_len
-        self.max_num_seqs = cfg.max_num_seqs
-        self.num_blocks = kv_cache_num_blocks(cfg, self.loaded.config)
-        # a staging buffer for each step in flight, and one being prepared
-        self.runner = ModelRunner(self.loaded, self.ops, cfg, self.num_blocks, staging_depth=max_inflight + 1)
+        # tensor parallelism: this process is rank 0 of a group whose workers start now
+        self.parallel = TensorParallel(cfg, self.ops) if cfg.tensor_parallel_size > 1 else None
+        try:
+            self.loaded = load_model(cfg, self.ops, self.parallel.shard if self.parallel is not None else None)
+            self.tokenizer = self.loaded.tokenizer
+            self.vocab_size = self.loaded.config.vocab_size
+            self.max_model_len = self.loaded.max_model_len
+            self.max_num_seqs = cfg.max_num_seqs
+            self.num_blocks = kv_cache_num_blocks(cfg, self.loaded.config)
+            # a staging buffer for each step in flight, and one being prepared
+            self.runner = ModelRunner(self.loaded, self.ops, cfg, self.num_blocks, staging_depth=max_inflight + 1)
+            if self.parallel is not None:
+                self.parallel.attach(self.runner)
+        except BaseException:
+            self.close()
+            raise
         spec = spec_config_of(cfg)
         self.spec = SpecPlanner(spec, cfg.max_num_batched_tokens) if spec.enabled else None  # speculative decoding; None: off
         self.scheduler = Scheduler(
@@ -71,6 +80,12 @@ class LLMEngine:
         self._next_id = itertools.count(1)
         self._idle_schedules = 0
         self.last_result: StepResult | None = None  # the latest step's outputs and ring rows
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (nothing else needs closing).
+        Call it once no step is being launched."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     # ---- requests ----------------------------------------------------------
 

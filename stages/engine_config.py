@@ -46,7 +46,13 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     speculative_draft_model: str = ""
     speculative_draft_layers: int = 0
 
+    # Ranks the model is sharded over (stages/parallel/, docs/tensor_parallel.md):
+    # rank 0 in this process, the others in worker processes; torch runtime only.
+    tensor_parallel_size: int = 1
+
     def __post_init__(self) -> None:
+        from .parallel.config import check_tensor_parallel
         from .spec.config import spec_config_of
 
         spec_config_of(self)  # ValueError naming the bad key
+        check_tensor_parallel(self.tensor_parallel_size, self.runtime, self.speculative)

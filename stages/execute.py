@@ -80,6 +80,6 @@ class Executor:
                 # failed launch must still wake its waiter.
                 self._p.completions.signal()
 
-    def shutdown(self) -> None:
-        self._thread.shutdown(wait=True, cancel_futures=False)
+    def shutdown(self, wait: bool = True) -> None:
+        self._thread.shutdown(wait=wait, cancel_futures=not wait)
         self._spin = None  # joins its thread (after signalling what was queued) before the eventfd closes

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -73,6 +73,13 @@ class StepHandle:
     logprobs: HostFuture | None  # float32 [R, k + 1]
 
 
+class StepLauncher(Protocol):
+    """Rank 0's side of tensor parallelism (stages/parallel/supervisor.py): hands
+    a step to the workers, then runs it here with `run`."""
+
+    def launch(self, prepared: PreparedStep, run: Callable[[PreparedStep], StepHandle]) -> StepHandle: ...
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, ops: Ops, cfg: EngineConfig, num_blocks: int,
                  staging_depth: int = DEFAULT_STAGING_DEPTH, use_kernels: bool | None = None) -> None:
@@ -115,6 +122,7 @@ class ModelRunner:
         self._prepared = 0
         self._launched = 0
         self.graphs: DecodeGraphs | None = None
+        self.parallel: StepLauncher | None = None  # set on rank 0 of a tensor-parallel group
         capture = getattr(ops, "capture_graph", None)
         if ops.device == "gpu" and capture is not None and os.environ.get("OVERLAPD_CUDA_GRAPHS", "1") != "0":
             self.enable_graphs(capture)
@@ -152,6 +160,21 @@ class ModelRunner:
                 if self.drafter is not None and buf is not None else None
             return PreparedStep(self._prepared, so.step_id, req_ids, counts, any_random, num_logprobs, buf, draft)
 
+    def prepare_staged(self, step_id: int, fill: Callable[[StagingBuffer], StagedCounts], any_random: bool,
+                       num_logprobs: int) -> PreparedStep:
+        """A step staged by another process (a tensor-parallel worker's copy of
+        rank 0's step): `fill` writes it into a pooled buffer."""
+        with self._lock:
+            buf = self._pool.acquire()
+            try:
+                counts = fill(buf)
+            except BaseException:
+                self._pool.release(buf)
+                raise
+            self._prepared += 1
+            return PreparedStep(self._prepared, step_id, np.zeros(0, np.uint64), counts, any_random, num_logprobs,
+                                buf)
+
     def launch(self, prepared: PreparedStep) -> StepHandle:
         if prepared.seq != self._launched + 1:
             raise RuntimeError(f"steps must be launched in the order they were prepared: expected "
@@ -160,6 +183,8 @@ class ModelRunner:
         if prepared.buf is None:
             return StepHandle(prepared, None, None)
         try:
+            if self.parallel is not None:  # tensor parallelism: the workers get the step, then every rank runs it
+                return self.parallel.launch(prepared, self._run)
             return self._run(prepared)
         except BaseException:
             self._pool.release(prepared.buf)  # a failed step must not leak its staging buffer

@@ -102,6 +102,8 @@ class Pipeline:
             if self.ring_cfg.group is not None:
                 # Readers in this group may map the ring (mode 0640 by default).
                 os.chown(self.ring_cfg.path, -1, resolve_gid(self.ring_cfg.group))
+        if self.engine.parallel is not None:  # a tensor-parallel worker's death ends the daemon
+            self.engine.parallel.watch(loop, self._parallel_failed)
         for name, coro in (
             ("preprocess", preprocess_loop(self)),
             ("execute", self.executor.run()),
@@ -118,6 +120,18 @@ class Pipeline:
             log.error("stage_failed", stage=task.get_name(), error=repr(task.exception()))
             self.failed = task.exception()
             self.failure.set()
+
+    def _parallel_failed(self, exc: BaseException) -> None:
+        """The tensor-parallel group broke: no step can run any more. Every live
+        request ends with an error frame now, and the daemon stops (nonzero)."""
+        for req_id in list(self._live):
+            live = self._live.pop(req_id)
+            live.sink.on_error("internal", f"the engine stopped: {exc}")
+        self._admission.clear()
+        self._maybe_idle()
+        if self.failed is None:
+            self.failed = exc
+        self.failure.set()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -164,7 +178,10 @@ class Pipeline:
         for task in self._tokenizing.values():
             task.cancel()
         self.tokenize.shutdown()
-        self.executor.shutdown()
+        # After a failure the execute thread may be stuck (in a collective whose
+        # peer died): it must not hold the shutdown up.
+        self.executor.shutdown(wait=self.failed is None)
+        self.engine.close()
         self.completions.close()
         if self.ring is not None:
             last = -(self.engine.scheduler.last_step_id + 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .engine_config import EngineConfig
 from .model.config import LlamaConfig
+from .parallel.sharding import max_kv_heads_per_rank
 
 DEFAULT_MAX_MODEL_LEN_CAP = 4096
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -24,10 +25,12 @@ def resolve_max_model_len(cfg: EngineConfig, config: LlamaConfig) -> int:
 
 
 def kv_block_bytes(cfg: EngineConfig, config: LlamaConfig) -> int:
-    """Bytes of one block across all layers, keys and values."""
+    """Bytes of one block across all layers, keys and values (on the rank that
+    caches the most KV heads, with tensor parallelism: kv_cache_bytes bounds each rank's cache)."""
     if cfg.dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {cfg.dtype!r}")
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    heads = max_kv_heads_per_rank(config, cfg.tensor_parallel_size)
+    per_token = 2 * config.num_hidden_layers * heads * config.head_dim
     return per_token * cfg.block_size * _DTYPE_BYTES[cfg.dtype]
 
 

@@ -4,6 +4,12 @@ One batched forward serves a mixed step: prefill chunks and decodes are
 flattened into one token axis, attention reads every row's keys from the paged
 KV cache (after this step's keys were written), and logits are computed only
 for each row's last token.
+
+With a `ShardPlan` (tensor parallelism, stages/parallel/sharding.py) the
+parameters are one rank's slices and the forward adds the collectives: an
+all-reduce after each row-parallel matmul (o_proj, down_proj) and after the
+vocabulary-parallel embedding lookup, and an all-gather of the vocabulary-
+parallel logits. Without one, nothing here calls a collective.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..parallel.sharding import ShardPlan
 from ..runtime.ops import FLOAT32, AttentionMetadata, Ops, Tensor
 from .config import LlamaConfig
 from .rope import cos_sin_tables
@@ -59,13 +66,18 @@ class _Layer:
 
 
 class LlamaModel:
-    def __init__(self, config: LlamaConfig, ops: Ops, params: dict[str, Tensor], max_positions: int) -> None:
+    def __init__(self, config: LlamaConfig, ops: Ops, params: dict[str, Tensor], max_positions: int,
+                 shard: ShardPlan | None = None) -> None:
         missing = set(param_layout(config)) - set(params)
         if missing:
             raise ValueError(f"model parameters missing: {sorted(missing)}")
         self.config = config
         self.ops = ops
         self.params = params
+        self.shard = shard
+        # the heads this rank computes and caches (all of them without a shard)
+        self.num_q_heads = len(shard.q_heads) if shard is not None else config.num_attention_heads
+        self.num_kv_heads = len(shard.kv_heads) if shard is not None else config.num_key_value_heads
         self.embed_tokens = params["embed_tokens"]
         self.norm = params["norm"]
         self.lm_head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
@@ -81,7 +93,7 @@ class LlamaModel:
     def allocate_kv_caches(self, num_blocks: int, block_size: int) -> list[Any]:
         c = self.config
         return [
-            self.ops.allocate_kv_cache(num_blocks, block_size, c.num_key_value_heads, c.head_dim, self.dtype)
+            self.ops.allocate_kv_cache(num_blocks, block_size, self.num_kv_heads, c.head_dim, self.dtype)
             for _ in range(c.num_hidden_layers)
         ]
 
@@ -91,7 +103,7 @@ class LlamaModel:
         plan = ops.attention_plan(meta, kv_caches[0])  # built once, shared by every layer
         rope = ops.rope_plan(meta.positions, self.rope)
         eps = self.config.rms_norm_eps
-        h = ops.embedding(input_ids, self.embed_tokens)
+        h = self._embed(input_ids)
         residual = None  # the running sum of the residual stream; h is each block's output
         for layer, cache in zip(self.layers, kv_caches):
             x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm, eps)
@@ -104,16 +116,40 @@ class LlamaModel:
         """float32 logits [R, vocab] of the tokens at `logits_indices` (each row's last)."""
         ops = self.ops
         x = ops.rms_norm(ops.index_select(hidden, logits_indices), self.norm, self.config.rms_norm_eps)
-        return ops.cast(ops.linear(x, self.lm_head), FLOAT32)
+        logits = ops.linear(x, self.lm_head)
+        if self.shard is not None:  # every rank gets the whole vocabulary's logits, so all sample alike
+            logits = ops.all_gather(logits, axis=-1)
+            pad = self.shard.gathered_vocab - self.config.vocab_size  # the last ranks' zero rows
+            if pad:
+                logits = ops.split(logits, [self.config.vocab_size, pad])[0]
+        return ops.cast(logits, FLOAT32)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        ops, s = self.ops, self.shard
+        if s is None:
+            return ops.embedding(input_ids, self.embed_tokens)
+        # Each rank looks up the ids in its vocabulary rows and zeroes the rest;
+        # the sum over ranks is the lookup (exactly: one rank adds non-zeros).
+        mine = ops.logical_and(ops.ge(input_ids, s.vocab.start), ops.lt(input_ids, s.vocab.stop))
+        local = ops.where(mine, ops.sub(input_ids, s.vocab.start), 0)
+        h = ops.mul(ops.embedding(local, self.embed_tokens), ops.cast(ops.unsqueeze(mine, 1), self.dtype))
+        ops.all_reduce_(h)
+        return h
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        """A row-parallel matmul's output summed over the ranks (in place)."""
+        if self.shard is not None:
+            self.ops.all_reduce_(partial)
+        return partial
 
     def _attention(self, x: Tensor, layer: _Layer, cache: Any, meta: AttentionMetadata, plan: Any,
                    rope: Any) -> Tensor:
         ops, c = self.ops, self.config
-        hq, hk = c.num_attention_heads, c.num_key_value_heads
+        hq, hk = self.num_q_heads, self.num_kv_heads
         qkv = ops.reshape(ops.linear(x, layer.qkv_proj), [x.shape[0], hq + 2 * hk, c.head_dim])
         q = ops.rope_and_cache_kv(qkv, hq, hk, rope, cache, plan)
-        return ops.linear(ops.paged_attention(q, cache, plan, self.scale), layer.o_proj)
+        return self._reduce(ops.linear(ops.paged_attention(q, cache, plan, self.scale), layer.o_proj))
 
     def _mlp(self, x: Tensor, layer: _Layer) -> Tensor:
         ops = self.ops
-        return ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up_proj)), layer.down_proj)
+        return self._reduce(ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up_proj)), layer.down_proj))

@@ -28,6 +28,7 @@ import numpy as np
 import structlog
 
 from ..engine_config import TINY_MODEL, EngineConfig
+from ..parallel.sharding import Shard, ShardPlan, padding_rows, plan_shard, take
 from ..runtime.ops import FLOAT_DTYPES, Ops, Tensor
 from ..sizing import DEFAULT_MAX_MODEL_LEN_CAP, resolve_max_model_len
 from .chat_template import ChatTemplate, ChatTemplateError
@@ -73,7 +74,11 @@ class LoadedModel:
 SourceCheck = Callable[[LlamaConfig, TokenizerLike], None]
 
 
-def load_model(cfg: EngineConfig, ops: Ops, check: SourceCheck | None = None) -> LoadedModel:
+def load_model(cfg: EngineConfig, ops: Ops, shard: Shard | None = None,
+               check: SourceCheck | None = None) -> LoadedModel:
+    """The model, whole, or with a `shard` only the slice that tensor-parallel
+    rank holds (each rank reads the same checkpoint and keeps its part);
+    `check` may refuse its config and tokenizer before any weight is read."""
     if cfg.load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"load_format must be one of {LOAD_FORMATS}, got {cfg.load_format!r}")
     if cfg.dtype not in FLOAT_DTYPES:
@@ -85,17 +90,19 @@ def load_model(cfg: EngineConfig, ops: Ops, check: SourceCheck | None = None) ->
         check(config, source.tokenizer)
     try:
         max_len = resolve_max_model_len(cfg, config)
+        plan = plan_shard(config, shard) if shard is not None else None
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     if cfg.load_format == "dummy" and ops.device != "cpu" and hasattr(ops, "random_normal"):
-        params = device_random_params(config, ops, cfg.seed, cfg.dtype)
+        params = device_random_params(config, ops, cfg.seed, cfg.dtype, plan)
     else:
         weights = _RandomWeights(config, cfg.seed) if cfg.load_format == "dummy" else source.weights()
-        params = _load_params(config, weights, ops, cfg.dtype)
-    model = LlamaModel(config, ops, params, max_len)
+        params = _load_params(config, weights, ops, cfg.dtype, plan)
+    model = LlamaModel(config, ops, params, max_len, plan)
     log.info("model_loaded", model=cfg.model, path=str(source.path) if source.path else None,
              load_format=cfg.load_format, parameters=config.num_parameters(), dtype=cfg.dtype,
-             seconds=round(time.monotonic() - t0, 1))
+             seconds=round(time.monotonic() - t0, 1),
+             **({"tensor_parallel_rank": shard.rank, "tensor_parallel_size": shard.size} if shard else {}))
     return LoadedModel(cfg.model, source.path, config, model, source.tokenizer, source.eos, max_len, cfg.dtype,
                        source.chat_template)
 
@@ -256,12 +263,15 @@ def _check_shapes(config: LlamaConfig, available: dict[str, tuple[int, ...]]) ->
 
 
 def _load_params(config: LlamaConfig, source: _WeightSource, ops: Ops,
-                 dtype: str) -> dict[str, Tensor]:
-    """Every parameter on the device; a big model logs its progress every quarter."""
+                 dtype: str, plan: ShardPlan | None = None) -> dict[str, Tensor]:
+    """Every parameter (or a rank's slice of each) on the device; a big model
+    logs its progress every quarter."""
     _check_shapes(config, source.shapes())
     params: dict[str, Tensor] = {}
     total, done, reported, t0 = config.num_parameters(), 0, 0, time.monotonic()
-    for name, arrays in _fused_arrays(config, source):
+    if plan is not None:
+        total = max(1, total // plan.size)  # about this rank's share
+    for name, arrays in _fused_arrays(config, source, plan):
         params[name] = ops.from_numpy(arrays, dtype)
         done += arrays.size
         quarter = 4 * done // total
@@ -272,22 +282,43 @@ def _load_params(config: LlamaConfig, source: _WeightSource, ops: Ops,
     return params
 
 
-def device_random_params(config: LlamaConfig, ops: Ops, seed: int, dtype: str) -> dict[str, Tensor]:
+def device_random_params(config: LlamaConfig, ops: Ops, seed: int, dtype: str,
+                         plan: ShardPlan | None = None) -> dict[str, Tensor]:
     """Dummy weights drawn on the runtime's device, one parameter at a time
-    (q/k/v and gate/up concatenated there), cast to `dtype`."""
+    (q/k/v and gate/up concatenated there), cast to `dtype`; with a `plan`,
+    each drawn whole (the same values as unsharded) and sliced."""
     params: dict[str, Tensor] = {}
     for name, sources in param_layout(config).items():
         parts = [device_random_weight(ops, config, hf, shape, seed) for hf, shape in sources]
+        if plan is not None:
+            parts = [_device_slice(ops, plan, config, hf, p) for (hf, _), p in zip(sources, parts)]
         fused = parts[0] if len(parts) == 1 else ops.concat(parts, axis=0)
         params[name] = ops.cast(fused, dtype)
     return params
 
 
-def _fused_arrays(config: LlamaConfig, source: _WeightSource) -> Iterator[tuple[str, np.ndarray]]:
-    """One model parameter at a time (q/k/v and gate/up concatenated), float32."""
+def _device_slice(ops: Ops, plan: ShardPlan, config: LlamaConfig, hf_name: str, x: Tensor) -> Tensor:
+    part = ops.add(take(plan, config, hf_name, x), 0.0)  # a copy, so the whole draw is freed
+    pad = padding_rows(plan, hf_name)
+    return ops.concat([part, ops.zeros([pad, part.shape[1]], "float32")], axis=0) if pad else part
+
+
+def _fused_arrays(config: LlamaConfig, source: _WeightSource,
+                  plan: ShardPlan | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """One model parameter at a time (q/k/v and gate/up concatenated), float32;
+    with a `plan`, the rank's slice of each tensor, taken before the float32 copy."""
     for name, sources in param_layout(config).items():
-        parts = [np.asarray(source.get(hf), dtype=np.float32) for hf, _ in sources]
+        parts = [_host_part(config, plan, source, hf) for hf, _ in sources]
         yield name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _host_part(config: LlamaConfig, plan: ShardPlan | None, source: _WeightSource, hf_name: str) -> np.ndarray:
+    a = source.get(hf_name)
+    if plan is None:
+        return np.asarray(a, dtype=np.float32)
+    part = np.asarray(take(plan, config, hf_name, a), dtype=np.float32)
+    pad = padding_rows(plan, hf_name)
+    return np.concatenate([part, np.zeros((pad, part.shape[1]), np.float32)]) if pad else part
 
 
 def _eos_ids(path: Path | None, config: LlamaConfig) -> tuple[int, ...]:

@@ -192,6 +192,14 @@ class Ops(Protocol):
         row (grouped-query: Hq is a multiple of Hk); returns [T, Hq * D]."""
         ...
 
+    # --- tensor parallelism (stages/parallel/; only a sharded model calls these) ---
+    def all_reduce_(self, x: Tensor) -> None:
+        """x = the sum of every rank's x, in place (x keeps its address)."""
+        ...
+    def all_gather(self, x: Tensor, axis: int = -1) -> Tensor:
+        """Every rank's x (equal shapes) concatenated along `axis`, in rank order."""
+        ...
+
     # --- device ---------------------------------------------------------------
     def synchronize(self) -> None: ...
     def current_stream_handle(self) -> int:

@@ -77,7 +77,7 @@ def load_draft_model(cfg: EngineConfig, target: LoadedModel, ops: Ops, num_block
                 f"draft model {name!r} holds {config.max_position_embeddings} positions, fewer than the "
                 f"target {cfg.model!r} serves (max_model_len {target.max_model_len}); lower max_model_len")
 
-    loaded = load_model(draft_cfg, ops, check)
+    loaded = load_model(draft_cfg, ops, check=check)
     kv = loaded.model.allocate_kv_caches(num_blocks + 1, cfg.block_size)
     return DraftModel(name, loaded.model, kv, shares_target_kv=False)
 
