@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from overlapd.kernels import cuda_handoff
 
@@ -31,6 +30,7 @@ from ..model.tiny import cache_root
 from . import composed
 from .ops import INT64, AttentionMetadata, HostFuture, Tensor
 from .torch_attention import PagedKV, AttentionGroup, AttentionPlan, attend_group, build_plan
+from .torch_collectives import TorchCollectives
 
 _DTYPES = {
     "float32": torch.float32,
@@ -118,7 +118,7 @@ class _TorchGraph:
         self.graph.replay()
 
 
-class TorchOps:
+class TorchOps(TorchCollectives):
     name = "torch"
 
     def __init__(self, device: str = "cpu") -> None:
@@ -407,30 +407,6 @@ class TorchOps:
     _graph_pool = None
     _live_graphs = 0
 
-    # --- tensor parallelism ---------------------------------------------------------
-    _group: "dist.ProcessGroup | None" = None
-
-    def use_process_group(self, group: "dist.ProcessGroup") -> None:
-        """The group a sharded model's collectives run on (stages/parallel/group.py):
-        gloo on the CPU, NCCL on GPUs."""
-        self._group = group
-
-    def all_reduce_(self, x: Tensor) -> None:
-        if self._group is None:
-            raise RuntimeError("all_reduce_ without a process group: a sharded model needs use_process_group")
-        dist.all_reduce(x, group=self._group)
-
-    def all_gather(self, x: Tensor, axis: int = -1) -> Tensor:
-        if self._group is None:
-            raise RuntimeError("all_gather without a process group: a sharded model needs use_process_group")
-        world = dist.get_world_size(self._group)
-        x = x.contiguous()
-        # One collective into one buffer stacked along a new leading axis (NCCL
-        # captures it in a CUDA graph), then the ranks' parts moved to `axis`.
-        out = torch.empty((world, *x.shape), dtype=x.dtype, device=x.device)
-        _all_gather_into(out.view(world * x.shape[0], *x.shape[1:]), x, self._group)
-        return torch.cat(out.unbind(0), dim=axis)
-
     # --- device ---------------------------------------------------------------
     def synchronize(self) -> None:
         if self.device == "gpu":
@@ -438,16 +414,6 @@ class TorchOps:
 
     def current_stream_handle(self) -> int:
         return int(torch.cuda.current_stream().cuda_stream) if self.device == "gpu" else 0
-
-
-def _all_gather_into(out: Tensor, x: Tensor, group: "dist.ProcessGroup") -> None:
-    """out = every rank's x stacked along axis 0. Torch 2.13 renamed
-    all_gather_into_tensor all_gather_single (the old name warns)."""
-    gather = getattr(dist, "all_gather_single", None)
-    if gather is not None:
-        gather(out, x, group=group)
-    else:
-        dist.all_gather_into_tensor(out, x, group=group)
 
 
 def _fused_kernels(cuda: bool) -> ModuleType | None:
