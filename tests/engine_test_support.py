@@ -182,3 +182,22 @@ class Driver:
                 self.apply(self.runner.collect(in_flight[0]), in_flight[1])
             in_flight = launched
         raise AssertionError("requests did not finish")
+
+
+def run_checking_verify_blocks(e, req, block_size: int) -> int:
+    """Steps a speculative LLMEngine to the end, checking after each step that
+    the request's KV and blocks cover its known tokens and nothing more (the
+    rejected drafts' positions and blocks were given back); returns the drafts rejected."""
+    rejected = 0
+    while e.has_work():
+        before = e.spec.stats.snapshot()
+        e.step()
+        after = e.spec.stats.snapshot()
+        if not req.is_finished:
+            # the host's view: KV for prompt + outputs but the newest, and no block beyond it
+            assert req.num_computed_tokens == req.num_tokens - 1
+            assert len(req.block_ids) == -(-req.num_computed_tokens // block_size)
+            assert e.scheduler.num_used_blocks == len(req.block_ids)
+        rejected += (after["spec_proposed"] - before["spec_proposed"]) - (after["spec_accepted"] - before["spec_accepted"])
+    return rejected
+

@@ -20,6 +20,7 @@ import shutil
 
 import numpy as np
 import pytest
+from engine_test_support import run_checking_verify_blocks
 from safetensors.numpy import load_file
 
 from overlapd.kernels.meta import FLAG_SPECULATIVE
@@ -170,17 +171,7 @@ def test_rejected_drafts_give_back_their_blocks():
     e = engine(speculative_draft_layers=1, block_size=4, num_blocks=256, max_model_len=256)
     rid = e.add_request(PROMPTS[1], greedy(max_tokens=40))
     req = e.scheduler.get_request(rid)
-    rejections = 0
-    while e.has_work():
-        before = e.spec.stats.snapshot()
-        e.step()
-        after = e.spec.stats.snapshot()
-        if not req.is_finished:
-            # the host's view: KV for prompt + outputs but the newest, and no block beyond it
-            assert req.num_computed_tokens == req.num_tokens - 1
-            assert len(req.block_ids) == -(-req.num_computed_tokens // 4)
-            assert e.scheduler.num_used_blocks == len(req.block_ids)
-        rejections += (after["spec_proposed"] - before["spec_proposed"]) - (after["spec_accepted"] - before["spec_accepted"])
+    rejections = run_checking_verify_blocks(e, req, 4)
     assert rejections > 0
     assert e.scheduler.block_manager.num_available_blocks == 256
 

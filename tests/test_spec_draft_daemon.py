@@ -8,16 +8,15 @@ stats frame counts every draft accepted, and every KV block is free after.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import re
 
 import pytest
 from daemon_harness import serve_real
+from test_spec_config import parse
 
 from overlapd.daemon.client import Client
 from overlapd.daemon.daemon_config import ConfigError, load_daemon_config
-from overlapd.daemon.serve import add_arguments
 
 K = 3
 PROMPTS = [
@@ -51,12 +50,6 @@ def test_draft_model_through_the_daemon(tmp_path):
     assert stats["spec_verify_rows"] == speculated["spec_verify_rows"]  # speculative: false took none
     assert stats["kv_blocks_used"] == 0
     assert '"draft_model_ready"' in d.log() and '"draft": "tiny"' in d.log()
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(list(argv))
 
 
 def test_engine_keys_and_flags(tmp_path):
