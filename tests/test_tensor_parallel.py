@@ -121,11 +121,12 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def worker_pids(log: str) -> list[int]:
+def worker_pids(log: str, event: str = "tensor_parallel_ready") -> list[int]:
+    """The worker pids the daemon logged with `event`."""
     for line in log.splitlines():
-        if '"tensor_parallel_ready"' in line:
+        if f'"{event}"' in line:
             return json.loads(line)["worker_pids"]
-    raise AssertionError(f"no tensor_parallel_ready line in {log[-2000:]}")
+    raise AssertionError(f"no {event} line in {log[-2000:]}")
 
 
 def alive(pid: int) -> bool:
@@ -183,15 +184,8 @@ def test_a_model_that_cannot_load_fails_the_start_and_stops_the_workers(tmp_path
                           "--max-model-len", "4096"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr[-2000:]
     assert "max_model_len 4096 exceeds the model's max_position_embeddings 2048" in out.stderr
-    pids = worker_pids_started(out.stdout)
+    pids = worker_pids(out.stdout, "tensor_parallel_starting")
     assert len(pids) == 1 and not alive(pids[0])
-
-
-def worker_pids_started(log: str) -> list[int]:
-    for line in log.splitlines():
-        if '"tensor_parallel_starting"' in line:
-            return json.loads(line)["worker_pids"]
-    raise AssertionError(f"no tensor_parallel_starting line in {log[-2000:]}")
 
 
 def test_the_paddle_runtime_refuses_more_than_one_rank(tmp_path: Path) -> None:
