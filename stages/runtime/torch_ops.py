@@ -130,6 +130,9 @@ class TorchOps(TorchCollectives):
         # Weights and inputs never require grad, so no autograd graph is built.
         self._dev = torch.device("cuda" if device == "gpu" else "cpu")
         self._cuda = self._dev.type == "cuda"
+        # torch.cuda.current_stream() checks the driver's device count on every
+        # call (~40 us on an H200 host); the step asks for the stream twice a step
+        self._device_index = torch.cuda.current_device() if self._cuda else -1
         # Landing buffers for step outputs: 8 x 1 MiB covers max_inflight steps'
         # ints and logprobs with room; a larger tensor takes torch's pinned path.
         self._pinned = cuda_handoff.PinnedCopies() if self._cuda and cuda_handoff.native() is not None else None
@@ -413,7 +416,8 @@ class TorchOps(TorchCollectives):
             torch.cuda.synchronize()
 
     def current_stream_handle(self) -> int:
-        return int(torch.cuda.current_stream().cuda_stream) if self.device == "gpu" else 0
+        # the raw current stream (a capture's stream while a graph is captured)
+        return torch._C._cuda_getCurrentRawStream(self._device_index) if self._cuda else 0
 
 
 def _fused_kernels(cuda: bool) -> ModuleType | None:
