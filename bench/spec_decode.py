@@ -89,6 +89,27 @@ def step_costs(engine: LLMEngine, repeats: int = 9) -> dict[str, float]:
     return out
 
 
+def first_divergence(plain: list[list[int]], spec: list[list[int]], differ: list[int]) -> int:
+    """The output index where the first differing request's two outputs part (-1: none differ)."""
+    if not differ:
+        return -1
+    a, b = plain[differ[0]], spec[differ[0]]
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def profile_side(engine: LLMEngine, prompts: list[str], max_tokens: int, speculative: bool) -> dict:
+    """One side's run of `prompts` under torch.profiler: kernels and kernel time per
+    step (bench/gpu.py's summary; CUDA only)."""
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu import device_activities, summarize_activities
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _, steps, _ = run_side(engine, prompts, max_tokens, speculative)
+        torch.cuda.synchronize()
+    return summarize_activities(device_activities(prof, True), steps, float("nan"))
+
+
 def step_timer(engine: LLMEngine):
     """bench/gpu.py's StepTimer on the engine's runner (imported only for --gaps: it needs CUDA)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +182,8 @@ def main() -> None:
                     help="GPU: CUDA events around each step's launch in the first repeat (bench/gpu.py's StepTimer): "
                          "device idle gap between consecutive decode steps and step period, per side")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU: run the first batch once more per side under torch.profiler and print kernels per step")
     ap.add_argument("--step-costs", action="store_true",
                     help="also time single steps of one row: 1, 2, 4 tokens plain and as verify rows")
     args = ap.parse_args()
@@ -214,8 +237,7 @@ def main() -> None:
                     steps[speculative] += n
                     outputs[speculative] += outs
     after = engine.spec.stats.snapshot()
-    if outputs[True] != outputs[False]:
-        raise SystemExit("speculative greedy output differs from plain greedy output")
+    differ = [i for i, (a, b) in enumerate(zip(outputs[False], outputs[True])) if a != b]
     tokens = sum(map(len, outputs[False]))
     delta = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted",
                                                        "spec_chained_rows", "spec_void_rows")}
@@ -232,15 +254,19 @@ def main() -> None:
         "acceptance_rate": delta["spec_accepted"] / max(delta["spec_proposed"], 1),
         "verify_rows": delta["spec_verify_rows"], "chained_rows": delta["spec_chained_rows"],
         "void_rows": delta["spec_void_rows"],
-        "identical_output": True,
+        "identical_output": not differ, "differing_outputs": len(differ),
+        "first_divergence": first_divergence(outputs[False], outputs[True], differ),
     }
     if args.gaps:
         result["gaps"] = {side: gap_summary(timers[spec]) for side, spec in (("plain", False), ("spec", True))}
     if args.step_costs:
         result["step_ms"] = step_costs(engine)
+    if args.profile:
+        result["profile"] = {side: profile_side(engine, batches[0], args.max_tokens, spec)
+                             for side, spec in (("plain", False), ("spec", True))}
     if args.json:
         print(json.dumps(result))
-        return
+        raise SystemExit(1 if differ else 0)
     method = args.method + (f" ({result['draft']})" if result["draft"] else "")
     print(f"{args.model} ({args.runtime}/{args.device}), {method}, k={args.k}, batch {args.batch}, {len(prompts)} requests, "
           f"{tokens} greedy tokens, {'overlap' if args.overlap else 'sync'}, median of {args.repeats}")
@@ -249,12 +275,24 @@ def main() -> None:
           f"({result['speedup']:.2f}x; {result['tokens_per_verify_row']:.2f} tokens per verify row, "
           f"acceptance {result['acceptance_rate']:.0%}; {result['verify_rows']} verify rows, "
           f"{result['chained_rows']} chained, {result['void_rows']} void)")
-    print("  outputs identical: yes")
+    if differ:
+        print(f"  outputs identical: NO, {len(differ)} of {len(prompts)} differ; first divergence at output token "
+              f"{result['first_divergence']} (of request {differ[0]})")
+    else:
+        print("  outputs identical: yes")
     for side, g in result.get("gaps", {}).items():
         print(f"  {side}: GPU idle gap between decode steps p50 {g['gap_us_p50']:.1f} us, p99 {g['gap_us_p99']:.1f} us; "
               f"step period p50 {g['step_period_ms_p50']:.3f} ms over {g['decode_steps']} decode steps")
     for what, ms in result.get("step_ms", {}).items():
         print(f"  one step, {what}: {ms:.1f} ms")
+    for side, p in result.get("profile", {}).items():
+        print(f"  {side} under the profiler: {p['kernels_per_step']:.0f} kernels, {p['kernel_us_per_step']:.0f} us of "
+              f"kernels a step; by class (us a step): "
+              + ", ".join(f"{c} {v:.0f}" for c, v in p["us_per_step_by_class"].items()))
+        for t in p["top"][:8]:
+            print(f"    {t['us_per_step']:7.1f} us/step  {t['calls'] / p['steps']:5.1f} calls/step  {t['name']}")
+    if differ:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
