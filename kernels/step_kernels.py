@@ -35,8 +35,8 @@ def _module(ops: _PtrOps) -> ModuleType | None:
     if ops.device != "gpu":
         return None
     mod = native()
-    # an extension built before the kernels existed has only the handoff
-    return mod if mod is not None and hasattr(mod, "stop_flags") else None
+    # an extension built before these kernels (and their signatures) existed: the ops paths
+    return mod if mod is not None and hasattr(mod, "advance_verified_seeds") else None
 
 
 def available(ops: _PtrOps) -> bool:
@@ -45,19 +45,36 @@ def available(ops: _PtrOps) -> bool:
 
 
 def build_sampling_params(ops: _PtrOps, temperature: Tensor, top_p: Tensor, top_k: Tensor, seed_state: Tensor,
-                          row_slots: Tensor, sample_mask: Tensor, out_temperature: Tensor, out_top_p: Tensor,
-                          out_top_k: Tensor, out_seed_state: Tensor, out_uniform: Tensor, *, advance: bool) -> bool:
-    """out_*[r] = the slot row_slots[r]'s parameter, out_uniform[r] its seed state's
-    uniform; with `advance`, rows with sample_mask > 0 move their slot's seed state
-    on by one (after the gather). temperature, top_p, out_temperature, out_top_p,
-    out_uniform: float32. Row count: row_slots' length."""
+                          row_slots: Tensor, sample_mask: Tensor, column: Tensor, out_temperature: Tensor,
+                          out_top_p: Tensor, out_top_k: Tensor, out_seed_state: Tensor, out_uniform: Tensor, *,
+                          advance: bool) -> bool:
+    """out_*[r] = the slot row_slots[r]'s parameter; out_seed_state[r] its seed state
+    moved column[r] outputs on where column[r] > 0 (a verify row's token column),
+    out_uniform[r] that state's uniform; with `advance`, plain rows (column < 0)
+    with sample_mask > 0 move their slot's seed state on by one (after the gather).
+    temperature, top_p, out_temperature, out_top_p, out_uniform: float32. Row
+    count: row_slots' length."""
     mod = _module(ops)
     if mod is None:
         return False
     p = ops.data_ptr
     mod.build_sampling_params(p(temperature), p(top_p), p(top_k), p(seed_state), p(row_slots), p(sample_mask),
-                              p(out_temperature), p(out_top_p), p(out_top_k), p(out_seed_state), p(out_uniform),
-                              int(row_slots.shape[0]), bool(advance), ops.current_stream_handle())
+                              p(column), p(out_temperature), p(out_top_p), p(out_top_k), p(out_seed_state),
+                              p(out_uniform), int(row_slots.shape[0]), bool(advance), ops.current_stream_handle())
+    return True
+
+
+def advance_verified_seeds(ops: _PtrOps, seed_state: Tensor, row_slots: Tensor, column: Tensor, drew: Tensor) -> bool:
+    """For each verify row (the step row r with column[r] == 0, its later columns
+    r + j with column == j): seed_state[row_slots[r]] moves on by the tokens the
+    row emits, 1 + the leading later columns whose previous column drew its draft
+    (drew == 1)."""
+    mod = _module(ops)
+    if mod is None:
+        return False
+    p = ops.data_ptr
+    mod.advance_verified_seeds(p(seed_state), p(row_slots), p(column), p(drew), int(row_slots.shape[0]),
+                               ops.current_stream_handle())
     return True
 
 
@@ -87,4 +104,4 @@ def stop_flags(ops: _PtrOps, sampled: Tensor, row_slots: Tensor, sample_mask: Te
     return True
 
 
-__all__ = ["available", "build_sampling_params", "stop_flags", "update_input_ids"]
+__all__ = ["advance_verified_seeds", "available", "build_sampling_params", "stop_flags", "update_input_ids"]

@@ -35,7 +35,7 @@ class BatchLimits:
     max_model_len: int
     vocab_size: int
     # T = k + 1 with speculative decoding, else 1: a verify row runs as up to T
-    # one-token step rows (stages/spec/verify.py), each on a scratch slot of its own
+    # one-token step rows (stages/spec/verify.py) on its request's slot
     verify_columns: int = 1
 
     @property
@@ -44,19 +44,14 @@ class BatchLimits:
         return self.max_rows * self.verify_columns
 
     @property
-    def scratch_slots(self) -> int:
-        """Per-step slots for verify rows' tokens: one for each, past the pad slot."""
-        return self.step_rows if self.verify_columns > 1 else 0
-
-    @property
     def num_slots(self) -> int:
-        """Per-slot device state: the requests' slots, the pad slot, the scratch slots."""
-        return self.max_rows + 1 + self.scratch_slots
+        """Per-slot device state: the requests' slots and the pad slot."""
+        return self.max_rows + 1
 
     @property
     def slot_updates(self) -> int:
-        """Slot parameter or table updates one step may stage: every request and scratch slot."""
-        return self.max_rows + self.scratch_slots
+        """Slot parameter or table updates one step may stage: one per request."""
+        return self.max_rows
 
 
 def step_layout(lim: BatchLimits) -> list[tuple[str, int, int]]:
@@ -64,7 +59,8 @@ def step_layout(lim: BatchLimits) -> list[tuple[str, int, int]]:
     so a step's inputs reach the device in a single copy."""
     t, r = lim.max_tokens, lim.step_rows
     sizes = [("query_start_loc", r + 1), ("start_pos", r), ("seq_lens", r), ("row_slots", r),
-             ("sample_mask", r), ("out_index", r), ("draft_ids", r), ("input_ids", t), ("prev_rows", t)]
+             ("sample_mask", r), ("out_index", r), ("draft_ids", r), ("column", r), ("input_ids", t),
+             ("prev_rows", t)]
     layout, at = [], 0
     for name, n in sizes:
         layout.append((name, at, n))
@@ -95,10 +91,12 @@ class StagingBuffer:
         # decode's input token, -1: token given here), query_start_loc, start_pos,
         # seq_lens, row_slots, sample_mask (1: the row's last token is sampled),
         # out_index (the output index of the token a row samples), draft_ids (the
-        # draft a verify row's token must equal to be accepted, -1: none)
+        # draft a verify row's token must equal to be accepted, -1: none), column
+        # (a verify row's token column j, which samples with its slot's seed state
+        # moved j outputs on; -1: a plain row)
         for name, at, n in layout:
             setattr(self, name, self.step[at: at + n])
-        # slots whose parameters are (re)written this step: requests entering one, verify rows' scratch slots
+        # slots whose parameters are (re)written this step: requests entering one, or reseeded
         self.new_slots = zeros([r], INT64)
         self.new_temperature = zeros([r], FLOAT32)
         self.new_top_p = zeros([r], FLOAT32)
@@ -175,8 +173,7 @@ class DeviceInputs:
         for name, at, n in layout:  # views into `step` (first-axis slices keep its memory)
             setattr(self, name, self.step[at: at + n])
         # Per-slot state has one slot more than requests get: padding rows of a
-        # captured decode step point there (`pad_slot`), never at a request's;
-        # with speculative decoding, scratch slots follow it (BatchLimits).
+        # captured decode step point there (`pad_slot`), never at a request's.
         self.pad_slot = r
         self.block_tables = ops.zeros([slots, b], INT64)  # by slot
         self.sampling = PersistentSamplingParams(ops, slots, self.use_kernels)  # by slot
@@ -196,7 +193,7 @@ class DeviceInputs:
         return {
             "step": self.step, "input_ids": self.input_ids, "prev_rows": self.prev_rows, "query_start_loc": self.query_start_loc,
             "start_pos": self.start_pos, "seq_lens": self.seq_lens, "row_slots": self.row_slots,
-            "sample_mask": self.sample_mask, "out_index": self.out_index, "draft_ids": self.draft_ids,
+            "sample_mask": self.sample_mask, "out_index": self.out_index, "draft_ids": self.draft_ids, "column": self.column,
             "block_tables": self.block_tables,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed_state": s.seed_state,
             "stop_ids": st.stop_ids, "num_eos": st.num_eos, "max_outputs": st.max_outputs,

@@ -261,15 +261,17 @@ class ModelRunner:
             meta.slot_mapping = ops.where(ops.gt(inp.sample_mask[:r], 0), meta.slot_mapping, self._spare_slot)
         hidden = self.model.forward(inp.input_ids[:num_tokens], meta, self.kv_caches)
         logits = self.model.compute_logits(hidden, ops.sub(inp.query_start_loc[1: r + 1], 1))
-        slots, mask = inp.row_slots[:r], inp.sample_mask[:r]
-        params = inp.sampling.build(slots, mask, advance=any_random)
+        slots, mask, column = inp.row_slots[:r], inp.sample_mask[:r], inp.column[:r]
+        params = inp.sampling.build(slots, mask, column, advance=any_random)
         sampled = self.sampler.sample(logits, params, any_random=any_random)
         finish = inp.stops.finish_codes(sampled, slots, mask, inp.out_index[:r])
         out = self.sampler.pack(logits, sampled, finish, num_logprobs)
         if verify:  # did each verify column draw its draft? (stages/spec/verify.py; the ops layer has no ==)
             drafts = inp.draft_ids[:r]
-            drew = ops.where(ops.logical_and(ops.ge(sampled, drafts), ops.le(sampled, drafts)), 1, 0)
-            out.ints = ops.concat([out.ints, ops.reshape(ops.cast(drew, INT64), [r, 1])], axis=1)
+            drew = ops.cast(ops.where(ops.logical_and(ops.ge(sampled, drafts), ops.le(sampled, drafts)), 1, 0), INT64)
+            if any_random:  # seed states move on by the tokens each verify row emits
+                inp.sampling.advance_verified_(slots, column, drew, self.limits.verify_columns)
+            out.ints = ops.concat([out.ints, ops.reshape(drew, [r, 1])], axis=1)
         ops.copy_(inp.prev_sampled, sampled)  # the next launch's decode inputs
         return out
 
@@ -330,6 +332,7 @@ def _pad_decode_rows(buf: StagingBuffer, r: int, rows: int, pad_slot: int) -> No
     buf.row_slots[r:rows] = pad_slot
     buf.sample_mask[r:rows] = 0
     buf.out_index[r:rows] = 0
+    buf.column[r:rows] = -1
 
 
 def _head(x: Any, rows: int, cols: int) -> Any:

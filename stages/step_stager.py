@@ -30,9 +30,6 @@ class StepStager:
         # is the per-row, per-step check, and list equality is the cheap one
         self._table_lists: list[list[int]] = [[] for _ in range(lim.max_rows)]
         self._prev_rows: dict[int, int] = {}  # req_id -> its row in the last staged step (rows that sampled)
-        # requests whose slot's seed state must be rewritten at their next plain
-        # row: their verify rows sampled on scratch slots
-        self._reseed: set[int] = set()
         self._num_new = self._num_tables = 0  # slot updates staged so far in this step
 
     def stage(self, so: SchedulerOutput, buf: StagingBuffer) -> StagedCounts:
@@ -49,18 +46,17 @@ class StepStager:
         prev_rows: dict[int, int] = {}
         for i, row in enumerate(so.rows):
             slot, new = self._slot_for(row.req_id)
-            if new:
+            if new or row.reseed:
                 self._stage_params(buf, slot, row, row.output_index)
+            if new or self._table_changed(slot, row.block_ids):
+                self._stage_table(buf, slot, row.block_ids)
             if row.num_drafts:
                 assert spec_rows is not None
                 spec_rows[i, : row.num_tokens] = np.arange(at, at + row.num_tokens)
                 qlens[at: at + row.num_tokens] = 1
                 any_prev |= row.from_prev_step
-                if new or self._table_changed(slot, row.block_ids):  # the draft method reads it by slot
-                    self._stage_table(buf, slot, row.block_ids)
-                at, token = self._stage_verify_row(buf, row, at, token)
+                at, token = self._stage_verify_row(buf, row, slot, at, token)
                 prev_rows[row.req_id] = at - 1  # a row chained on it starts from its last column
-                self._reseed.add(row.req_id)  # its slot's seed state is behind: scratch slots sampled
                 continue
             if spec_rows is not None:
                 spec_rows[i, 0] = at
@@ -72,15 +68,10 @@ class StepStager:
             else:
                 buf.input_ids[token: token + n] = row.token_ids
                 buf.prev_rows[token: token + n] = -1
-            self._stage_row(buf, at, token, row.start_pos, n, slot, row.sample, row.output_index, -1)
+            self._stage_row(buf, at, token, row.start_pos, n, slot, row.sample, row.output_index, -1, -1)
             qlens[at] = n
             if row.sample:
                 prev_rows[row.req_id] = at
-            if not new and row.req_id in self._reseed:
-                self._stage_params(buf, slot, row, row.output_index)
-            if new or self._table_changed(slot, row.block_ids):
-                self._stage_table(buf, slot, row.block_ids)
-            self._reseed.discard(row.req_id)
             at += 1
             token += n
         buf.query_start_loc[at] = token
@@ -89,7 +80,7 @@ class StepStager:
                             buf.seq_lens[:at].copy(), spec_rows)
 
     def _stage_row(self, buf: StagingBuffer, at: int, token: int, start: int, n: int, slot: int, sample: bool,
-                   output_index: int, draft: int) -> None:
+                   output_index: int, draft: int, column: int) -> None:
         buf.query_start_loc[at] = token
         buf.start_pos[at] = start
         buf.seq_lens[at] = start + n
@@ -97,26 +88,27 @@ class StepStager:
         buf.sample_mask[at] = sample
         buf.out_index[at] = output_index
         buf.draft_ids[at] = draft
+        buf.column[at] = column
 
-    def _stage_verify_row(self, buf: StagingBuffer, row: ScheduledRow, at: int, token: int) -> tuple[int, int]:
-        """A verify row [t, d1..dk] as k + 1 one-token step rows: column j holds
-        its token at position start + j, samples output output_index + j on a
-        scratch slot seeded for that output (so a seeded row draws what it would
-        without speculation), and is accepted when it samples d(j+1). One-token
-        rows are decode rows: a step of them and plain decodes replays a graph."""
+    def _stage_verify_row(self, buf: StagingBuffer, row: ScheduledRow, slot: int, at: int,
+                          token: int) -> tuple[int, int]:
+        """A verify row [t, d1..dk] as k + 1 one-token step rows on the request's
+        slot: column j holds its token at position start + j, samples output
+        output_index + j with the slot's seed state moved j outputs on (the
+        device does that: a seeded row draws what it would without speculation),
+        and is accepted when it samples d(j+1); after the step the device moves
+        the slot's state on by the tokens the row emitted. One-token rows are
+        decode rows: a step of them and plain decodes replays a graph."""
         d = row.num_drafts
         for j in range(d + 1):
-            scratch = self.lim.max_rows + 1 + at
             if j == 0 and row.from_prev_step:  # chained: the previous row's last column, on the device
                 buf.input_ids[token] = 0
                 buf.prev_rows[token] = self._prev_rows[row.req_id]
             else:
                 buf.input_ids[token] = row.token_ids[j]
                 buf.prev_rows[token] = -1
-            self._stage_row(buf, at, token, row.start_pos + j, 1, scratch, True, row.output_index + j,
-                            row.token_ids[j + 1] if j < d else -1)
-            self._stage_params(buf, scratch, row, row.output_index + j)
-            self._stage_table(buf, scratch, row.block_ids)
+            self._stage_row(buf, at, token, row.start_pos + j, 1, slot, True, row.output_index + j,
+                            row.token_ids[j + 1] if j < d else -1, j)
             at += 1
             token += 1
         return at, token
@@ -142,7 +134,6 @@ class StepStager:
         return slot, True
 
     def _release(self, req_id: int) -> None:
-        self._reseed.discard(req_id)
         slot = self.slots.pop(req_id, None)
         if slot is not None:
             self._table_lists[slot] = []
@@ -155,14 +146,10 @@ class StepStager:
         k = self._num_tables
         self._num_tables += 1
         n = len(block_ids)
-        if slot < self.lim.max_rows:  # a request's slot: remembered, to stage only changes
-            self._tables[slot, :n] = block_ids
-            self._tables[slot, n:] = 0  # unused entries point at block 0, never read past seq_len
-            self._table_lists[slot] = list(block_ids)
-            buf.table_rows[k] = self._tables[slot]
-        else:
-            buf.table_rows[k, :n] = block_ids
-            buf.table_rows[k, n:] = 0
+        self._tables[slot, :n] = block_ids  # remembered, to stage only changes
+        self._tables[slot, n:] = 0  # unused entries point at block 0, never read past seq_len
+        self._table_lists[slot] = list(block_ids)
+        buf.table_rows[k] = self._tables[slot]
         buf.table_slots[k] = slot
 
     def _stage_params(self, buf: StagingBuffer, slot: int, row: ScheduledRow, output_index: int) -> None:

@@ -140,7 +140,8 @@ def test_build_gathers_the_states_before_advancing_only_rows_that_sample() -> No
     states = np.array([seed_state(11 * i + 3, i) for i in range(LIM.max_rows)], np.int64)
     ops.copy_from_host_(s.seed_state, states)
     slots, mask = np.array([5, 0, 3], np.int64), np.array([1, 0, 1], np.int64)
-    params = s.build(ops.from_numpy(slots), ops.from_numpy(mask), advance=True)
+    plain = ops.from_numpy(np.full(3, -1, np.int64))
+    params = s.build(ops.from_numpy(slots), ops.from_numpy(mask), plain, advance=True)
     np.testing.assert_array_equal(ops.to_numpy(params.seed_state), states[slots])
     assert params.uniform is None  # the sampler hashes on the ops path
     u = ops.to_numpy(Sampler(ops, 8).uniforms(params.seed_state))
@@ -150,8 +151,35 @@ def test_build_gathers_the_states_before_advancing_only_rows_that_sample() -> No
     want = np.append(want, 0)  # the spare slot of padding rows, untouched
     assert inp.pad_slot == LIM.max_rows
     np.testing.assert_array_equal(ops.to_numpy(s.seed_state), want)
-    s.build(ops.from_numpy(slots), ops.from_numpy(mask), advance=False)
+    s.build(ops.from_numpy(slots), ops.from_numpy(mask), plain, advance=False)
     np.testing.assert_array_equal(ops.to_numpy(s.seed_state), want)
+
+
+def test_verify_columns_sample_further_on_and_their_slot_moves_by_the_tokens_emitted() -> None:
+    """A verify row's column j draws with its slot's state j outputs on (the state
+    plain decoding would have there); after the step the slot moves on by the
+    row's emitted tokens: its leading columns that drew their drafts, + 1."""
+    ops = get_ops()
+    inp = DeviceInputs(ops, LIM, use_kernels=False)
+    s = inp.sampling
+    states = np.array([seed_state(7 * i + 1, 3 * i) for i in range(LIM.max_rows)], np.int64)
+    ops.copy_from_host_(s.seed_state, states)
+    # a plain row (slot 5), a verify row of four columns (slot 2), one of two (slot 6), a prefill chunk (slot 0)
+    slots = np.array([5, 2, 2, 2, 2, 6, 6, 0], np.int64)
+    column = np.array([-1, 0, 1, 2, 3, 0, 1, -1], np.int64)
+    mask = np.array([1, 1, 1, 1, 1, 1, 1, 0], np.int64)
+    drew = np.array([0, 1, 1, 0, 1, 1, 0, 0], np.int64)  # slot 2: 2 drafts kept + 1; slot 6: 1 + 1
+    t = ops.from_numpy
+    params = s.build(t(slots), t(mask), t(column), advance=True)
+    moved = lambda state, n: (state + n * SEED_INCREMENT) % SEED_MODULUS  # noqa: E731
+    np.testing.assert_array_equal(ops.to_numpy(params.seed_state), moved(states[slots], np.maximum(column, 0)))
+    after_build = states.copy()
+    after_build[5] = moved(states[5], 1)  # plain rows move at once; verify rows wait for their counts
+    np.testing.assert_array_equal(ops.to_numpy(s.seed_state)[: LIM.max_rows], after_build)
+    s.advance_verified_(t(slots), t(column), t(drew), 4)
+    want = after_build.copy()
+    want[2], want[6] = moved(states[2], 3), moved(states[6], 2)
+    np.testing.assert_array_equal(ops.to_numpy(s.seed_state)[: LIM.max_rows], want)
 
 
 def test_decode_inputs_come_from_the_previous_step() -> None:
@@ -171,7 +199,8 @@ def test_the_kernel_faces_decline_cpu_tensors() -> None:
     assert step_kernels.update_input_ids(ops, x, x, x) is False
     assert step_kernels.stop_flags(ops, x, x, x, x, ops.zeros([2, 4], "int64"), x, x, x) is False
     f = ops.zeros([2], "float32")
-    assert step_kernels.build_sampling_params(ops, f, f, x, x, x, x, f, f, x, x, f, advance=True) is False
+    assert step_kernels.build_sampling_params(ops, f, f, x, x, x, x, x, f, f, x, x, f, advance=True) is False
+    assert step_kernels.advance_verified_seeds(ops, x, x, x, x) is False
 
 
 # --- end to end: the real scheduler consumes the runner's verdict --------------------

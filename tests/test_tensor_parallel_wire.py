@@ -83,10 +83,12 @@ def test_a_step_sent_as_bytes_stages_the_same_step(which: int) -> None:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert (msg.step_id, msg.any_random, msg.num_logprobs) == (so.step_id, True, 3)
     if which == 2:
-        # the verify row runs as three one-token rows on scratch slots, each with its parameters and table
-        assert counts.any_prev and counts.num_rows == 4 and counts.num_new == 3
+        # the verify row runs as three one-token rows on its request's slot, which needs no new parameters
+        assert counts.any_prev and counts.num_rows == 4 and counts.num_new == 0
         np.testing.assert_array_equal(counts2.spec_rows, counts.spec_rows)
         np.testing.assert_array_equal(got.draft_ids[:4], np.array([-1, 41, 42, -1]))
+        np.testing.assert_array_equal(got.column[:4], np.array([-1, 0, 1, 2]))
+        assert len(set(got.row_slots[1:4])) == 1
     else:
         assert counts.num_new == 2 and counts2.spec_rows is None
         np.testing.assert_array_equal(got.new_temperature[:2], np.array([0.7, 0.0], np.float32))

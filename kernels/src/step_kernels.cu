@@ -9,9 +9,12 @@
 // and slots are indices that the host already validated.
 //
 // - build_sampling_params: per step row, gather the row's slot's sampling
-//   parameters and seed state, turn the state into the row's uniform (the
-//   exact integer hash of stages/sampler.py) and optionally advance the slot's
+//   parameters and seed state (moved `column` outputs on for a verify row's
+//   token column), turn the state into the row's uniform (the exact integer
+//   hash of stages/sampler.py) and optionally advance a plain row's slot's
 //   seed state in place.
+// - advance_verified_seeds: after a verify step, move each verify row's slot's
+//   seed state on by the tokens the row emits.
 // - update_input_ids: decode inputs taken from the previous step's samples.
 // - stop_flags: the token-level finish code of every row that sampled.
 #include <cuda_runtime.h>
@@ -68,13 +71,15 @@ __device__ __forceinline__ float uniform_from_state(int64_t state) {
   return static_cast<float>(x >> 8) * 0x1p-24f;
 }
 
-// One thread per step row. Slots are distinct within a step, so the thread
-// that reads a slot's seed state is the only one that advances it, and it
-// reads before it writes: the step sees the state before the advance.
+// One thread per step row. A plain row's slot is distinct within a step, so
+// the thread that reads its seed state is the only one that advances it, and
+// it reads before it writes: the step sees the state before the advance. The
+// columns of a verify row share their slot and only read it.
 __global__ void build_sampling_params_kernel(const float* __restrict__ temperature, const float* __restrict__ top_p,
                                              const int64_t* __restrict__ top_k, int64_t* seed_state,
                                              const int64_t* __restrict__ row_slots,
-                                             const int64_t* __restrict__ sample_mask, float* __restrict__ out_temperature,
+                                             const int64_t* __restrict__ sample_mask,
+                                             const int64_t* __restrict__ column, float* __restrict__ out_temperature,
                                              float* __restrict__ out_top_p, int64_t* __restrict__ out_top_k,
                                              int64_t* __restrict__ out_seed_state, float* __restrict__ out_uniform,
                                              int64_t rows, bool advance) {
@@ -82,12 +87,29 @@ __global__ void build_sampling_params_kernel(const float* __restrict__ temperatu
   if (r >= rows) return;
   int64_t slot = row_slots[r];
   int64_t state = seed_state[slot];
+  int64_t col = column[r];
   out_temperature[r] = temperature[slot];
   out_top_p[r] = top_p[slot];
   out_top_k[r] = top_k[slot];
-  out_seed_state[r] = state;
-  out_uniform[r] = uniform_from_state(state);
-  if (advance && sample_mask[r] > 0) seed_state[slot] = (state + kSeedIncrement) % kSeedModulus;
+  // column < 2**31 / increment is far above any verify width: no overflow
+  int64_t own = col > 0 ? (state + col * kSeedIncrement) % kSeedModulus : state;
+  out_seed_state[r] = own;
+  out_uniform[r] = uniform_from_state(own);
+  if (advance && col < 0 && sample_mask[r] > 0) seed_state[slot] = (state + kSeedIncrement) % kSeedModulus;
+}
+
+// One thread per step row; the thread of a verify row's column 0 walks the
+// row's later columns (column[r + j] == j) while the column before drew its
+// draft, and moves the slot's state on by the tokens emitted (matches + 1).
+__global__ void advance_verified_seeds_kernel(int64_t* seed_state, const int64_t* __restrict__ row_slots,
+                                              const int64_t* __restrict__ column, const int64_t* __restrict__ drew,
+                                              int64_t rows) {
+  int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows || column[r] != 0) return;
+  int64_t emitted = 1;
+  while (r + emitted < rows && column[r + emitted] == emitted && drew[r + emitted - 1] == 1) ++emitted;
+  int64_t slot = row_slots[r];
+  seed_state[slot] = (seed_state[slot] + emitted * kSeedIncrement) % kSeedModulus;
 }
 
 // One thread per token; prev_rows[t] < 0 keeps the staged token.
@@ -127,17 +149,27 @@ __global__ void stop_flags_kernel(const int64_t* __restrict__ sampled, const int
 }
 
 void build_sampling_params(uintptr_t temperature, uintptr_t top_p, uintptr_t top_k, uintptr_t seed_state,
-                           uintptr_t row_slots, uintptr_t sample_mask, uintptr_t out_temperature, uintptr_t out_top_p,
-                           uintptr_t out_top_k, uintptr_t out_seed_state, uintptr_t out_uniform, int64_t rows,
-                           bool advance, uintptr_t stream) {
+                           uintptr_t row_slots, uintptr_t sample_mask, uintptr_t column, uintptr_t out_temperature,
+                           uintptr_t out_top_p, uintptr_t out_top_k, uintptr_t out_seed_state, uintptr_t out_uniform,
+                           int64_t rows, bool advance, uintptr_t stream) {
   check_rows(rows, "build_sampling_params");
   if (rows == 0) return;
   build_sampling_params_kernel<<<blocks_for(rows), kThreads, 0, as_stream(stream)>>>(
       ptr<const float>(temperature), ptr<const float>(top_p), ptr<const int64_t>(top_k), ptr<int64_t>(seed_state),
-      ptr<const int64_t>(row_slots), ptr<const int64_t>(sample_mask), ptr<float>(out_temperature),
-      ptr<float>(out_top_p), ptr<int64_t>(out_top_k), ptr<int64_t>(out_seed_state), ptr<float>(out_uniform), rows,
-      advance);
+      ptr<const int64_t>(row_slots), ptr<const int64_t>(sample_mask), ptr<const int64_t>(column),
+      ptr<float>(out_temperature), ptr<float>(out_top_p), ptr<int64_t>(out_top_k), ptr<int64_t>(out_seed_state),
+      ptr<float>(out_uniform), rows, advance);
   check_launch("build_sampling_params");
+}
+
+void advance_verified_seeds(uintptr_t seed_state, uintptr_t row_slots, uintptr_t column, uintptr_t drew,
+                            int64_t rows, uintptr_t stream) {
+  check_rows(rows, "advance_verified_seeds");
+  if (rows == 0) return;
+  advance_verified_seeds_kernel<<<blocks_for(rows), kThreads, 0, as_stream(stream)>>>(
+      ptr<int64_t>(seed_state), ptr<const int64_t>(row_slots), ptr<const int64_t>(column), ptr<const int64_t>(drew),
+      rows);
+  check_launch("advance_verified_seeds");
 }
 
 void update_input_ids(uintptr_t input_ids, uintptr_t prev_rows, uintptr_t prev_sampled, int64_t num_tokens,
@@ -167,12 +199,17 @@ void stop_flags(uintptr_t sampled, uintptr_t row_slots, uintptr_t sample_mask, u
 // Called from cuda_handoff.cpp's PYBIND11_MODULE.
 void register_step_kernels(py::module_& m) {
   m.def("build_sampling_params", &build_sampling_params, py::arg("temperature"), py::arg("top_p"), py::arg("top_k"),
-        py::arg("seed_state"), py::arg("row_slots"), py::arg("sample_mask"), py::arg("out_temperature"),
-        py::arg("out_top_p"), py::arg("out_top_k"), py::arg("out_seed_state"), py::arg("out_uniform"),
-        py::arg("rows"), py::arg("advance"), py::arg("stream"),
-        "Gather each step row's sampling parameters by slot, compute its uniform, and (advance) move the "
-        "seed state of rows with sample_mask > 0 on, in place. float32: temperature, top_p, out_temperature, "
-        "out_top_p, out_uniform; the rest int64");
+        py::arg("seed_state"), py::arg("row_slots"), py::arg("sample_mask"), py::arg("column"),
+        py::arg("out_temperature"), py::arg("out_top_p"), py::arg("out_top_k"), py::arg("out_seed_state"),
+        py::arg("out_uniform"), py::arg("rows"), py::arg("advance"), py::arg("stream"),
+        "Gather each step row's sampling parameters by slot (the seed state moved column[r] outputs on where "
+        "column[r] > 0), compute its uniform, and (advance) move the seed state of plain rows (column < 0) "
+        "with sample_mask > 0 on, in place. float32: temperature, top_p, out_temperature, out_top_p, "
+        "out_uniform; the rest int64");
+  m.def("advance_verified_seeds", &advance_verified_seeds, py::arg("seed_state"), py::arg("row_slots"),
+        py::arg("column"), py::arg("drew"), py::arg("rows"), py::arg("stream"),
+        "Move the seed state of each verify row's slot (the row of column 0) on by its emitted tokens: "
+        "1 + its leading later columns whose previous column drew its draft (drew == 1). int64 arrays");
   m.def("update_input_ids", &update_input_ids, py::arg("input_ids"), py::arg("prev_rows"), py::arg("prev_sampled"),
         py::arg("num_tokens"), py::arg("stream"),
         "input_ids[t] = prev_sampled[prev_rows[t]] where prev_rows[t] >= 0 (int64 arrays)");

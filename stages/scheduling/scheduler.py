@@ -242,6 +242,7 @@ class Scheduler(StepUpdates):
             seed=req.seed,
             stops=req.stops,
             num_drafts=len(drafts),
+            reseed=self.spec is not None and self.spec.take_reseed(req.req_id),
         )
         if sample and self.spec is not None and self.spec.speculates(req):
             self.spec.planned(req, row, step_id)

@@ -72,6 +72,8 @@ class SpecPlanner:
         self._chains: dict[int, _Chain] = {}  # by request: chains whose assumption is not settled yet
         self._void: dict[int, int] = {}  # request -> step id of its chained row whose assumption failed
         self._missed: set[int] = set()  # requests whose last settled verify row rejected a draft
+        # requests whose slot's device seed state a void row moved on: their next row writes it again
+        self._reseed: set[int] = set()
         # the draft method's chunks and draft KV bookkeeping (draft_plan.py)
         self.draft: DraftPlanner | None = None
         if cfg.method == "draft":
@@ -137,7 +139,15 @@ class SpecPlanner:
         if self._void.get(req.req_id) != step_id:
             return False
         del self._void[req.req_id]
+        self._reseed.add(req.req_id)
         self.stats.void_rows += 1
+        return True
+
+    def take_reseed(self, req_id: int) -> bool:
+        """True once after a void row of the request: its next row restages its seed state."""
+        if req_id not in self._reseed:
+            return False
+        self._reseed.discard(req_id)
         return True
 
     def forget(self, req_id: int) -> None:
@@ -146,6 +156,7 @@ class SpecPlanner:
         self._chains.pop(req_id, None)
         self._void.pop(req_id, None)
         self._missed.discard(req_id)
+        self._reseed.discard(req_id)
 
     def drafts(self, req: Request, room: int) -> list[int]:
         """Drafts for the request's next verify row, at most `room` (the step's

@@ -64,28 +64,70 @@ def _sampling_pair(ops, rng: np.random.Generator):
     return kernel, fallback, states
 
 
+def _step_rows(rng: np.random.Generator, columns: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(row_slots, column) of ROWS step rows as the stager lays them out: plain
+    rows (column -1) and verify rows of 1..columns token columns (0, 1, ...) that
+    share their slot; every scheduled row has a slot of its own."""
+    slots, column = [], []
+    free = iter(rng.permutation(SLOTS))
+    while len(slots) < ROWS:
+        slot = int(next(free))
+        if rng.random() < 0.4:
+            slots.append(slot)
+            column.append(-1)
+        else:
+            n = min(int(rng.integers(1, columns + 1)), ROWS - len(slots))
+            slots += [slot] * n
+            column += list(range(n))
+    return np.array(slots, np.int64), np.array(column, np.int64)
+
+
 @pytest.mark.parametrize("advance", [True, False])
 def test_build_sampling_params_equals_the_ops_path(torch, ops, advance: bool) -> None:
     from overlapd.stages.sampler import SEED_INCREMENT, SEED_MODULUS, Sampler, uniform_from_state
 
     rng = np.random.default_rng(1)
     kernel, fallback, states = _sampling_pair(ops, rng)
-    slots = rng.permutation(SLOTS)[:ROWS].astype(np.int64)  # distinct within a step, as the stager makes them
-    mask = (rng.random(ROWS) < 0.8).astype(np.int64)
-    pk = kernel.build(ops.from_numpy(slots), ops.from_numpy(mask), advance=advance)
-    pf = fallback.build(ops.from_numpy(slots), ops.from_numpy(mask), advance=advance)
+    slots, column = _step_rows(rng)
+    mask = np.where(column >= 0, 1, rng.random(ROWS) < 0.8).astype(np.int64)
+    t = ops.from_numpy
+    pk = kernel.build(t(slots), t(mask), t(column), advance=advance)
+    pf = fallback.build(t(slots), t(mask), t(column), advance=advance)
     for name in ("temperature", "top_p", "top_k", "seed_state"):
         _same(ops.to_numpy(getattr(pk, name)), ops.to_numpy(getattr(pf, name)))
-    _same(ops.to_numpy(pk.seed_state), states[slots])  # the state before the advance
+    # the state before the advance, a verify column's moved on by its column
+    own = (states[slots] + np.maximum(column, 0) * SEED_INCREMENT) % SEED_MODULUS
+    _same(ops.to_numpy(pk.seed_state), own)
     u = ops.to_numpy(pk.uniform)
     _same(u, ops.to_numpy(Sampler(ops, 8).uniforms(pf.seed_state)))
-    _same(u, uniform_from_state(states[slots]))
+    _same(u, uniform_from_state(own))
     after = ops.to_numpy(kernel.seed_state)
     _same(after, ops.to_numpy(fallback.seed_state))
     want = states.copy()
-    if advance:
-        moved = slots[mask > 0]
+    if advance:  # plain rows that sample; verify rows move once their accept counts exist
+        moved = slots[(mask > 0) & (column < 0)]
         want[moved] = (states[moved] + SEED_INCREMENT) % SEED_MODULUS
+    _same(after, want)
+
+
+def test_advance_verified_seeds_equals_the_ops_path(torch, ops) -> None:
+    from overlapd.stages.sampler import SEED_INCREMENT, SEED_MODULUS
+
+    rng = np.random.default_rng(3)
+    kernel, fallback, states = _sampling_pair(ops, rng)
+    slots, column = _step_rows(rng)
+    drew = (rng.random(ROWS) < 0.7).astype(np.int64)
+    t = ops.from_numpy
+    for p in (kernel, fallback):
+        p.advance_verified_(t(slots), t(column), t(drew), 5)
+    after = ops.to_numpy(kernel.seed_state)
+    _same(after, ops.to_numpy(fallback.seed_state))
+    want = states.copy()
+    for r in np.flatnonzero(column == 0):
+        n = 1
+        while r + n < ROWS and column[r + n] == n and drew[r + n - 1]:
+            n += 1
+        want[slots[r]] = (states[slots[r]] + n * SEED_INCREMENT) % SEED_MODULUS
     _same(after, want)
 
 
@@ -98,8 +140,9 @@ def test_sampling_with_the_kernels_uniforms_gives_the_same_tokens(torch, ops) ->
     mask = ops.from_numpy(np.ones(ROWS, np.int64))
     logits = ops.from_numpy(rng.normal(0, 3, (ROWS, 256)).astype(np.float32))
     sampler = Sampler(ops, 256)
-    got = sampler.sample(logits, kernel.build(slots, mask, advance=True), any_random=True)
-    want = sampler.sample(logits, fallback.build(slots, mask, advance=True), any_random=True)
+    plain = ops.from_numpy(np.full(ROWS, -1, np.int64))
+    got = sampler.sample(logits, kernel.build(slots, mask, plain, advance=True), any_random=True)
+    want = sampler.sample(logits, fallback.build(slots, mask, plain, advance=True), any_random=True)
     _same(ops.to_numpy(got), ops.to_numpy(want))
 
 
@@ -192,6 +235,7 @@ def test_kernels_captured_in_a_graph_follow_new_inputs_on_replay(torch, ops) -> 
         ops.copy_from_host_(x.prev_rows, np.where(g.random(64) < 0.5, g.integers(0, 8, 64), -1).astype(np.int64))
         ops.copy_from_host_(x.row_slots, g.permutation(8).astype(np.int64))
         ops.copy_from_host_(x.sample_mask, (g.random(8) < 0.7).astype(np.int64))
+        ops.copy_from_host_(x.column, np.full(8, -1, np.int64))
         ops.copy_from_host_(x.out_index, g.integers(0, 8, 8, dtype=np.int64))
         ops.copy_from_host_(x.sampling.seed_state, g.integers(0, 1 << 31, 8, dtype=np.int64))
         ops.copy_from_host_(x.stops.stop_ids, g.integers(0, 20, (8, x.stops.width), dtype=np.int64))
@@ -202,7 +246,7 @@ def test_kernels_captured_in_a_graph_follow_new_inputs_on_replay(torch, ops) -> 
 
     def body(x: DeviceInputs):
         x.update_input_ids(40)
-        p = x.sampling.build(x.row_slots, x.sample_mask, advance=False)
+        p = x.sampling.build(x.row_slots, x.sample_mask, x.column, advance=False)
         codes = x.stops.finish_codes(sampled, x.row_slots, x.sample_mask, x.out_index)
         return p.seed_state, x.input_ids, codes
 
