@@ -44,9 +44,13 @@ async def _worker(path: str, i: int, ledger: Ledger, stop_after: float) -> None:
         for n in range(10_000):
             cid = f"w{i}-{n}"
             long = (i + n) % 3 == 0  # a third would outlive any drain timeout
-            conn.send({"type": "generate", "id": cid, "prompt": f"worker {i} request {n}",
-                       "max_tokens": 1000 if long else 8 + (i * 7 + n) % 40, "ignore_eos": True,
-                       "temperature": 0.0 if i % 2 else 0.8, "seed": i * 1000 + n})
+            try:
+                conn.send({"type": "generate", "id": cid, "prompt": f"worker {i} request {n}",
+                           "max_tokens": 1000 if long else 8 + (i * 7 + n) % 40, "ignore_eos": True,
+                           "temperature": 0.0 if i % 2 else 0.8, "seed": i * 1000 + n})
+            except ConnectionError:  # the daemon drained and closed between this worker's requests
+                ledger.closed_after_sigterm += 1
+                return
             while True:
                 frame = await conn.recv(WAIT_S)
                 if frame is None:
