@@ -240,7 +240,7 @@ def main() -> None:
     differ = [i for i, (a, b) in enumerate(zip(outputs[False], outputs[True])) if a != b]
     tokens = sum(map(len, outputs[False]))
     delta = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted",
-                                                       "spec_chained_rows", "spec_void_rows")}
+                                                       "spec_chained_rows", "spec_lagged_rows")}
     plain_s, spec_s = statistics.median(seconds[False]), statistics.median(seconds[True])
     result = {
         "model": args.model, "runtime": args.runtime, "device": args.device, "method": args.method,
@@ -253,7 +253,7 @@ def main() -> None:
         "tokens_per_verify_row": delta["spec_emitted"] / max(delta["spec_verify_rows"], 1),
         "acceptance_rate": delta["spec_accepted"] / max(delta["spec_proposed"], 1),
         "verify_rows": delta["spec_verify_rows"], "chained_rows": delta["spec_chained_rows"],
-        "void_rows": delta["spec_void_rows"],
+        "lagged_rows": delta["spec_lagged_rows"],
         "identical_output": not differ, "differing_outputs": len(differ),
         "first_divergence": first_divergence(outputs[False], outputs[True], differ),
     }
@@ -274,7 +274,7 @@ def main() -> None:
     print(f"  speculative: {result['spec_tok_s']:8.1f} tok/s  {steps[True]} steps of {result['spec_step_ms']:.1f} ms  "
           f"({result['speedup']:.2f}x; {result['tokens_per_verify_row']:.2f} tokens per verify row, "
           f"acceptance {result['acceptance_rate']:.0%}; {result['verify_rows']} verify rows, "
-          f"{result['chained_rows']} chained, {result['void_rows']} void)")
+          f"{result['chained_rows']} chained, {result['lagged_rows']} after a miss)")
     if differ:
         print(f"  outputs identical: NO, {len(differ)} of {len(prompts)} differ; first divergence at output token "
               f"{result['first_divergence']} (of request {differ[0]})")

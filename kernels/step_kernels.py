@@ -36,7 +36,7 @@ def _module(ops: _PtrOps) -> ModuleType | None:
         return None
     mod = native()
     # an extension built before these kernels (and their signatures) existed: the ops paths
-    return mod if mod is not None and hasattr(mod, "advance_verified_seeds") else None
+    return mod if mod is not None and hasattr(mod, "apply_lag") else None
 
 
 def available(ops: _PtrOps) -> bool:
@@ -64,17 +64,32 @@ def build_sampling_params(ops: _PtrOps, temperature: Tensor, top_p: Tensor, top_
     return True
 
 
-def advance_verified_seeds(ops: _PtrOps, seed_state: Tensor, row_slots: Tensor, column: Tensor, drew: Tensor) -> bool:
+def settle_verified_rows(ops: _PtrOps, seed_state: Tensor, lag: Tensor, row_slots: Tensor, column: Tensor,
+                         drew: Tensor, *, advance: bool) -> bool:
     """For each verify row (the step row r with column[r] == 0, its later columns
-    r + j with column == j): seed_state[row_slots[r]] moves on by the tokens the
-    row emits, 1 + the leading later columns whose previous column drew its draft
-    (drew == 1)."""
+    r + j with column == j): it emits 1 + the leading later columns whose previous
+    column drew its draft (drew == 1); with `advance` seed_state[row_slots[r]]
+    moves on by that many outputs; lag[row_slots[r]] = its columns - emitted."""
     mod = _module(ops)
     if mod is None:
         return False
     p = ops.data_ptr
-    mod.advance_verified_seeds(p(seed_state), p(row_slots), p(column), p(drew), int(row_slots.shape[0]),
-                               ops.current_stream_handle())
+    mod.settle_verified_rows(p(seed_state), p(lag), p(row_slots), p(column), p(drew), int(row_slots.shape[0]),
+                             bool(advance), ops.current_stream_handle())
+    return True
+
+
+def apply_lag(ops: _PtrOps, start_pos: Tensor, seq_lens: Tensor, out_index: Tensor, prev_rows: Tensor,
+              query_start_loc: Tensor, row_slots: Tensor, lagged: Tensor, lag: Tensor) -> bool:
+    """Rows r with lagged[r] != 0 move start_pos, seq_lens, out_index and
+    prev_rows[query_start_loc[r]] (where >= 0) back by lag[row_slots[r]]. Row
+    count: row_slots' length."""
+    mod = _module(ops)
+    if mod is None:
+        return False
+    p = ops.data_ptr
+    mod.apply_lag(p(start_pos), p(seq_lens), p(out_index), p(prev_rows), p(query_start_loc), p(row_slots), p(lagged),
+                  p(lag), int(row_slots.shape[0]), ops.current_stream_handle())
     return True
 
 
@@ -104,4 +119,5 @@ def stop_flags(ops: _PtrOps, sampled: Tensor, row_slots: Tensor, sample_mask: Te
     return True
 
 
-__all__ = ["advance_verified_seeds", "available", "build_sampling_params", "stop_flags", "update_input_ids"]
+__all__ = ["apply_lag", "available", "build_sampling_params", "settle_verified_rows", "stop_flags",
+           "update_input_ids"]

@@ -20,7 +20,7 @@ import numpy as np
 from overlapd.kernels import step_kernels
 
 from .runtime.ops import FLOAT32, INT64, Ops, Tensor
-from .sampler import PersistentSamplingParams
+from .sampler import PersistentSamplingParams, moved_seed_state
 from .step_types import STOP_TABLE_WIDTH
 from .stop_flags import PersistentStopFlags
 
@@ -59,8 +59,8 @@ def step_layout(lim: BatchLimits) -> list[tuple[str, int, int]]:
     so a step's inputs reach the device in a single copy."""
     t, r = lim.max_tokens, lim.step_rows
     sizes = [("query_start_loc", r + 1), ("start_pos", r), ("seq_lens", r), ("row_slots", r),
-             ("sample_mask", r), ("out_index", r), ("draft_ids", r), ("column", r), ("input_ids", t),
-             ("prev_rows", t)]
+             ("sample_mask", r), ("out_index", r), ("draft_ids", r), ("column", r), ("lagged", r),
+             ("input_ids", t), ("prev_rows", t)]
     layout, at = [], 0
     for name, n in sizes:
         layout.append((name, at, n))
@@ -93,10 +93,12 @@ class StagingBuffer:
         # out_index (the output index of the token a row samples), draft_ids (the
         # draft a verify row's token must equal to be accepted, -1: none), column
         # (a verify row's token column j, which samples with its slot's seed state
-        # moved j outputs on; -1: a plain row)
+        # moved j outputs on; -1: a plain row), lagged (1: the row is chained on
+        # its request's verify row in flight and moves back by the columns that
+        # row did not emit, DeviceInputs.apply_lag)
         for name, at, n in layout:
             setattr(self, name, self.step[at: at + n])
-        # slots whose parameters are (re)written this step: requests entering one, or reseeded
+        # slots whose parameters are written this step: requests entering one
         self.new_slots = zeros([r], INT64)
         self.new_temperature = zeros([r], FLOAT32)
         self.new_top_p = zeros([r], FLOAT32)
@@ -179,6 +181,9 @@ class DeviceInputs:
         self.sampling = PersistentSamplingParams(ops, slots, self.use_kernels)  # by slot
         self.stops = PersistentStopFlags(ops, slots, STOP_TABLE_WIDTH, self.use_kernels)  # by slot
         self.prev_sampled = ops.zeros([lim.step_rows], INT64)  # the last step's sampled ids, by its row
+        # by slot: the columns the request's last verify row did not emit (settle_verified_)
+        self.lag = ops.zeros([slots], INT64)
+        self._verify_columns = lim.verify_columns
         # landing areas for the per-slot updates, scattered into place from here
         self._new_slots = ops.zeros([updates], INT64)
         self._new_f32 = ops.zeros([updates], FLOAT32)
@@ -193,7 +198,8 @@ class DeviceInputs:
         return {
             "step": self.step, "input_ids": self.input_ids, "prev_rows": self.prev_rows, "query_start_loc": self.query_start_loc,
             "start_pos": self.start_pos, "seq_lens": self.seq_lens, "row_slots": self.row_slots,
-            "sample_mask": self.sample_mask, "out_index": self.out_index, "draft_ids": self.draft_ids, "column": self.column,
+            "sample_mask": self.sample_mask, "out_index": self.out_index, "draft_ids": self.draft_ids,
+            "column": self.column, "lagged": self.lagged, "lag": self.lag,
             "block_tables": self.block_tables,
             "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed_state": s.seed_state,
             "stop_ids": st.stop_ids, "num_eos": st.num_eos, "max_outputs": st.max_outputs,
@@ -205,6 +211,8 @@ class DeviceInputs:
         ops = self.ops
         t = n.num_tokens
         ops.copy_from_host_(self.step, buf.step)  # all per-step arrays in one copy
+        if n.num_rows and buf.lagged[: n.num_rows].any():
+            self.apply_lag(n.num_rows)
         if n.any_prev:
             self.update_input_ids(t)
         if n.num_tables:
@@ -222,6 +230,61 @@ class DeviceInputs:
             return
         taken = ops.index_select(self.prev_sampled, ops.maximum(prev, 0))
         ops.copy_(self.input_ids, ops.where(ops.ge(prev, 0), taken, self.input_ids[:t]))
+
+    def apply_lag(self, r: int) -> None:
+        """Rows chained on a verify row were staged as if it emitted every column:
+        move their positions, lengths, output indices and input token back by
+        the columns it did not emit (the device's `lag`, never the host's)."""
+        ops = self.ops
+        slots, lagged = self.row_slots[:r], self.lagged[:r]
+        if self.use_kernels and step_kernels.apply_lag(ops, self.start_pos, self.seq_lens, self.out_index,
+                                                       self.prev_rows, self.query_start_loc, slots, lagged, self.lag):
+            return
+        back = ops.mul(ops.index_select(self.lag, slots), lagged)
+        for x in (self.start_pos, self.seq_lens, self.out_index):
+            ops.copy_(x, ops.sub(x[:r], back))
+        first = self.query_start_loc[:r]  # each row's first token: a chained row's input from the last step
+        prev = ops.index_select(self.prev_rows, first)
+        ops.scatter_rows_(self.prev_rows, first, ops.where(ops.ge(prev, 0), ops.sub(prev, back), prev))
+
+    def settle_verified_(self, r: int, drew: Tensor, *, advance: bool) -> None:
+        """After a verify step: each verify row's slot keeps its lag (columns it
+        did not emit) and, with `advance`, moves its seed state on by the tokens
+        it emitted (its leading columns that drew their drafts, + 1). `drew`
+        int64 [r]: 1 where a step row sampled its draft."""
+        ops, seeds = self.ops, self.sampling.seed_state
+        slots, column = self.row_slots[:r], self.column[:r]
+        if self.use_kernels and step_kernels.settle_verified_rows(ops, seeds, self.lag, slots, column, drew,
+                                                                  advance=advance):
+            return
+        first = ops.logical_and(ops.ge(column, 0), ops.le(column, 0))  # a verify row's column 0
+        later = ops.gt(column, 0)  # its other columns (they follow column 0 in order)
+        in_verify = ops.ge(column, 0)
+        zero = ops.zeros([1], INT64)
+        # emitted[r]: column r's token is emitted (every earlier column of its row drew its draft)
+        first_i, in_verify_i = ops.cast(first, INT64), ops.cast(in_verify, INT64)
+        emitted = first_i
+        for _ in range(self._verify_columns - 1):
+            emitted = ops.where(later, ops.concat([zero, ops.mul(drew, emitted)[:-1]]), first_i)
+        count, width = self._row_total(emitted, later), self._row_total(in_verify_i, later)
+        lag = ops.index_select(self.lag, slots)
+        ops.scatter_rows_(self.lag, slots, ops.where(in_verify, ops.sub(width, count), lag))
+        if advance:
+            state = ops.index_select(seeds, slots)
+            ops.scatter_rows_(seeds, slots, ops.where(in_verify, moved_seed_state(ops, state, count), state))
+
+    def _row_total(self, x: Tensor, later: Tensor) -> Tensor:
+        """Each verify row's sum of x over its columns, in every column of the row
+        (summed backwards into column 0, then copied forward): all of a row's
+        columns write their slot alike."""
+        ops, zero = self.ops, self.ops.zeros([1], INT64)
+        follows = ops.gt(ops.concat([ops.cast(later, INT64)[1:], zero]), 0)
+        total = x
+        for _ in range(self._verify_columns - 1):
+            total = ops.add(x, ops.where(follows, ops.concat([total[1:], zero]), 0))
+        for _ in range(self._verify_columns - 1):
+            total = ops.where(later, ops.concat([zero, total[:-1]]), total)
+        return total
 
     def _load_new_slots(self, buf: StagingBuffer, k: int) -> None:
         ops, s, st = self.ops, self.sampling, self.stops

@@ -269,8 +269,8 @@ class ModelRunner:
         if verify:  # did each verify column draw its draft? (stages/spec/verify.py; the ops layer has no ==)
             drafts = inp.draft_ids[:r]
             drew = ops.cast(ops.where(ops.logical_and(ops.ge(sampled, drafts), ops.le(sampled, drafts)), 1, 0), INT64)
-            if any_random:  # seed states move on by the tokens each verify row emits
-                inp.sampling.advance_verified_(slots, column, drew, self.limits.verify_columns)
+            # seed states move on by the tokens each verify row emits; lags for the rows chained on them
+            inp.settle_verified_(r, drew, advance=any_random)
             out.ints = ops.concat([out.ints, ops.reshape(drew, [r, 1])], axis=1)
         ops.copy_(inp.prev_sampled, sampled)  # the next launch's decode inputs
         return out
@@ -333,6 +333,7 @@ def _pad_decode_rows(buf: StagingBuffer, r: int, rows: int, pad_slot: int) -> No
     buf.sample_mask[r:rows] = 0
     buf.out_index[r:rows] = 0
     buf.column[r:rows] = -1
+    buf.lagged[r:rows] = 0
 
 
 def _head(x: Any, rows: int, cols: int) -> Any:

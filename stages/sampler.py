@@ -92,7 +92,7 @@ class PersistentSamplingParams:
         verify row's column j (column >= 0) samples with its slot's seed state
         moved j outputs on; with `advance`, plain rows (column < 0) that sample
         move their slot's state on, after it was read (verify rows move theirs
-        in `advance_verified_`, once their accept counts exist)."""
+        in DeviceInputs.settle_verified_, once their accept counts exist)."""
         ops = self.ops
         if self.use_kernels:
             r = row_slots.shape[0]
@@ -107,43 +107,17 @@ class PersistentSamplingParams:
             ops.index_select(self.temperature, row_slots),
             ops.index_select(self.top_p, row_slots),
             ops.index_select(self.top_k, row_slots),
-            _moved(ops, state, ops.maximum(column, 0)),
+            moved_seed_state(ops, state, ops.maximum(column, 0)),
         )
         if advance:
             # a verify row's columns share a slot: they all write its state back unchanged
             plain_sample = ops.logical_and(ops.gt(sample_mask, 0), ops.lt(column, 0))
-            ops.scatter_rows_(self.seed_state, row_slots, ops.where(plain_sample, _moved(ops, state, 1), state))
+            moved = moved_seed_state(ops, state, 1)
+            ops.scatter_rows_(self.seed_state, row_slots, ops.where(plain_sample, moved, state))
         return params
 
-    def advance_verified_(self, row_slots: Tensor, column: Tensor, drew: Tensor, columns: int) -> None:
-        """After a verify step: each verify row's slot moves its seed state on by
-        the tokens the row emits (its leading columns that drew their drafts, + 1).
-        `drew` int64 [R]: 1 where a row sampled its draft; `columns`: T, the
-        most columns a row has."""
-        ops = self.ops
-        if self.use_kernels and step_kernels.advance_verified_seeds(ops, self.seed_state, row_slots, column, drew):
-            return
-        first = ops.logical_and(ops.ge(column, 0), ops.le(column, 0))  # a verify row's column 0
-        later = ops.gt(column, 0)  # its other columns (they follow column 0 in order)
-        in_verify = ops.ge(column, 0)
-        zero = ops.zeros([1], INT64)
-        # emitted[r]: column r's token is emitted (every earlier column of its row drew its draft)
-        first_i = ops.cast(first, INT64)
-        emitted = first_i
-        for _ in range(columns - 1):
-            emitted = ops.where(later, ops.concat([zero, ops.mul(drew, emitted)[:-1]]), first_i)
-        # the row's count: summed backwards into column 0, then copied forward to every column
-        follows = ops.gt(ops.concat([ops.cast(later, INT64)[1:], zero]), 0)
-        count = emitted
-        for _ in range(columns - 1):
-            count = ops.add(emitted, ops.where(follows, ops.concat([count[1:], zero]), 0))
-        for _ in range(columns - 1):
-            count = ops.where(later, ops.concat([zero, count[:-1]]), count)
-        state = ops.index_select(self.seed_state, row_slots)
-        ops.scatter_rows_(self.seed_state, row_slots, ops.where(in_verify, _moved(ops, state, count), state))
 
-
-def _moved(ops: Ops, state: Tensor, outputs: Tensor | int) -> Tensor:
+def moved_seed_state(ops: Ops, state: Tensor, outputs: Tensor | int) -> Tensor:
     """Seed states `outputs` samples further on: (state + outputs * increment) mod 2**31."""
     step = outputs * SEED_INCREMENT if isinstance(outputs, int) else ops.mul(outputs, SEED_INCREMENT)
     return ops.remainder(ops.add(state, step), SEED_MODULUS)

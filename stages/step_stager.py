@@ -30,6 +30,7 @@ class StepStager:
         # is the per-row, per-step check, and list equality is the cheap one
         self._table_lists: list[list[int]] = [[] for _ in range(lim.max_rows)]
         self._prev_rows: dict[int, int] = {}  # req_id -> its row in the last staged step (rows that sampled)
+        self._prev_verify: set[int] = set()  # requests whose row in the last staged step was a verify row
         self._num_new = self._num_tables = 0  # slot updates staged so far in this step
 
     def stage(self, so: SchedulerOutput, buf: StagingBuffer) -> StagedCounts:
@@ -44,9 +45,12 @@ class StepStager:
         spec_rows = np.full((len(so.rows), columns), -1, np.int64) \
             if any(row.num_drafts for row in so.rows) else None
         prev_rows: dict[int, int] = {}
+        verify: set[int] = set()
         for i, row in enumerate(so.rows):
             slot, new = self._slot_for(row.req_id)
-            if new or row.reseed:
+            # chained on a verify row in flight: staged as if it kept every draft, moved back on the device
+            lagged = int(row.from_prev_step and row.req_id in self._prev_verify)
+            if new:
                 self._stage_params(buf, slot, row, row.output_index)
             if new or self._table_changed(slot, row.block_ids):
                 self._stage_table(buf, slot, row.block_ids)
@@ -55,8 +59,9 @@ class StepStager:
                 spec_rows[i, : row.num_tokens] = np.arange(at, at + row.num_tokens)
                 qlens[at: at + row.num_tokens] = 1
                 any_prev |= row.from_prev_step
-                at, token = self._stage_verify_row(buf, row, slot, at, token)
+                at, token = self._stage_verify_row(buf, row, slot, at, token, lagged)
                 prev_rows[row.req_id] = at - 1  # a row chained on it starts from its last column
+                verify.add(row.req_id)
                 continue
             if spec_rows is not None:
                 spec_rows[i, 0] = at
@@ -68,7 +73,7 @@ class StepStager:
             else:
                 buf.input_ids[token: token + n] = row.token_ids
                 buf.prev_rows[token: token + n] = -1
-            self._stage_row(buf, at, token, row.start_pos, n, slot, row.sample, row.output_index, -1, -1)
+            self._stage_row(buf, at, token, row.start_pos, n, slot, row.sample, row.output_index, -1, -1, lagged)
             qlens[at] = n
             if row.sample:
                 prev_rows[row.req_id] = at
@@ -76,11 +81,12 @@ class StepStager:
             token += n
         buf.query_start_loc[at] = token
         self._prev_rows = prev_rows
+        self._prev_verify = verify
         return StagedCounts(token, at, self._num_new, self._num_tables, any_prev, qlens[:at],
                             buf.seq_lens[:at].copy(), spec_rows)
 
     def _stage_row(self, buf: StagingBuffer, at: int, token: int, start: int, n: int, slot: int, sample: bool,
-                   output_index: int, draft: int, column: int) -> None:
+                   output_index: int, draft: int, column: int, lagged: int) -> None:
         buf.query_start_loc[at] = token
         buf.start_pos[at] = start
         buf.seq_lens[at] = start + n
@@ -89,9 +95,10 @@ class StepStager:
         buf.out_index[at] = output_index
         buf.draft_ids[at] = draft
         buf.column[at] = column
+        buf.lagged[at] = lagged
 
-    def _stage_verify_row(self, buf: StagingBuffer, row: ScheduledRow, slot: int, at: int,
-                          token: int) -> tuple[int, int]:
+    def _stage_verify_row(self, buf: StagingBuffer, row: ScheduledRow, slot: int, at: int, token: int,
+                          lagged: int) -> tuple[int, int]:
         """A verify row [t, d1..dk] as k + 1 one-token step rows on the request's
         slot: column j holds its token at position start + j, samples output
         output_index + j with the slot's seed state moved j outputs on (the
@@ -108,7 +115,7 @@ class StepStager:
                 buf.input_ids[token] = row.token_ids[j]
                 buf.prev_rows[token] = -1
             self._stage_row(buf, at, token, row.start_pos + j, 1, slot, True, row.output_index + j,
-                            row.token_ids[j + 1] if j < d else -1, j)
+                            row.token_ids[j + 1] if j < d else -1, j, lagged)
             at += 1
             token += 1
         return at, token

@@ -104,9 +104,6 @@ class ScheduledRow:
     # tokens) the draft network computes in this step before drafting; a verify
     # row's chunk ends with its last known token, whose draft argmax is d1
     draft_chunk: tuple[int, list[int]] | None = None
-    # the device's seed state of the request's slot is off (a void row of
-    # speculative decoding moved it on): write the state of output_index again
-    reseed: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,7 @@ unchanged, decode inputs come from the previous step."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -158,9 +159,11 @@ def test_build_gathers_the_states_before_advancing_only_rows_that_sample() -> No
 def test_verify_columns_sample_further_on_and_their_slot_moves_by_the_tokens_emitted() -> None:
     """A verify row's column j draws with its slot's state j outputs on (the state
     plain decoding would have there); after the step the slot moves on by the
-    row's emitted tokens: its leading columns that drew their drafts, + 1."""
+    row's emitted tokens (its leading columns that drew their drafts, + 1) and
+    keeps the columns it did not emit as its lag, by which the row chained on
+    it moves back before the next step runs."""
     ops = get_ops()
-    inp = DeviceInputs(ops, LIM, use_kernels=False)
+    inp = DeviceInputs(ops, dataclasses.replace(LIM, verify_columns=4), use_kernels=False)
     s = inp.sampling
     states = np.array([seed_state(7 * i + 1, 3 * i) for i in range(LIM.max_rows)], np.int64)
     ops.copy_from_host_(s.seed_state, states)
@@ -176,10 +179,24 @@ def test_verify_columns_sample_further_on_and_their_slot_moves_by_the_tokens_emi
     after_build = states.copy()
     after_build[5] = moved(states[5], 1)  # plain rows move at once; verify rows wait for their counts
     np.testing.assert_array_equal(ops.to_numpy(s.seed_state)[: LIM.max_rows], after_build)
-    s.advance_verified_(t(slots), t(column), t(drew), 4)
+    ops.copy_from_host_(inp.row_slots, slots)
+    ops.copy_from_host_(inp.column, column)
+    inp.settle_verified_(len(slots), t(drew), advance=True)
     want = after_build.copy()
     want[2], want[6] = moved(states[2], 3), moved(states[6], 2)
     np.testing.assert_array_equal(ops.to_numpy(s.seed_state)[: LIM.max_rows], want)
+    lag = ops.to_numpy(inp.lag)
+    assert (lag[2], lag[6]) == (1, 0)  # slot 2 emitted 3 of its 4 columns, slot 6 both of its 2
+
+    # the next step: rows chained on slot 2's and slot 6's verify rows, staged as if both kept every draft
+    for name, values in (("row_slots", [2, 6]), ("lagged", [1, 1]), ("start_pos", [10, 20]), ("seq_lens", [11, 21]),
+                         ("out_index", [5, 7]), ("query_start_loc", [0, 1, 2]), ("prev_rows", [4, 6])):
+        ops.copy_from_host_(getattr(inp, name), np.array(values, np.int64))
+    inp.apply_lag(2)
+    got = {name: ops.to_numpy(getattr(inp, name))[:2].tolist()
+           for name in ("start_pos", "seq_lens", "out_index", "prev_rows")}
+    # slot 2's row moves back one position and takes the token of the column before the last
+    assert got == {"start_pos": [9, 20], "seq_lens": [10, 21], "out_index": [4, 7], "prev_rows": [3, 6]}, got
 
 
 def test_decode_inputs_come_from_the_previous_step() -> None:
@@ -200,7 +217,8 @@ def test_the_kernel_faces_decline_cpu_tensors() -> None:
     assert step_kernels.stop_flags(ops, x, x, x, x, ops.zeros([2, 4], "int64"), x, x, x) is False
     f = ops.zeros([2], "float32")
     assert step_kernels.build_sampling_params(ops, f, f, x, x, x, x, x, f, f, x, x, f, advance=True) is False
-    assert step_kernels.advance_verified_seeds(ops, x, x, x, x) is False
+    assert step_kernels.settle_verified_rows(ops, x, x, x, x, x, advance=True) is False
+    assert step_kernels.apply_lag(ops, x, x, x, x, x, x, x, x) is False
 
 
 # --- end to end: the real scheduler consumes the runner's verdict --------------------

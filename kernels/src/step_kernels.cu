@@ -13,8 +13,11 @@
 //   token column), turn the state into the row's uniform (the exact integer
 //   hash of stages/sampler.py) and optionally advance a plain row's slot's
 //   seed state in place.
-// - advance_verified_seeds: after a verify step, move each verify row's slot's
-//   seed state on by the tokens the row emits.
+// - settle_verified_rows: after a verify step, move each verify row's slot's
+//   seed state on by the tokens the row emits, and keep how many of its
+//   columns it did not emit (the slot's lag).
+// - apply_lag: before a step, move the rows chained on a verify row back by
+//   their slot's lag (positions, lengths, output indices, the input token).
 // - update_input_ids: decode inputs taken from the previous step's samples.
 // - stop_flags: the token-level finish code of every row that sampled.
 #include <cuda_runtime.h>
@@ -98,18 +101,40 @@ __global__ void build_sampling_params_kernel(const float* __restrict__ temperatu
   if (advance && col < 0 && sample_mask[r] > 0) seed_state[slot] = (state + kSeedIncrement) % kSeedModulus;
 }
 
-// One thread per step row; the thread of a verify row's column 0 walks the
-// row's later columns (column[r + j] == j) while the column before drew its
-// draft, and moves the slot's state on by the tokens emitted (matches + 1).
-__global__ void advance_verified_seeds_kernel(int64_t* seed_state, const int64_t* __restrict__ row_slots,
-                                              const int64_t* __restrict__ column, const int64_t* __restrict__ drew,
-                                              int64_t rows) {
+// One thread per step row; the thread of a verify row's column 0 counts the
+// row's columns (column[r + j] == j) and the tokens it emits (the columns up
+// to the first whose predecessor did not draw its draft), then (advance)
+// moves the slot's seed state on by the emitted tokens and stores the lag.
+__global__ void settle_verified_rows_kernel(int64_t* seed_state, int64_t* lag, const int64_t* __restrict__ row_slots,
+                                            const int64_t* __restrict__ column, const int64_t* __restrict__ drew,
+                                            int64_t rows, bool advance) {
   int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= rows || column[r] != 0) return;
+  int64_t width = 1;
+  while (r + width < rows && column[r + width] == width) ++width;
   int64_t emitted = 1;
-  while (r + emitted < rows && column[r + emitted] == emitted && drew[r + emitted - 1] == 1) ++emitted;
+  while (emitted < width && drew[r + emitted - 1] == 1) ++emitted;
   int64_t slot = row_slots[r];
-  seed_state[slot] = (seed_state[slot] + emitted * kSeedIncrement) % kSeedModulus;
+  if (advance) seed_state[slot] = (seed_state[slot] + emitted * kSeedIncrement) % kSeedModulus;
+  lag[slot] = width - emitted;
+}
+
+// One thread per step row. A row chained on its request's verify row was
+// staged as if that row emitted every column; it emitted lag[slot] fewer, so
+// the row's positions, length and output index move back by that much, and
+// its input token (from the previous step's output) is the one lag columns
+// before the last. Runs before update_input_ids, on the freshly loaded step.
+__global__ void apply_lag_kernel(int64_t* start_pos, int64_t* seq_lens, int64_t* out_index, int64_t* prev_rows,
+                                 const int64_t* __restrict__ query_start_loc, const int64_t* __restrict__ row_slots,
+                                 const int64_t* __restrict__ lagged, const int64_t* __restrict__ lag, int64_t rows) {
+  int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= rows || lagged[r] == 0) return;
+  int64_t back = lag[row_slots[r]];
+  start_pos[r] -= back;
+  seq_lens[r] -= back;
+  out_index[r] -= back;
+  int64_t t = query_start_loc[r];
+  if (prev_rows[t] >= 0) prev_rows[t] -= back;
 }
 
 // One thread per token; prev_rows[t] < 0 keeps the staged token.
@@ -162,14 +187,26 @@ void build_sampling_params(uintptr_t temperature, uintptr_t top_p, uintptr_t top
   check_launch("build_sampling_params");
 }
 
-void advance_verified_seeds(uintptr_t seed_state, uintptr_t row_slots, uintptr_t column, uintptr_t drew,
-                            int64_t rows, uintptr_t stream) {
-  check_rows(rows, "advance_verified_seeds");
+void settle_verified_rows(uintptr_t seed_state, uintptr_t lag, uintptr_t row_slots, uintptr_t column, uintptr_t drew,
+                          int64_t rows, bool advance, uintptr_t stream) {
+  check_rows(rows, "settle_verified_rows");
   if (rows == 0) return;
-  advance_verified_seeds_kernel<<<blocks_for(rows), kThreads, 0, as_stream(stream)>>>(
-      ptr<int64_t>(seed_state), ptr<const int64_t>(row_slots), ptr<const int64_t>(column), ptr<const int64_t>(drew),
-      rows);
-  check_launch("advance_verified_seeds");
+  settle_verified_rows_kernel<<<blocks_for(rows), kThreads, 0, as_stream(stream)>>>(
+      ptr<int64_t>(seed_state), ptr<int64_t>(lag), ptr<const int64_t>(row_slots), ptr<const int64_t>(column),
+      ptr<const int64_t>(drew), rows, advance);
+  check_launch("settle_verified_rows");
+}
+
+void apply_lag(uintptr_t start_pos, uintptr_t seq_lens, uintptr_t out_index, uintptr_t prev_rows,
+               uintptr_t query_start_loc, uintptr_t row_slots, uintptr_t lagged, uintptr_t lag, int64_t rows,
+               uintptr_t stream) {
+  check_rows(rows, "apply_lag");
+  if (rows == 0) return;
+  apply_lag_kernel<<<blocks_for(rows), kThreads, 0, as_stream(stream)>>>(
+      ptr<int64_t>(start_pos), ptr<int64_t>(seq_lens), ptr<int64_t>(out_index), ptr<int64_t>(prev_rows),
+      ptr<const int64_t>(query_start_loc), ptr<const int64_t>(row_slots), ptr<const int64_t>(lagged),
+      ptr<const int64_t>(lag), rows);
+  check_launch("apply_lag");
 }
 
 void update_input_ids(uintptr_t input_ids, uintptr_t prev_rows, uintptr_t prev_sampled, int64_t num_tokens,
@@ -206,10 +243,16 @@ void register_step_kernels(py::module_& m) {
         "column[r] > 0), compute its uniform, and (advance) move the seed state of plain rows (column < 0) "
         "with sample_mask > 0 on, in place. float32: temperature, top_p, out_temperature, out_top_p, "
         "out_uniform; the rest int64");
-  m.def("advance_verified_seeds", &advance_verified_seeds, py::arg("seed_state"), py::arg("row_slots"),
-        py::arg("column"), py::arg("drew"), py::arg("rows"), py::arg("stream"),
-        "Move the seed state of each verify row's slot (the row of column 0) on by its emitted tokens: "
-        "1 + its leading later columns whose previous column drew its draft (drew == 1). int64 arrays");
+  m.def("settle_verified_rows", &settle_verified_rows, py::arg("seed_state"), py::arg("lag"), py::arg("row_slots"),
+        py::arg("column"), py::arg("drew"), py::arg("rows"), py::arg("advance"), py::arg("stream"),
+        "For each verify row (its column-0 step row): emitted = 1 + its leading later columns whose previous "
+        "column drew its draft (drew == 1); (advance) its slot's seed state moves on by emitted; its slot's "
+        "lag = its columns - emitted. int64 arrays");
+  m.def("apply_lag", &apply_lag, py::arg("start_pos"), py::arg("seq_lens"), py::arg("out_index"),
+        py::arg("prev_rows"), py::arg("query_start_loc"), py::arg("row_slots"), py::arg("lagged"), py::arg("lag"),
+        py::arg("rows"), py::arg("stream"),
+        "Rows with lagged != 0 move start_pos, seq_lens, out_index and their first token's prev_rows entry "
+        "(where >= 0) back by lag[row_slots[r]]. int64 arrays");
   m.def("update_input_ids", &update_input_ids, py::arg("input_ids"), py::arg("prev_rows"), py::arg("prev_sampled"),
         py::arg("num_tokens"), py::arg("stream"),
         "input_ids[t] = prev_sampled[prev_rows[t]] where prev_rows[t] >= 0 (int64 arrays)");

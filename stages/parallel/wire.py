@@ -28,7 +28,8 @@ def _step_used(name: str, tokens: int, rows: int) -> int:
     """Entries of the per-step array `name` (input_batch.step_layout) a step uses.
     A name added to the layout must be added here: the KeyError says so."""
     return {"query_start_loc": rows + 1, "start_pos": rows, "seq_lens": rows, "row_slots": rows,
-            "sample_mask": rows, "out_index": rows, "draft_ids": rows, "column": rows, "input_ids": tokens, "prev_rows": tokens}[name]
+            "sample_mask": rows, "out_index": rows, "draft_ids": rows, "column": rows, "lagged": rows,
+            "input_ids": tokens, "prev_rows": tokens}[name]
 
 
 class WireArray(msgspec.Struct, array_like=True, frozen=True):

@@ -82,7 +82,10 @@ def build_plan(meta: AttentionMetadata, kv_heads: int, slots_per_head: int) -> A
     then batch into one matmul whatever their lengths, and a long prefill
     does not pad every decode row to its length. The host knows every index
     (from the host mirrors), so they go to the device in one upload; masks
-    and block lists are derived on the device.
+    and block lists are derived on the device. One-token rows take their
+    query position from the device's seq_lens: a row chained on a verify row
+    moves back there (input_batch.py `apply_lag`), and the host's lengths are
+    then upper bounds (they still size the key span).
     """
     qlens, seqlens, bs, num_rows = meta.query_lens_host, meta.seq_lens_host, meta.block_size, meta.num_rows
     starts = np.zeros(num_rows, dtype=np.int64)
@@ -111,6 +114,9 @@ def build_plan(meta: AttentionMetadata, kv_heads: int, slots_per_head: int) -> A
         rows_t = packed[at: at + n]
         tok_t = packed[at + n: at + n + n * qlen]
         qpos_t = packed[at + n + n * qlen: at + n + 2 * n * qlen]
+        if qlen == 1:
+            seq = meta.seq_lens[:n] if all_rows else paddle.index_select(meta.seq_lens, rows_t)
+            qpos_t = seq - 1
         at += n + 2 * n * qlen
         tables = meta.block_tables if all_rows else paddle.index_select(meta.block_tables, rows_t)
         kv_blocks = paddle.reshape(paddle.slice(tables, [1], [0], [nblocks]), [n * nblocks])

@@ -82,6 +82,10 @@ def build_plan(meta: AttentionMetadata, dev: torch.device, to_dev: Callable[[np.
         if device_rows:
             qpos = (meta.seq_lens[:n] - 1).unsqueeze(1)
             tables = meta.block_tables[:n, :nblocks]
+        elif qlen == 1:  # one-token rows elsewhere in the step: their positions from the device too
+            rows_t = to_dev(rows.astype(np.int64))
+            qpos = (meta.seq_lens.index_select(0, rows_t) - 1).unsqueeze(1)
+            tables = meta.block_tables.index_select(0, rows_t)[:, :nblocks]
         else:
             qpos = to_dev((seqlens[rows] - qlens[rows])[:, None] + j[None, :])
             tables = meta.block_tables.index_select(0, to_dev(rows.astype(np.int64)))[:, :nblocks]

@@ -107,7 +107,7 @@ class Scheduler(StepUpdates):
                 break
             if req.req_id in scheduled or req.status is not RequestStatus.RUNNING:
                 continue
-            # an output in flight: the sequence to continue is not known (a void
+            # an output in flight: the sequence to continue is not known (a
             # chained row's placeholder can leave more than one position to compute)
             if req.num_tokens_to_compute <= 1 or req.num_placeholders:
                 continue
@@ -242,7 +242,6 @@ class Scheduler(StepUpdates):
             seed=req.seed,
             stops=req.stops,
             num_drafts=len(drafts),
-            reseed=self.spec is not None and self.spec.take_reseed(req.req_id),
         )
         if sample and self.spec is not None and self.spec.speculates(req):
             self.spec.planned(req, row, step_id)

@@ -62,15 +62,15 @@ class StepUpdates(SchedulerState):
                 if req.num_placeholders == 0:
                     del self._requests[req.req_id]
                 continue
-            if self.spec is not None and self.spec.voided(req, so.step_id):
-                continue  # chained on a row that rejected a draft: never emitted
-            if row.output_index != len(req.output_token_ids):
-                raise RuntimeError(f"{req}: output {row.output_index} arrived out of order")
+            # chained on a verify row that rejected drafts: it ran that many outputs earlier
+            output_index = row.output_index - (self.spec.output_lag(req, so.step_id) if self.spec is not None else 0)
+            if output_index != len(req.output_token_ids):
+                raise RuntimeError(f"{req}: output {output_index} arrived out of order")
             # A preempted request still takes this output (FastDeploy #6176)
             # and recomputes it with the rest when it runs again.
             if row.num_drafts:
                 assert accept_num is not None and out.spec_tokens is not None and self.spec is not None
-                accepted.extend(self._apply_verified(req, i, row, so.step_id,
+                accepted.extend(self._apply_verified(req, i, row, so.step_id, output_index,
                                                      out.spec_tokens[i, : accept_num[i]].tolist()))
                 continue
             token = sampled[i]
@@ -82,7 +82,7 @@ class StepUpdates(SchedulerState):
                 reason = token_stop_reason(req, token, self.eos_token_ids, self.max_model_len)
             if reason is not None:
                 self._finish(req, reason)
-            accepted.append(SampledToken(req, req.req_id, i, token, row.output_index, reason))
+            accepted.append(SampledToken(req, req.req_id, i, token, output_index, reason))
         return accepted
 
     def skip_step(self, so: SchedulerOutput) -> None:
@@ -104,7 +104,7 @@ class StepUpdates(SchedulerState):
             if req.num_placeholders == 0:
                 del self._requests[req.req_id]
 
-    def _apply_verified(self, req: Request, i: int, row: ScheduledRow, step_id: int,
+    def _apply_verified(self, req: Request, i: int, row: ScheduledRow, step_id: int, output_index: int,
                         tokens: list[int]) -> list[SampledToken]:
         """A verify row's tokens, in order, up to the first that ends the request
         (eos, a stop id, the length limit: nothing past it is emitted)."""
@@ -113,7 +113,7 @@ class StepUpdates(SchedulerState):
             req.output_token_ids.append(token)
             # the device's finish code is for one token a row: the host checks these
             reason = token_stop_reason(req, token, self.eos_token_ids, self.max_model_len)
-            out.append(SampledToken(req, req.req_id, i, token, row.output_index + j, reason, j))
+            out.append(SampledToken(req, req.req_id, i, token, output_index + j, reason, j))
             if reason is not None:
                 break
         assert self.spec is not None

@@ -10,22 +10,27 @@ are forgotten (the next step overwrites them) and blocks that only they used
 go back to the pool.
 
 Overlap: the host plans a speculating request's next row while its previous
-row is still in flight, as if that row accepts every draft (a chain). The
-next row then starts after those drafts, takes its first token (the previous
-row's last column) from the device like any overlapped decode, and carries
-drafts proposed from the known tokens plus the assumed ones. If the previous
-row rejected a draft, the assumption failed: the chained row is void (its
-outputs are dropped when they arrive, its positions and the blocks only it
-used are given back; its KV writes lie past the sequence and are overwritten
-before anything reads them) and the request's next row is planned once the
-host knows its tokens. Whatever drafts a row carries, verification keeps
-exactly the tokens plain decoding would draw (verify.py), so overlap and
---no-overlap (which never chains: nothing is in flight when it plans) emit
-the same tokens. A chain is one row deep: a request waits while two of its
-rows are in flight, when its row in flight is not from the step just before
-(the device's copy of its last token is gone), and when that row carries
-drafts but the request's last verify row rejected one (a void row costs a
-whole step; waiting costs the host's round trip).
+row is still in flight, as if that row accepts every draft (a chain): the
+host plans with the worst case, the device holds the truth (DESIGN.md). The
+chained row is staged after those drafts, with KV room for them, and carries
+drafts proposed from the known tokens plus the assumed ones. On the device,
+the verify row leaves its slot a lag (the columns it did not emit), and the
+chained row moves back by it before it runs: its positions, lengths and
+output indices, and its first token is the verify row's last emitted one
+(input_batch.py `apply_lag`); its seed states already follow the accept
+counts. So a chained row is never void: if its predecessor rejected a
+draft, it still computes the request's next tokens, at the right positions;
+its own drafts were proposed for another context and are then likely
+rejected, which costs nothing but their columns. When the accept count
+reaches the host, it trims its view (positions and the blocks only rejected
+drafts used) and remembers the lag to read the chained row's output at its
+real index. Whatever drafts a row carries, verification keeps exactly the
+tokens plain decoding would draw (verify.py), so overlap and --no-overlap
+(which never chains: nothing is in flight when it plans) emit the same
+tokens. A chain is one row deep: a request waits while two of its rows are
+in flight, when its row in flight is not from the step just before (the
+device's copy of its last token is gone), and when that row was itself
+chained on a row that missed (its drafts were made for another context).
 """
 
 from __future__ import annotations
@@ -61,7 +66,6 @@ class _Chain:
     assumed_step: int
     full: int  # the tokens that row emits then: drafts + 1
     step_id: int
-    positions: int  # the chained row's query positions
 
 
 class SpecPlanner:
@@ -70,10 +74,9 @@ class SpecPlanner:
         self.stats = SpecStats()
         self._in_flight: dict[int, _InFlight] = {}
         self._chains: dict[int, _Chain] = {}  # by request: chains whose assumption is not settled yet
-        self._void: dict[int, int] = {}  # request -> step id of its chained row whose assumption failed
+        # request -> (step id of its chained row, outputs it starts before its planned index)
+        self._lags: dict[int, tuple[int, int]] = {}
         self._missed: set[int] = set()  # requests whose last settled verify row rejected a draft
-        # requests whose slot's device seed state a void row moved on: their next row writes it again
-        self._reseed: set[int] = set()
         # the draft method's chunks and draft KV bookkeeping (draft_plan.py)
         self.draft: DraftPlanner | None = None
         if cfg.method == "draft":
@@ -105,11 +108,13 @@ class SpecPlanner:
             return None  # a draft chunk needs every token known: the draft method does not chain
         last = self._in_flight.get(req.req_id)
         if (last is None or last.step_id != step_id - 1 or req.num_placeholders != 1
-                or req.req_id in self._chains or req.req_id in self._void or positions_left < 0):
+                or req.req_id in self._chains or positions_left < 0):
             return None
         if last.drafts and req.req_id in self._missed:
-            # its last verify row rejected a draft: a void row would cost a whole
-            # step, waiting costs only the host's round trip
+            # its last settled verify row missed, so the row in flight (chained on
+            # it) carries drafts made for another context: guessing past it loses
+            # more acceptance than the host's round trip costs (measured on the
+            # H200: 1.6x instead of 1.7x), so it waits and plans from the truth
             return None
         limit = req.stops.max_outputs if req.stops is not None else req.params.max_tokens
         outputs = len(req.output_token_ids) + len(last.drafts) + 1  # if the row in flight keeps every draft
@@ -129,34 +134,26 @@ class SpecPlanner:
             self.draft.plan(req, row)
         last = self._in_flight.get(req.req_id)
         if row.from_prev_step and last is not None and last.drafts:  # an assumption that can fail
-            self._chains[req.req_id] = _Chain(last.step_id, len(last.drafts) + 1, step_id, row.num_tokens)
+            self._chains[req.req_id] = _Chain(last.step_id, len(last.drafts) + 1, step_id)
         self._in_flight[req.req_id] = _InFlight(step_id, row.token_ids[row.num_tokens - row.num_drafts:])
         if row.from_prev_step:
             self.stats.chained_rows += 1
 
-    def voided(self, req: Request, step_id: int) -> bool:
-        """True for the output of a chained row whose assumption failed: drop it."""
-        if self._void.get(req.req_id) != step_id:
-            return False
-        del self._void[req.req_id]
-        self._reseed.add(req.req_id)
-        self.stats.void_rows += 1
-        return True
-
-    def take_reseed(self, req_id: int) -> bool:
-        """True once after a void row of the request: its next row restages its seed state."""
-        if req_id not in self._reseed:
-            return False
-        self._reseed.discard(req_id)
-        return True
+    def output_lag(self, req: Request, step_id: int) -> int:
+        """How many outputs before its planned output_index the row of `step_id`
+        starts (its predecessor rejected that many drafts; 0 for any other row)."""
+        lag = self._lags.get(req.req_id)
+        if lag is None or lag[0] != step_id:
+            return 0
+        del self._lags[req.req_id]
+        return lag[1]
 
     def forget(self, req_id: int) -> None:
         """The request finished: outputs still in flight are dropped anyway."""
         self._in_flight.pop(req_id, None)
         self._chains.pop(req_id, None)
-        self._void.pop(req_id, None)
+        self._lags.pop(req_id, None)
         self._missed.discard(req_id)
-        self._reseed.discard(req_id)
 
     def drafts(self, req: Request, room: int) -> list[int]:
         """Drafts for the request's next verify row, at most `room` (the step's
@@ -176,27 +173,27 @@ class SpecPlanner:
                  bm: BlockManager) -> None:
         """A verify row's outcome reached the host: `accept_num` tokens (accepted
         drafts + 1) of which `emitted` were kept after stop conditions. A row
-        chained on it is void unless it accepted every draft."""
+        chained on it ran `rejected` positions and outputs earlier than planned
+        (the device moved it back)."""
         accepted = accept_num - 1
         self.stats.record(row.num_drafts, accepted, emitted)
         if self.draft is not None:
             self.draft.verified(req, row, accepted)
         rejected = row.num_drafts - accepted
-        if row.num_drafts and accepted < row.num_drafts:
+        if rejected > 0:
             self._missed.add(req.req_id)
         else:
             self._missed.discard(req.req_id)
         chain = self._chains.get(req.req_id)
-        void_positions = 0
         if chain is not None and chain.assumed_step == step_id:
             del self._chains[req.req_id]
             if accept_num < chain.full:
-                self._void[req.req_id] = chain.step_id
-                void_positions = chain.positions
+                self._lags[req.req_id] = (chain.step_id, chain.full - accept_num)
+                self.stats.lagged_rows += 1
         # A preempted or finished request already gave back its positions and blocks.
-        if rejected + void_positions <= 0 or req.status is not RequestStatus.RUNNING:
+        if rejected <= 0 or req.status is not RequestStatus.RUNNING:
             return
-        req.num_computed_tokens -= rejected + void_positions
+        req.num_computed_tokens -= rejected
         keep = bm.blocks_for_tokens(req.num_computed_tokens)
         if len(req.block_ids) > keep:
             bm.free(req.block_ids[keep:])

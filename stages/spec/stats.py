@@ -12,7 +12,7 @@ class SpecStats:
     accepted: int = 0  # drafts equal to the target's own tokens
     emitted: int = 0  # tokens those rows emitted (accepted drafts + the target's next token, after stops)
     chained_rows: int = 0  # rows planned while the request's previous row was in flight (planner.py)
-    void_rows: int = 0  # chained rows dropped: the row before them rejected a draft
+    lagged_rows: int = 0  # chained rows whose row before rejected a draft: moved back on the device
 
     def record(self, proposed: int, accepted: int, emitted: int) -> None:
         self.verify_rows += 1
@@ -27,7 +27,7 @@ class SpecStats:
             "spec_accepted": self.accepted,
             "spec_emitted": self.emitted,
             "spec_chained_rows": self.chained_rows,
-            "spec_void_rows": self.void_rows,
+            "spec_lagged_rows": self.lagged_rows,
             "spec_acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0,
             # tokens a speculating row gains per step (1.0 = no gain over plain decoding)
             "spec_tokens_per_step": self.emitted / self.verify_rows if self.verify_rows else 0.0,

@@ -110,25 +110,78 @@ def test_build_sampling_params_equals_the_ops_path(torch, ops, advance: bool) ->
     _same(after, want)
 
 
-def test_advance_verified_seeds_equals_the_ops_path(torch, ops) -> None:
+def _inputs_pair(ops):
+    """DeviceInputs with the CUDA kernels and with the ops path: SLOTS slots,
+    room for ROWS step rows of up to 3 tokens, verify rows of up to 5 columns."""
+    from overlapd.stages.input_batch import BatchLimits, DeviceInputs
+
+    lim = BatchLimits(max_tokens=3 * ROWS, max_rows=SLOTS, max_blocks=4, block_size=4, num_blocks=64,
+                      max_model_len=16, vocab_size=1000, verify_columns=5)
+    return DeviceInputs(ops, lim, use_kernels=True), DeviceInputs(ops, lim, use_kernels=False)
+
+
+@pytest.mark.parametrize("advance", [True, False])
+def test_settle_verified_rows_equals_the_ops_path(torch, ops, advance: bool) -> None:
     from overlapd.stages.sampler import SEED_INCREMENT, SEED_MODULUS
 
     rng = np.random.default_rng(3)
-    kernel, fallback, states = _sampling_pair(ops, rng)
     slots, column = _step_rows(rng)
     drew = (rng.random(ROWS) < 0.7).astype(np.int64)
-    t = ops.from_numpy
-    for p in (kernel, fallback):
-        p.advance_verified_(t(slots), t(column), t(drew), 5)
-    after = ops.to_numpy(kernel.seed_state)
-    _same(after, ops.to_numpy(fallback.seed_state))
-    want = states.copy()
+    states = rng.integers(0, 1 << 31, SLOTS + 1, dtype=np.int64)
+    lags = rng.integers(0, 5, SLOTS + 1, dtype=np.int64)
+    pair = _inputs_pair(ops)
+    for x in pair:
+        ops.copy_from_host_(x.sampling.seed_state, states)
+        ops.copy_from_host_(x.lag, lags)
+        ops.copy_from_host_(x.row_slots, slots)
+        ops.copy_from_host_(x.column, column)
+        x.settle_verified_(ROWS, ops.from_numpy(drew), advance=advance)
+    want_states, want_lags = states.copy(), lags.copy()
     for r in np.flatnonzero(column == 0):
+        width = 1
+        while r + width < ROWS and column[r + width] == width:
+            width += 1
         n = 1
-        while r + n < ROWS and column[r + n] == n and drew[r + n - 1]:
+        while n < width and drew[r + n - 1]:
             n += 1
-        want[slots[r]] = (states[slots[r]] + n * SEED_INCREMENT) % SEED_MODULUS
-    _same(after, want)
+        if advance:
+            want_states[slots[r]] = (states[slots[r]] + n * SEED_INCREMENT) % SEED_MODULUS
+        want_lags[slots[r]] = width - n
+    for x in pair:
+        _same(ops.to_numpy(x.sampling.seed_state), want_states)
+        _same(ops.to_numpy(x.lag), want_lags)
+
+
+def test_apply_lag_equals_the_ops_path(torch, ops) -> None:
+    rng = np.random.default_rng(4)
+    slots = rng.permutation(SLOTS)[:ROWS].astype(np.int64)
+    qlens = rng.integers(1, 4, ROWS)
+    qsl = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int64)
+    tokens = int(qsl[-1])
+    arrays = {
+        "row_slots": slots, "query_start_loc": qsl,
+        "lagged": (rng.random(ROWS) < 0.5).astype(np.int64),
+        "start_pos": rng.integers(10, 100, ROWS, dtype=np.int64),
+        "out_index": rng.integers(10, 100, ROWS, dtype=np.int64),
+        "prev_rows": np.where(rng.random(tokens) < 0.6, rng.integers(5, 50, tokens), -1).astype(np.int64),
+    }
+    arrays["seq_lens"] = arrays["start_pos"] + qlens
+    lags = rng.integers(0, 5, SLOTS + 1, dtype=np.int64)
+    pair = _inputs_pair(ops)
+    for x in pair:
+        for name, a in arrays.items():
+            ops.copy_from_host_(getattr(x, name), a)
+        ops.copy_from_host_(x.lag, lags)
+        x.apply_lag(ROWS)
+    back = lags[slots] * arrays["lagged"]
+    want = {name: arrays[name] - back for name in ("start_pos", "seq_lens", "out_index")}
+    prev = arrays["prev_rows"].copy()
+    first = qsl[:-1]
+    prev[first] = np.where(prev[first] >= 0, prev[first] - back, prev[first])
+    want["prev_rows"] = prev
+    for x in pair:
+        for name, a in want.items():
+            _same(ops.to_numpy(getattr(x, name))[: len(a)], a)
 
 
 def test_sampling_with_the_kernels_uniforms_gives_the_same_tokens(torch, ops) -> None:
