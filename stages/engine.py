@@ -23,6 +23,7 @@ from .parallel.supervisor import TensorParallel
 from .runtime import load_runtime
 from .scheduling import Scheduler
 from .sizing import kv_cache_num_blocks
+from .spec.draft_model import load_draft_checkpoint
 from .spec import SpecPlanner
 from .spec.config import spec_config_of
 from .step_types import FinishReason, SamplingParams, SchedulerOutput
@@ -56,9 +57,13 @@ class LLMEngine:
             self.vocab_size = self.loaded.config.vocab_size
             self.max_model_len = self.loaded.max_model_len
             self.max_num_seqs = cfg.max_num_seqs
-            self.num_blocks = kv_cache_num_blocks(cfg, self.loaded.config)
+            # a separate draft model: loaded first, so that its KV cache counts in kv_cache_bytes
+            draft = load_draft_checkpoint(cfg, self.loaded, self.ops) \
+                if cfg.speculative == "draft" and cfg.speculative_draft_model else None
+            self.num_blocks = kv_cache_num_blocks(cfg, self.loaded.config, draft.config if draft else None)
             # a staging buffer for each step in flight, and one being prepared
-            self.runner = ModelRunner(self.loaded, self.ops, cfg, self.num_blocks, staging_depth=max_inflight + 1)
+            self.runner = ModelRunner(self.loaded, self.ops, cfg, self.num_blocks, staging_depth=max_inflight + 1,
+                                      draft_checkpoint=draft)
             if self.parallel is not None:
                 self.parallel.attach(self.runner)
         except BaseException:

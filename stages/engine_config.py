@@ -24,7 +24,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     block_size: int = 16  # tokens per KV block
     num_blocks: int = 0  # KV blocks; 0 = enough for max_num_seqs full-length requests, capped by kv_cache_bytes
-    kv_cache_bytes: int = 1 << 30  # upper bound on the KV cache when num_blocks = 0
+    kv_cache_bytes: int = 1 << 30  # upper bound on the KV cache (with a draft model's) when num_blocks = 0
     max_model_len: int = 0  # 0 = the model's max_position_embeddings, capped at 4096
     max_num_seqs: int = 64  # requests in one step (rows)
     max_num_batched_tokens: int = 512  # tokens in one step: the per-step token budget

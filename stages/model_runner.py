@@ -82,7 +82,8 @@ class StepLauncher(Protocol):
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, ops: Ops, cfg: EngineConfig, num_blocks: int,
-                 staging_depth: int = DEFAULT_STAGING_DEPTH, use_kernels: bool | None = None) -> None:
+                 staging_depth: int = DEFAULT_STAGING_DEPTH, use_kernels: bool | None = None,
+                 draft_checkpoint: LoadedModel | None = None) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -115,7 +116,7 @@ class ModelRunner:
         self._stager = StepStager(self.limits)
         # speculative "draft": drafts made on the device before each verify step's forward
         self.drafter = spec_drafter.Drafter(
-            ops, build_draft_model(cfg, loaded, ops, self.kv_caches, num_blocks), self.limits,
+            ops, build_draft_model(cfg, loaded, ops, self.kv_caches, num_blocks, draft_checkpoint), self.limits,
             spec.num_tokens) if spec.method == "draft" else None
         self._pool = StagingPool(self.limits, staging_depth, ops.host_zeros)
         self._lock = threading.Lock()  # prepare may run beside launch/collect

@@ -24,19 +24,24 @@ def resolve_max_model_len(cfg: EngineConfig, config: LlamaConfig) -> int:
     return cfg.max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
 
 
-def kv_block_bytes(cfg: EngineConfig, config: LlamaConfig) -> int:
+def kv_block_bytes(cfg: EngineConfig, config: LlamaConfig, draft: LlamaConfig | None = None) -> int:
     """Bytes of one block across all layers, keys and values (on the rank that
-    caches the most KV heads, with tensor parallelism: kv_cache_bytes bounds each rank's cache)."""
+    caches the most KV heads, with tensor parallelism: kv_cache_bytes bounds each
+    rank's cache), with a separate draft model's block too (its cache has the
+    target's block count; the draft method runs without tensor parallelism)."""
     if cfg.dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {cfg.dtype!r}")
     heads = max_kv_heads_per_rank(config, cfg.tensor_parallel_size)
     per_token = 2 * config.num_hidden_layers * heads * config.head_dim
+    if draft is not None:
+        per_token += 2 * draft.num_hidden_layers * draft.num_key_value_heads * draft.head_dim
     return per_token * cfg.block_size * _DTYPE_BYTES[cfg.dtype]
 
 
-def kv_cache_num_blocks(cfg: EngineConfig, config: LlamaConfig) -> int:
+def kv_cache_num_blocks(cfg: EngineConfig, config: LlamaConfig, draft: LlamaConfig | None = None) -> int:
     """cfg.num_blocks if set; else enough for max_num_seqs full-length
-    requests, capped by kv_cache_bytes. Never fewer than one full request."""
+    requests, capped by kv_cache_bytes (the target's cache and a separate
+    draft model's, `draft`, together). Never fewer than one full request."""
     if cfg.block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {cfg.block_size}")
     per_seq = -(-resolve_max_model_len(cfg, config) // cfg.block_size)
@@ -46,7 +51,7 @@ def kv_cache_num_blocks(cfg: EngineConfig, config: LlamaConfig) -> int:
                 f"num_blocks {cfg.num_blocks} cannot hold one request of max_model_len tokens "
                 f"({per_seq} blocks of {cfg.block_size})")
         return cfg.num_blocks
-    n = min(cfg.max_num_seqs * per_seq, cfg.kv_cache_bytes // kv_block_bytes(cfg, config))
+    n = min(cfg.max_num_seqs * per_seq, cfg.kv_cache_bytes // kv_block_bytes(cfg, config, draft))
     if n < per_seq:
         raise ValueError(
             f"kv_cache_bytes {cfg.kv_cache_bytes} holds {n} blocks, fewer than one request of "

@@ -226,3 +226,29 @@ def test_default_model_self_draft_greedy_equals_plain():
     stats = e.spec.stats.snapshot()
     assert stats["spec_accepted"] > 0, stats
     assert nothing_held(e)
+
+
+def test_a_separate_draft_models_cache_counts_in_kv_cache_bytes():
+    """kv_cache_bytes bounds the target's KV cache and a separate draft model's
+    together (both hold the same number of blocks); the self-draft shares the
+    target's cache and costs nothing more."""
+    from overlapd.stages.sizing import kv_block_bytes
+
+    plain = LLMEngine(EngineConfig(model="tiny", max_num_seqs=64))
+    cfg, config = plain.cfg, plain.loaded.config
+    block = kv_block_bytes(cfg, config)
+    per_seq = -(-plain.max_model_len // cfg.block_size)
+    budget = 4 * per_seq * block  # the binding limit: 64 full-length requests would need more
+    plain.close()
+    assert LLMEngine(EngineConfig(model="tiny", max_num_seqs=64, kv_cache_bytes=budget)).num_blocks == 4 * per_seq
+    self_draft = engine(max_num_seqs=64, kv_cache_bytes=budget)
+    assert self_draft.num_blocks == 4 * per_seq
+    e = engine(speculative_draft_model="tiny", max_num_seqs=64, kv_cache_bytes=budget)
+    assert kv_block_bytes(cfg, config, config) == 2 * block
+    assert e.num_blocks == 2 * per_seq
+    draft = e.runner.drafter.draft
+    assert not draft.shares_target_kv and len(draft.kv_caches) == config.num_hidden_layers
+    # and the engine still drafts with it: the draft is the target itself, so every draft holds
+    tokens, _ = run(e, greedy(16))
+    assert all(len(t) == 16 for t in tokens)
+    assert e.spec.stats.accepted == e.spec.stats.proposed > 0

@@ -61,10 +61,11 @@ def self_draft(target: LlamaModel, target_kv: list[Any], num_layers: int) -> Dra
     return DraftModel(f"self:{layers}", view, target_kv[:layers], shares_target_kv=True)
 
 
-def load_draft_model(cfg: EngineConfig, target: LoadedModel, ops: Ops, num_blocks: int) -> DraftModel:
+def load_draft_checkpoint(cfg: EngineConfig, target: LoadedModel, ops: Ops) -> LoadedModel:
     """The checkpoint `cfg.speculative_draft_model`, refused before its weights
-    are read if its vocabulary differs from the target's; its KV cache has the
-    target's layout (num_blocks + 1 blocks of cfg.block_size)."""
+    are read if its vocabulary differs from the target's. Its KV cache comes
+    later (build_draft_model): the engine sizes the target's and the draft's
+    caches together (stages/sizing.py)."""
     name = cfg.speculative_draft_model
     draft_cfg = msgspec.structs.replace(
         cfg, model=name, max_model_len=target.max_model_len, speculative="off", speculative_draft_model="",
@@ -77,9 +78,7 @@ def load_draft_model(cfg: EngineConfig, target: LoadedModel, ops: Ops, num_block
                 f"draft model {name!r} holds {config.max_position_embeddings} positions, fewer than the "
                 f"target {cfg.model!r} serves (max_model_len {target.max_model_len}); lower max_model_len")
 
-    loaded = load_model(draft_cfg, ops, check=check)
-    kv = loaded.model.allocate_kv_caches(num_blocks + 1, cfg.block_size)
-    return DraftModel(name, loaded.model, kv, shares_target_kv=False)
+    return load_model(draft_cfg, ops, check=check)
 
 
 def check_same_vocabulary(target_name: str, target_config: LlamaConfig, target_tok: TokenizerLike,
@@ -103,10 +102,15 @@ def _vocabulary(tok: TokenizerLike) -> object:
 
 
 def build_draft_model(cfg: EngineConfig, target: LoadedModel, ops: Ops, target_kv: list[Any],
-                      num_blocks: int) -> DraftModel:
-    """The draft network `cfg` asks for (speculative = "draft")."""
+                      num_blocks: int, checkpoint: LoadedModel | None = None) -> DraftModel:
+    """The draft network `cfg` asks for (speculative = "draft"): a separate
+    checkpoint (`checkpoint` where the caller loaded it already) with a KV
+    cache of the target's layout (num_blocks + 1 blocks of cfg.block_size),
+    or the target's first layers over the target's cache."""
     if cfg.speculative_draft_model:
-        draft = load_draft_model(cfg, target, ops, num_blocks)
+        loaded = checkpoint if checkpoint is not None else load_draft_checkpoint(cfg, target, ops)
+        kv = loaded.model.allocate_kv_caches(num_blocks + 1, cfg.block_size)
+        draft = DraftModel(cfg.speculative_draft_model, loaded.model, kv, shares_target_kv=False)
     else:
         draft = self_draft(target.model, target_kv, cfg.speculative_draft_layers)
     log.info("draft_model_ready", draft=draft.name, target=cfg.model, layers=len(draft.kv_caches),
