@@ -24,6 +24,8 @@ from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.pipeline import Pipeline
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 
+from model_args import add_model_args, model_fields
+
 
 async def run_mode(engine_cfg: EngineConfig, overlap: bool, args: argparse.Namespace) -> tuple[dict, list[list[int]], float]:
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-bench-{os.getpid()}.ring"))
@@ -50,17 +52,13 @@ async def run_mode(engine_cfg: EngineConfig, overlap: bool, args: argparse.Names
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--load-format", default="auto")
-    ap.add_argument("--runtime", default="paddle")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    add_model_args(ap)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
     cfg = EngineConfig(
-        model=args.model, load_format=args.load_format, runtime=args.runtime, device=args.device, dtype=args.dtype,
+        **model_fields(args),
         max_num_seqs=max(args.requests, 1), max_model_len=args.prompt_len + args.max_tokens + 16,
     )
     import uvloop

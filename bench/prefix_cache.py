@@ -31,6 +31,8 @@ from overlapd.stages.engine_config import EngineConfig
 from overlapd.stages.pipeline import Pipeline
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 
+from model_args import add_model_args, model_fields
+
 
 class TimedSink(CollectSink):
     """Records when the first tokens arrived."""
@@ -106,11 +108,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--load-format", default="auto")
-    ap.add_argument("--runtime", default="paddle")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    add_model_args(ap)
     ap.add_argument("--conversations", type=int, default=32)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system-len", type=int, default=1000, help="tokens in the shared system prompt")
@@ -120,8 +118,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH", help="also write the figures here")
     args = ap.parse_args()
     longest = args.system_len + args.turns * (args.user_len + args.max_tokens)
-    base = dict(model=args.model, load_format=args.load_format, runtime=args.runtime, device=args.device,
-                dtype=args.dtype, max_num_seqs=args.conversations, max_num_batched_tokens=args.max_num_batched_tokens,
+    base = dict(**model_fields(args), max_num_seqs=args.conversations, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=-(-longest // 256) * 256)
     import uvloop
 

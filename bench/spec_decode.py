@@ -39,6 +39,8 @@ from overlapd.stages.engine import LLMEngine
 from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
 from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput
 
+from model_args import add_model_args, model_fields
+
 PARAGRAPH = ("The old lighthouse keeper climbed the spiral stairs every evening, lit the great lamp, "
              "and watched the ships pass safely through the narrow channel below.")
 # (chat?, text): requests whose greedy answers copy or continue what the prompt holds
@@ -160,11 +162,7 @@ def acceptance_by_layers(engine: LLMEngine, prompts: list[str], max_tokens: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--load-format", default="auto")
-    ap.add_argument("--runtime", default="paddle")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="", help="model dtype (default: the engine's default for the device)")
+    add_model_args(ap, model=DEFAULT_MODEL, dtype="")
     ap.add_argument("--method", choices=["ngram", "draft"], default="ngram", help="speculative")
     ap.add_argument("--draft-model", default="", help="--method draft: speculative_draft_model (default: self-draft)")
     ap.add_argument("--draft-layers", type=int, default=0,
@@ -188,9 +186,7 @@ def main() -> None:
                     help="also time single steps of one row: 1, 2, 4 tokens plain and as verify rows")
     args = ap.parse_args()
 
-    dtype = {"dtype": args.dtype} if args.dtype else {}
-    cfg = EngineConfig(model=args.model, load_format=args.load_format, runtime=args.runtime, device=args.device,
-                       **dtype, speculative=args.method, num_speculative_tokens=args.k,
+    cfg = EngineConfig(**model_fields(args), speculative=args.method, num_speculative_tokens=args.k,
                        speculative_ngram_min=args.ngram_min,
                        speculative_draft_model=args.draft_model, speculative_draft_layers=args.draft_layers,
                        max_model_len=1024,
