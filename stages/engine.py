@@ -23,9 +23,9 @@ from .parallel.supervisor import TensorParallel
 from .runtime import load_runtime
 from .scheduling import Scheduler
 from .sizing import kv_cache_num_blocks
-from .spec.draft_model import load_draft_checkpoint
 from .spec import SpecPlanner
 from .spec.config import spec_config_of
+from .spec.draft_model import load_draft_checkpoint
 from .step_types import FinishReason, SamplingParams, SchedulerOutput
 
 # Consecutive schedule() calls that produce nothing while work is left and
