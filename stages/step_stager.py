@@ -51,7 +51,7 @@ class StepStager:
             # chained on a verify row in flight: staged as if it kept every draft, moved back on the device
             lagged = int(row.from_prev_step and row.req_id in self._prev_verify)
             if new:
-                self._stage_params(buf, slot, row, row.output_index)
+                self._stage_params(buf, slot, row)
             if new or self._table_changed(slot, row.block_ids):
                 self._stage_table(buf, slot, row.block_ids)
             if row.num_drafts:
@@ -159,7 +159,7 @@ class StepStager:
         buf.table_rows[k] = self._tables[slot]
         buf.table_slots[k] = slot
 
-    def _stage_params(self, buf: StagingBuffer, slot: int, row: ScheduledRow, output_index: int) -> None:
+    def _stage_params(self, buf: StagingBuffer, slot: int, row: ScheduledRow) -> None:
         k = self._num_new
         self._num_new += 1
         p = row.params
@@ -168,7 +168,7 @@ class StepStager:
         buf.new_top_p[k] = p.top_p
         buf.new_top_k[k] = p.top_k
         # (seed, output_index): a request re-entering after preemption resumes its stream
-        buf.new_seed_state[k] = seed_state(row.seed, output_index)
+        buf.new_seed_state[k] = seed_state(row.seed, row.output_index)
         stops = row.stops
         table = stops.table if stops is not None else ()
         buf.new_stop_ids[k, : len(table)] = table
