@@ -113,6 +113,11 @@ def _layers(rank: int, size: int, port: int, model_dir: str) -> dict[str, Any] |
         return ops.to_numpy(model.compute_logits(h, ops.arange(n)))
 
     forward_sharded = forward(sharded)
+    # Both ranks leave the collectives together, and each destroys the group before
+    # its interpreter finalizes: gloo's threads may still hold work whose tensors
+    # need the GIL then, which aborts the process (pytorch/pytorch#179291).
+    import torch.distributed as dist
+    dist.barrier()
     if rank != 0:
         return None
     whole = load_model(cfg, ops).model
@@ -130,7 +135,12 @@ def _layers(rank: int, size: int, port: int, model_dir: str) -> dict[str, Any] |
 
 
 def _rank1(port: int, model_dir: str) -> None:
-    _layers(1, 2, port, model_dir)
+    from overlapd.stages.parallel.group import destroy_group
+
+    try:
+        _layers(1, 2, port, model_dir)
+    finally:
+        destroy_group()
 
 
 _STORE = None
@@ -147,6 +157,8 @@ def check_layers(model_dir: str) -> dict[str, Any]:
         r = _layers(0, 2, _STORE.port, model_dir)
     finally:
         worker.join(60)
+        from overlapd.stages.parallel.group import destroy_group
+        destroy_group()
     assert r is not None
     r["worker_exit"] = worker.exitcode
     return r

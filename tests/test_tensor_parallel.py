@@ -38,7 +38,9 @@ ODD = LlamaConfig(hidden_size=72, intermediate_size=150, num_hidden_layers=2, nu
 def check(*args: str, timeout: float = 300) -> dict:
     out = subprocess.run([sys.executable, str(CHECK), *args], capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["stderr"] = out.stderr[-4000:]  # a spawned rank's own output lands here
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_two_ranks_give_one_ranks_greedy_tokens_on_the_default_model() -> None:
 
 def test_sharded_layers_with_gloo_collectives_equal_the_unsharded_model(odd_checkpoint: Path) -> None:
     r = check("layers", str(odd_checkpoint))
-    assert r["worker_exit"] == 0
+    assert r["worker_exit"] == 0, r["stderr"]
     assert r["q_heads"] == [6, 9] and r["kv_heads"] == [2, 3] and r["vocab_rows"] == 151
     assert r["embed_equal"]  # masked lookup + all-reduce: exact
     assert r["logits_shape"] == [6, 301]  # all-gathered, padding dropped
