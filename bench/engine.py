@@ -58,9 +58,9 @@ class Result:
 
 # --- ours ------------------------------------------------------------------------
 def run_engine(model: str, batch: int, plen: int, steps: int, loaded_cache: dict) -> Result:
-    from overlapd.stages.engine_config import EngineConfig
+    from overlapd.stages.engine.config import EngineConfig
     from overlapd.stages.model.loader import load_model
-    from overlapd.stages.model_runner import ModelRunner
+    from overlapd.stages.runner.model_runner import ModelRunner
     from overlapd.stages.runtime import load_runtime
     from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput
 

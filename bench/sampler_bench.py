@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 from overlapd.stages.runtime import load_runtime
-from overlapd.stages.sampler import Sampler, SamplingTensors, seed_state
+from overlapd.stages.sampling.sampler import Sampler, SamplingTensors, seed_state
 
 
 def _time_graph(fn: Callable[[], object], reps: int = 50) -> float:

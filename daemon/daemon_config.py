@@ -1,7 +1,7 @@
 """The whole daemon's settings: one TOML file, command-line flags on top.
 
     [server]    socket, permissions, limits      (daemon/config.py)
-    [engine]    model, runtime, batch and KV sizes (stages/engine_config.py)
+    [engine]    model, runtime, batch and KV sizes (stages/engine/config.py)
     [pipeline]  overlap, queue bounds           (stages/pipeline_config.py)
     [ring]      path, capacity, mode, backpressure
     [http]      the OpenAI-compatible API: address, API keys, limits (daemon/http/config.py)
@@ -22,7 +22,7 @@ from overlapd.daemon.config import (
 )
 from overlapd.daemon.engine_options import engine_config_from_args
 from overlapd.daemon.http.config import HttpConfig
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 
 TABLES = ("server", "engine", "pipeline", "ring", "http")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
 
 
 def _overlap_depth(text: str) -> int:

@@ -7,7 +7,7 @@ adds 1; the loop wakes through `add_reader`, reads the count and resolves that
 many waiters in FIFO order. No polling, no thread parked on the loop.
 
 The bounded buffers themselves are the runner's staging pool
-(`stages/input_batch.py`); the pipeline's in-flight permits keep it from
+(`stages/runner/input_batch.py`); the pipeline's in-flight permits keep it from
 running dry.
 """
 

@@ -11,7 +11,7 @@ Tensors go in as the framework's own objects; `ops` (stages/runtime/ops.py)
 turns them into raw addresses (`data_ptr`) and names the stream
 (`current_stream_handle`). They must be contiguous, on the device, and of the
 dtypes named below (int64 unless said otherwise): the persistent buffers of
-stages/input_batch.py and first-axis slices of them are.
+stages/runner/input_batch.py and first-axis slices of them are.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from overlapd.stages.output_processor import RingRows
+    from overlapd.stages.output.processor import RingRows
     from overlapd.stages.pipeline import Pipeline
     from overlapd.stages.postprocess import Processed
 

@@ -11,7 +11,7 @@ import structlog
 
 if TYPE_CHECKING:
     from overlapd.stages.execute import InFlight
-    from overlapd.stages.output_processor import RequestOutput, RingRows
+    from overlapd.stages.output.processor import RequestOutput, RingRows
     from overlapd.stages.pipeline import Pipeline
 
 log = structlog.get_logger("overlapd.postprocess")

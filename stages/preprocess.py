@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from overlapd.stages.step_types import SchedulerOutput
 
 if TYPE_CHECKING:
-    from overlapd.stages.model_runner import PreparedStep
+    from overlapd.stages.runner.model_runner import PreparedStep
     from overlapd.stages.pipeline import Pipeline
 
 

@@ -18,7 +18,7 @@ import numpy as np
 # (SPEC 2.2: `logprobs` int 0..20).
 MAX_LOGPROBS = 20
 
-# Stop ids the device checks per request (stages/stop_flags.py); a request with
+# Stop ids the device checks per request (stages/runner/stop_flags.py); a request with
 # more eos + stop_token_ids than this has the rest checked on the host.
 STOP_TABLE_WIDTH = 16
 

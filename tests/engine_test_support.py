@@ -14,11 +14,11 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.model.loader import LoadedModel, load_model
 from overlapd.stages.model.reference import reference_logits
 from overlapd.stages.model.tiny import tiny_checkpoint
-from overlapd.stages.model_runner import ModelRunner, StepHandle
+from overlapd.stages.runner.model_runner import ModelRunner, StepHandle
 from overlapd.stages.runtime import load_runtime
 from overlapd.stages.runtime.ops import Ops
 from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput, StepOutput

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from engine_test_support import Driver, Req, engine_config  # noqa: E402
 from overlapd.stages.model.loader import load_model  # noqa: E402
-from overlapd.stages.model_runner import ModelRunner  # noqa: E402
+from overlapd.stages.runner.model_runner import ModelRunner  # noqa: E402
 from overlapd.stages.runtime import load_runtime  # noqa: E402
 from overlapd.stages.step_types import SamplingParams  # noqa: E402
 
@@ -71,8 +71,8 @@ SPEC_PARAMS = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
 
 def spec_run(graphs: bool, overlap: bool) -> tuple[list[list[int]], list]:
     """Speculative decoding (ngram, k = 4): its verify steps are one-token rows, so they replay too."""
-    from overlapd.stages.engine import LLMEngine
-    from overlapd.stages.engine_config import EngineConfig
+    from overlapd.stages.engine.llm_engine import LLMEngine
+    from overlapd.stages.engine.config import EngineConfig
     e = LLMEngine(EngineConfig(model="tiny", runtime="torch", speculative="ngram", num_speculative_tokens=4,
                                block_size=4), overlap=overlap)
     if graphs:

@@ -8,7 +8,7 @@ import pytest
 
 from engine_test_support import get_ops, tiny_in_memory
 from gguf_files import write_llama_gguf
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.model.chat_template import ChatTemplate, ChatTemplateError
 from overlapd.stages.model.loader import ModelLoadError, load_model
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine_test_support import Driver, Req, make_runner, tiny_cache, tiny_loaded  # noqa: F401
-from overlapd.stages.decode_graphs import DecodeGraphs, logprob_width, row_buckets
+from overlapd.stages.runner.decode_graphs import DecodeGraphs, logprob_width, row_buckets
 from overlapd.stages.step_types import SamplingParams
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from overlapd.stages.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from overlapd.stages.output.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from tiny_bpe import CORPUS, tiny_bpe
 from tokenizers import Tokenizer
 

@@ -11,8 +11,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from engine_test_support import get_ops, tiny_in_memory
-from overlapd.stages.engine import LLMEngine
-from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
+from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
 from overlapd.stages.model.config import RopeScaling
 from overlapd.stages.model.gguf_checkpoint import GGUFCheckpoint
 from overlapd.stages.model.loader import ModelLoadError, load_model

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from engine_test_support import get_ops, tiny_cache, tiny_in_memory  # noqa: F401
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.model.loader import ModelLoadError, build_model, load_model
 from overlapd.stages.model.paged_metadata import build_attention_metadata
 from overlapd.stages.model.reference import reference_logits

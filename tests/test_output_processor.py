@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from overlapd.kernels.meta import pack_step, unpack_step
-from overlapd.stages.engine_config import EngineConfig
-from overlapd.stages.output_processor import OutputProcessor, RequestOutput
+from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.output.processor import OutputProcessor, RequestOutput
 from overlapd.stages.scheduling import Scheduler
 from overlapd.stages.step_types import FinishReason, SamplingParams, SchedulerOutput, StepOutput
 from scheduler_sim import SimDevice, reference_tokens

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from overlapd.daemon.engine_api import GenerateParams
 from overlapd.daemon.sinks import CollectSink
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.pipeline import Pipeline
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 

@@ -14,7 +14,7 @@ import asyncio
 
 from overlapd.daemon.engine_api import GenerateParams
 from overlapd.kernels.ring import RingReader, Step
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.pipeline import Pipeline
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 

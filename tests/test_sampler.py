@@ -7,7 +7,7 @@ import pytest
 
 from engine_test_support import Driver, Req, get_ops, make_runner, tiny_cache, tiny_in_memory, tiny_loaded  # noqa: F401
 from overlapd.stages.model.reference import log_softmax, reference_logits
-from overlapd.stages.sampler import (
+from overlapd.stages.sampling.sampler import (
     SEED_INCREMENT, SEED_MODULUS, Sampler, SamplingTensors, seed_state, uniform_from_state,
 )
 from overlapd.stages.step_types import SamplingParams

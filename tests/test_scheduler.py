@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.request import RequestStatus
 from overlapd.stages.scheduling import Scheduler
 from overlapd.stages.step_types import FinishReason, SamplingParams, StepOutput

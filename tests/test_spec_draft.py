@@ -24,8 +24,8 @@ from engine_test_support import run_checking_verify_blocks
 from safetensors.numpy import load_file
 
 from overlapd.kernels.meta import FLAG_SPECULATIVE
-from overlapd.stages.engine import LLMEngine
-from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
+from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
 from overlapd.stages.model.config import LlamaConfig
 from overlapd.stages.model.loader import ModelLoadError
 from overlapd.stages.model.reference import reference_logits
@@ -232,7 +232,7 @@ def test_a_separate_draft_models_cache_counts_in_kv_cache_bytes():
     """kv_cache_bytes bounds the target's KV cache and a separate draft model's
     together (both hold the same number of blocks); the self-draft shares the
     target's cache and costs nothing more."""
-    from overlapd.stages.sizing import kv_block_bytes
+    from overlapd.stages.engine.sizing import kv_block_bytes
 
     plain = LLMEngine(EngineConfig(model="tiny", max_num_seqs=64))
     cfg, config = plain.cfg, plain.loaded.config

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from overlapd.stages.input_batch import BatchLimits, StagingBuffer, step_layout
+from overlapd.stages.runner.input_batch import BatchLimits, StagingBuffer, step_layout
 from overlapd.stages.parallel.wire import (
     NEW_SLOT_ARRAYS, TABLE_ARRAYS, StepMessage, WireArray, decode_step, encode_step, stage_into,
 )
-from overlapd.stages.step_stager import StepStager
+from overlapd.stages.runner.step_stager import StepStager
 from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput, TokenStops
 
 LIM = BatchLimits(max_tokens=32, max_rows=4, max_blocks=8, block_size=4, num_blocks=32, max_model_len=32,

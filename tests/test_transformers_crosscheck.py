@@ -31,7 +31,7 @@ from engine_test_support import get_ops, tiny_in_memory
 from gguf_files import write_llama_gguf
 from http_harness import logged_port
 from overlapd.daemon.client_async import AsyncClient
-from overlapd.stages.engine_config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
 from overlapd.stages.model.loader import LoadedModel, load_model
 from overlapd.stages.model.packaged import packaged_model_path
 from overlapd.stages.model.paged_metadata import build_attention_metadata

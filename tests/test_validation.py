@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.request import InvalidRequest, validate_request
 from overlapd.stages.scheduling import Scheduler, SchedulerFull
 from overlapd.stages.step_types import SamplingParams

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from engine_test_support import Driver, Req, engine_config, reference_greedy_tokens, tiny_in_memory  # noqa: E402
 from overlapd.stages.model.loader import load_model  # noqa: E402
 from overlapd.stages.model.reference import log_softmax, reference_logits  # noqa: E402
-from overlapd.stages.model_runner import ModelRunner  # noqa: E402
+from overlapd.stages.runner.model_runner import ModelRunner  # noqa: E402
 from overlapd.stages.runtime import load_runtime  # noqa: E402
 from overlapd.stages.step_types import SamplingParams  # noqa: E402
 

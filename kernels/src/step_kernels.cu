@@ -11,7 +11,7 @@
 // - build_sampling_params: per step row, gather the row's slot's sampling
 //   parameters and seed state (moved `column` outputs on for a verify row's
 //   token column), turn the state into the row's uniform (the exact integer
-//   hash of stages/sampler.py) and optionally advance a plain row's slot's
+//   hash of stages/sampling/sampler.py) and optionally advance a plain row's slot's
 //   seed state in place.
 // - settle_verified_rows: after a verify step, move each verify row's slot's
 //   seed state on by the tokens the row emits, and keep how many of its
@@ -31,7 +31,7 @@ namespace py = pybind11;
 
 namespace {
 
-// Must match stages/sampler.py (SEED_*, _HASH_MUL) and stages/step_types.py (FinishReason).
+// Must match stages/sampling/sampler.py (SEED_*, _HASH_MUL) and stages/step_types.py (FinishReason).
 constexpr int64_t kSeedModulus = int64_t{1} << 31;
 constexpr int64_t kSeedIncrement = 0x1E3779B1;
 constexpr uint32_t kHashMul = 0x45D9F3B;

@@ -14,7 +14,7 @@ import importlib.metadata
 from pathlib import Path
 from typing import NamedTuple
 
-from ..engine_config import DEFAULT_MODEL
+from ..engine.config import DEFAULT_MODEL
 
 
 class PackagedModel(NamedTuple):

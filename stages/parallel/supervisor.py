@@ -37,9 +37,9 @@ from typing import Callable
 import msgspec
 import structlog
 
-from ..engine_config import EngineConfig
-from ..input_batch import step_layout
-from ..model_runner import ModelRunner, PreparedStep, StepHandle
+from ..engine.config import EngineConfig
+from ..runner.input_batch import step_layout
+from ..runner.model_runner import ModelRunner, PreparedStep, StepHandle
 from ..runtime.ops import Ops
 from .sharding import Shard
 from .wire import encode_step

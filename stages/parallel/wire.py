@@ -15,7 +15,7 @@ from typing import Callable
 import msgspec
 import numpy as np
 
-from ..input_batch import StagedCounts, StagingBuffer
+from ..runner.input_batch import StagedCounts, StagingBuffer
 
 # per-slot updates of the step: the first num_new / num_tables rows are used
 NEW_SLOT_ARRAYS = ("new_slots", "new_temperature", "new_top_p", "new_top_k", "new_seed_state", "new_stop_ids",

@@ -66,11 +66,11 @@ def worker_main(cfg_json: bytes, rank: int, size: int, store_port: int, conn: Co
 
 
 def _start(cfg_json: bytes, rank: int, size: int, store_port: int):  # -> ModelRunner
-    from overlapd.stages.engine_config import EngineConfig
+    from overlapd.stages.engine.config import EngineConfig
     from overlapd.stages.model.loader import load_model
-    from overlapd.stages.model_runner import ModelRunner
+    from overlapd.stages.runner.model_runner import ModelRunner
     from overlapd.stages.runtime import load_runtime
-    from overlapd.stages.sizing import kv_cache_num_blocks
+    from overlapd.stages.engine.sizing import kv_cache_num_blocks
 
     from .group import cpu_threads, init_group, join_store, select_device
     from .sharding import Shard
@@ -88,7 +88,7 @@ def _start(cfg_json: bytes, rank: int, size: int, store_port: int):  # -> ModelR
 def _follow(runner, conn: Connection) -> int:
     """Launch every step rank 0 sends, in order, until it closes the connection."""
     from .wire import decode_step, stage_into
-    from overlapd.stages.input_batch import step_layout
+    from overlapd.stages.runner.input_batch import step_layout
 
     layout = step_layout(runner.limits)
     pending: collections.deque = collections.deque()

@@ -391,7 +391,7 @@ class TorchOps(TorchCollectives):
 
     # --- CUDA graphs ------------------------------------------------------------
     def capture_graph(self, fn: Callable[[], object]) -> "_TorchGraph":
-        """Capture `fn`'s kernels once (stages/decode_graphs.py decides when)."""
+        """Capture `fn`'s kernels once (stages/runner/decode_graphs.py decides when)."""
         if not self._cuda:
             raise RuntimeError("CUDA graphs need device='gpu'")
         # One pool for all graphs (they replay one at a time), but only while one

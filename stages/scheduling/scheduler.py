@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..engine_config import EngineConfig
+from ..engine.config import EngineConfig
 from ..kv.sequence_blocks import cache_full_blocks, cached_prefix
 from ..request import Request, RequestStatus
 from ..spec.planner import SpecPlanner

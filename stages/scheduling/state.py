@@ -19,7 +19,7 @@ import random
 from collections import deque
 from typing import Iterable, Sequence
 
-from ..engine_config import EngineConfig
+from ..engine.config import EngineConfig
 from ..kv.block_manager import BlockManager
 from ..kv.prefix_cache import cache_salt
 from ..kv.sequence_blocks import cache_full_blocks

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from overlapd.stages.engine_config import EngineConfig
+    from overlapd.stages.engine.config import EngineConfig
 
 SPEC_METHODS = ("off", "ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 8  # T = k + 1 columns per ring row; verify rows take k + 1 query slots

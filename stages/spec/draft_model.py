@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from overlapd.stages.engine_config import EngineConfig
+from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.model.config import LlamaConfig
 from overlapd.stages.model.llama import LlamaModel
 from overlapd.stages.model.loader import LoadedModel, ModelLoadError, load_model
@@ -65,7 +65,7 @@ def load_draft_checkpoint(cfg: EngineConfig, target: LoadedModel, ops: Ops) -> L
     """The checkpoint `cfg.speculative_draft_model`, refused before its weights
     are read if its vocabulary differs from the target's. Its KV cache comes
     later (build_draft_model): the engine sizes the target's and the draft's
-    caches together (stages/sizing.py)."""
+    caches together (stages/engine/sizing.py)."""
     name = cfg.speculative_draft_model
     draft_cfg = msgspec.structs.replace(
         cfg, model=name, max_model_len=target.max_model_len, speculative="off", speculative_draft_model="",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from overlapd.stages.output_processor import RequestOutput
+    from overlapd.stages.output.processor import RequestOutput
     from overlapd.stages.step_types import StepOutput
 
 

@@ -2,7 +2,7 @@
 what the host makes of it.
 
 A verify row [t, d1..dk] runs as k + 1 one-token step rows (the stager spreads
-it: stages/step_stager.py). Column j is an ordinary decode row at position
+it: stages/runner/step_stager.py). Column j is an ordinary decode row at position
 start + j on the request's slot that samples the request's output
 `output_index + j` with its parameters and the seed state of that output;
 the device also marks whether it drew d(j+1), the draft that follows it.

@@ -124,7 +124,7 @@ def test_tiny_model_on_gpu_gives_the_float64_reference_tokens(torch, ops):
     from engine_test_support import Driver, Req, engine_config, reference_greedy_tokens, tiny_in_memory
     from overlapd.stages.model.loader import load_model
     from overlapd.stages.model.reference import log_softmax, reference_logits
-    from overlapd.stages.model_runner import ModelRunner
+    from overlapd.stages.runner.model_runner import ModelRunner
     from overlapd.stages.step_types import SamplingParams
 
     prompts = [[0, 424, 13, 314, 338, 15], [0, 370, 321, 301], [0, 5, 77, 123, 300, 410, 9, 66, 701, 12, 44, 99, 250, 3]]

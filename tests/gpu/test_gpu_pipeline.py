@@ -31,7 +31,7 @@ def _requests(greedy_only: bool = False):
 
 async def _run(overlap: bool, dtype: str, greedy_only: bool = False, graphs: bool = True):
     from overlapd.kernels.ring import RingReader, Step
-    from overlapd.stages.engine_config import EngineConfig
+    from overlapd.stages.engine.config import EngineConfig
     from overlapd.stages.pipeline import Pipeline
     from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 

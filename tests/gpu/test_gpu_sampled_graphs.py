@@ -31,7 +31,7 @@ def ops(torch):
 def _run(ops, loaded, graphs: bool, overlapped: bool):
     from engine_test_support import Driver, Req, engine_config
     from graph_replay_check import MIXED, PROMPTS
-    from overlapd.stages.model_runner import ModelRunner
+    from overlapd.stages.runner.model_runner import ModelRunner
 
     runner = ModelRunner(loaded, ops, engine_config(runtime="torch", device="gpu", block_size=4), 128)
     _KEEP.append(runner)
@@ -67,7 +67,7 @@ def test_mixed_batch_replays_one_sampled_graph_and_gives_the_eager_tokens(torch,
 def test_bf16_sort_keys_give_the_float32_sorts_tokens(torch, ops) -> None:
     """bf16-valued logits have many exact ties; the stable order, and so every
     sampled token, is the same whichever dtype the keys are sorted in."""
-    from overlapd.stages.sampler import Sampler, SamplingTensors, seed_state
+    from overlapd.stages.sampling.sampler import Sampler, SamplingTensors, seed_state
 
     rows, vocab = 64, 128256
     gen = torch.Generator(device="cuda")
@@ -131,7 +131,7 @@ def test_sort_free_sampler_draws_the_kept_distribution(torch, ops) -> None:
 
 
 def test_the_8b_shape_is_drawn_on_the_device_with_its_real_shape(torch, ops) -> None:
-    from overlapd.stages.engine_config import EngineConfig
+    from overlapd.stages.engine.config import EngineConfig
     from overlapd.stages.model.loader import load_model
 
     cfg = EngineConfig(model="llama-3.1-8b", load_format="dummy", runtime="torch", device="gpu", dtype="bfloat16",

@@ -32,7 +32,7 @@ def ops(torch):
 
 
 def _limits(max_tokens: int = 64, max_rows: int = 8):
-    from overlapd.stages.input_batch import BatchLimits
+    from overlapd.stages.runner.input_batch import BatchLimits
 
     return BatchLimits(max_tokens=max_tokens, max_rows=max_rows, max_blocks=4, block_size=4, num_blocks=64,
                        max_model_len=16, vocab_size=1000)
@@ -47,7 +47,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> None:
 # --- build_sampling_params -------------------------------------------------------
 
 def _sampling_pair(ops, rng: np.random.Generator):
-    from overlapd.stages.sampler import PersistentSamplingParams
+    from overlapd.stages.sampling.sampler import PersistentSamplingParams
 
     kernel, fallback = (PersistentSamplingParams(ops, SLOTS, use_kernels=k) for k in (True, False))
     states = rng.integers(0, 1 << 31, SLOTS, dtype=np.int64)
@@ -84,7 +84,7 @@ def _step_rows(rng: np.random.Generator, columns: int = 5) -> tuple[np.ndarray, 
 
 @pytest.mark.parametrize("advance", [True, False])
 def test_build_sampling_params_equals_the_ops_path(torch, ops, advance: bool) -> None:
-    from overlapd.stages.sampler import SEED_INCREMENT, SEED_MODULUS, Sampler, uniform_from_state
+    from overlapd.stages.sampling.sampler import SEED_INCREMENT, SEED_MODULUS, Sampler, uniform_from_state
 
     rng = np.random.default_rng(1)
     kernel, fallback, states = _sampling_pair(ops, rng)
@@ -113,7 +113,7 @@ def test_build_sampling_params_equals_the_ops_path(torch, ops, advance: bool) ->
 def _inputs_pair(ops):
     """DeviceInputs with the CUDA kernels and with the ops path: SLOTS slots,
     room for ROWS step rows of up to 3 tokens, verify rows of up to 5 columns."""
-    from overlapd.stages.input_batch import BatchLimits, DeviceInputs
+    from overlapd.stages.runner.input_batch import BatchLimits, DeviceInputs
 
     lim = BatchLimits(max_tokens=3 * ROWS, max_rows=SLOTS, max_blocks=4, block_size=4, num_blocks=64,
                       max_model_len=16, vocab_size=1000, verify_columns=5)
@@ -122,7 +122,7 @@ def _inputs_pair(ops):
 
 @pytest.mark.parametrize("advance", [True, False])
 def test_settle_verified_rows_equals_the_ops_path(torch, ops, advance: bool) -> None:
-    from overlapd.stages.sampler import SEED_INCREMENT, SEED_MODULUS
+    from overlapd.stages.sampling.sampler import SEED_INCREMENT, SEED_MODULUS
 
     rng = np.random.default_rng(3)
     slots, column = _step_rows(rng)
@@ -185,7 +185,7 @@ def test_apply_lag_equals_the_ops_path(torch, ops) -> None:
 
 
 def test_sampling_with_the_kernels_uniforms_gives_the_same_tokens(torch, ops) -> None:
-    from overlapd.stages.sampler import Sampler
+    from overlapd.stages.sampling.sampler import Sampler
 
     rng = np.random.default_rng(2)
     kernel, fallback, _ = _sampling_pair(ops, rng)
@@ -202,7 +202,7 @@ def test_sampling_with_the_kernels_uniforms_gives_the_same_tokens(torch, ops) ->
 # --- update_input_ids ----------------------------------------------------------------
 
 def test_update_input_ids_equals_the_ops_path(torch, ops) -> None:
-    from overlapd.stages.input_batch import DeviceInputs
+    from overlapd.stages.runner.input_batch import DeviceInputs
 
     rng = np.random.default_rng(3)
     lim = _limits(max_tokens=600, max_rows=64)
@@ -229,7 +229,7 @@ def test_update_input_ids_equals_the_ops_path(torch, ops) -> None:
 
 def _stop_case(ops, seed: int, use_kernels: bool):
     from overlapd.stages.step_types import STOP_TABLE_WIDTH
-    from overlapd.stages.stop_flags import NO_LIMIT, PersistentStopFlags
+    from overlapd.stages.runner.stop_flags import NO_LIMIT, PersistentStopFlags
 
     rng = np.random.default_rng(seed)
     w = STOP_TABLE_WIDTH
@@ -276,7 +276,7 @@ def test_stop_flags_equal_the_ops_path_and_the_reference(torch, ops) -> None:
 # --- capture -------------------------------------------------------------------------------
 
 def test_kernels_captured_in_a_graph_follow_new_inputs_on_replay(torch, ops) -> None:
-    from overlapd.stages.input_batch import DeviceInputs
+    from overlapd.stages.runner.input_batch import DeviceInputs
 
     lim = _limits(max_tokens=64, max_rows=8)
     inp = DeviceInputs(ops, lim, use_kernels=True)
@@ -362,7 +362,7 @@ def _drive(runner, sched, overlap: bool):
 def test_runner_with_kernels_gives_the_ops_paths_tokens_and_stop_verdicts(torch, ops, overlap: bool) -> None:
     from engine_test_support import engine_config
     from overlapd.stages.model.loader import load_model
-    from overlapd.stages.model_runner import ModelRunner
+    from overlapd.stages.runner.model_runner import ModelRunner
     from overlapd.stages.scheduling import Scheduler
     from overlapd.stages.step_types import STOP_TABLE_WIDTH, FinishReason, SamplingParams
 

@@ -15,8 +15,8 @@ import math
 import numpy as np
 
 from .input_batch import BatchLimits, StagedCounts, StagingBuffer
-from .sampler import seed_state
-from .step_types import MAX_LOGPROBS, ScheduledRow, SchedulerOutput
+from ..sampling.sampler import seed_state
+from ..step_types import MAX_LOGPROBS, ScheduledRow, SchedulerOutput
 from .stop_flags import NO_LIMIT
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from overlapd.kernels import step_kernels
 
-from .runtime.ops import FLOAT32, INT64, Ops, Tensor
+from ..runtime.ops import FLOAT32, INT64, Ops, Tensor
 
 SEED_BITS = 31
 SEED_MODULUS = 1 << SEED_BITS

@@ -51,8 +51,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        from .parallel.config import check_tensor_parallel
-        from .spec.config import spec_config_of
+        from ..parallel.config import check_tensor_parallel
+        from ..spec.config import spec_config_of
 
         spec_config_of(self)  # ValueError naming the bad key
         check_tensor_parallel(self.tensor_parallel_size, self.runtime, self.speculative)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from overlapd.kernels import step_kernels
 
-from .runtime.ops import INT64, Ops, Tensor
-from .step_types import STOP_TABLE_WIDTH, FinishReason
+from ..runtime.ops import INT64, Ops, Tensor
+from ..step_types import STOP_TABLE_WIDTH, FinishReason
 
 # The output limit of a slot whose row carries no TokenStops: never reached.
 NO_LIMIT = 1 << 62

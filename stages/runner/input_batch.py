@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 import numpy as np
 from overlapd.kernels import step_kernels
 
-from .runtime.ops import FLOAT32, INT64, Ops, Tensor
-from .sampler import PersistentSamplingParams, moved_seed_state
-from .step_types import STOP_TABLE_WIDTH
+from ..runtime.ops import FLOAT32, INT64, Ops, Tensor
+from ..sampling.sampler import PersistentSamplingParams, moved_seed_state
+from ..step_types import STOP_TABLE_WIDTH
 from .stop_flags import PersistentStopFlags
 
 
