@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 from daemon_harness import RawConn
@@ -51,9 +51,12 @@ class FuzzSession:
         self.answers: Counter[str] = Counter()  # what the probes got
         self.accepted = 0
         self._abort_every = abort_every  # abort every n-th accepted request at once; the rest run to the end
+        # the last probes and what came back for each, for the message of a failed check
+        self.history: deque[list[str]] = deque(maxlen=8)
 
     def probe(self, body: bytes) -> None:
         expect = decode_client_frame(body)  # what the daemon will make of it
+        self.history.append([f"probe {body[:60]!r} -> {_brief(expect)}"])
         self.conn.send_bytes(encode_raw_frame(body) + encode_raw_frame(b"\x81\xa4type\xa6health"))
         markers = 2 if isinstance(expect, HealthQuery) else 1
         answered = isinstance(expect, AbortFrame)  # an abort has no answer of its own
@@ -65,8 +68,15 @@ class FuzzSession:
                 if markers and isinstance(expect, HealthQuery):
                     answered = True
                 continue
-            answered |= self._account(frame, expect)
-        assert answered, f"no answer to {body[:80]!r} (decoded as {type(expect).__name__})"
+            self.history[-1].append(_brief(frame))
+            try:
+                answered |= self._account(frame, expect)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nlast probes, oldest first:\n{self._story()}") from None
+        assert answered, f"no answer to {body[:80]!r} (decoded as {type(expect).__name__})\n{self._story()}"
+
+    def _story(self) -> str:
+        return "\n".join("  " + " | ".join(h) for h in self.history) + f"\n  live: {self.live}"
 
     def _account(self, frame: object, expect: object) -> bool:
         """Book one frame; True when it is the probe's own answer."""
@@ -122,6 +132,11 @@ class FuzzSession:
             if not isinstance(frame, HealthFrame):
                 self._account(frame, None)
         self.conn.close()
+
+
+def _brief(frame: object) -> str:
+    fields = {k: getattr(frame, k) for k in ("id", "request_id", "code", "finish_reason") if hasattr(frame, k)}
+    return f"{type(frame).__name__}{fields}"
 
 
 def stream_probe(path: Path | str, probe: StreamProbe, counts: Counter[str] | None = None) -> None:
