@@ -52,7 +52,7 @@ from overlapd.daemon.engine_api import GenerateParams
 from overlapd.daemon.sinks import CollectSink
 from overlapd.kernels import cuda_handoff
 from overlapd.kernels.handoff import CompletionQueue
-from overlapd.stages import engine as engine_mod
+from overlapd.stages.engine import llm_engine as engine_mod
 from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.model.config import NAMED_SHAPES
 from overlapd.stages.pipeline import Pipeline
