@@ -60,6 +60,7 @@ class FuzzSession:
         self.conn.send_bytes(encode_raw_frame(body) + encode_raw_frame(b"\x81\xa4type\xa6health"))
         markers = 2 if isinstance(expect, HealthQuery) else 1
         answered = isinstance(expect, AbortFrame)  # an abort has no answer of its own
+        frames: list[object] = []
         while markers:
             frame = self.conn.recv()
             assert frame is not None, f"the daemon closed the connection on an in-band frame {body[:80]!r}"
@@ -68,18 +69,31 @@ class FuzzSession:
                 if markers and isinstance(expect, HealthQuery):
                     answered = True
                 continue
+            frames.append(frame)
             self.history[-1].append(_brief(frame))
-            try:
+        # An error with the probe's id is its refusal, or the end of an earlier
+        # live request under that id (a text prompt found too long once it was
+        # encoded ends with invalid_request too): with an accepted frame for the
+        # id, every such error is an end; without, the first is the refusal.
+        accepted = {f.id for f in frames if isinstance(f, AcceptedFrame)}
+        try:
+            for frame in frames:
+                if (not answered and isinstance(frame, ErrorFrame) and frame.id not in accepted
+                        and self._is_refusal(frame, expect)):
+                    assert frame.message, "an error frame without a message"
+                    self.answers[f"error:{frame.code}"] += 1
+                    answered = True
+                    continue
                 answered |= self._account(frame, expect)
-            except AssertionError as exc:
-                raise AssertionError(f"{exc}\nlast probes, oldest first:\n{self._story()}") from None
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nlast probes, oldest first:\n{self._story()}") from None
         assert answered, f"no answer to {body[:80]!r} (decoded as {type(expect).__name__})\n{self._story()}"
 
     def _story(self) -> str:
         return "\n".join("  " + " | ".join(h) for h in self.history) + f"\n  live: {self.live}"
 
     def _account(self, frame: object, expect: object) -> bool:
-        """Book one frame; True when it is the probe's own answer."""
+        """Book one frame that is not the probe's refusal; True when it is the probe's own answer."""
         if isinstance(frame, StatsFrame):
             assert isinstance(expect, StatsQuery), "stats answer to a frame that did not ask"
             self.answers["stats"] += 1
@@ -102,11 +116,7 @@ class FuzzSession:
             return False
         assert isinstance(frame, ErrorFrame), f"unexpected frame {frame!r}"
         assert frame.message, "an error frame without a message"
-        own = self._is_refusal(frame, expect)
-        if own:
-            self.answers[f"error:{frame.code}"] += 1
-            return True
-        # Not this probe's: it must end a live request (the engine failed on it).
+        # Not a refusal: it must end a live request (the engine failed on it, or its prompt was too long).
         assert frame.id in self.live, f"error {frame} belongs to no live request and to no probe"
         del self.live[frame.id]
         self.ends[f"error:{frame.code}"] += 1

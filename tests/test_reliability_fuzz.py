@@ -10,6 +10,7 @@ baseline. CI sends a few thousand frames; bench/reliability.py sends 100,000.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -76,3 +77,20 @@ def test_hostile_frames_are_answered_and_kv_and_rss_return_to_baseline(daemon):
     with daemon.client() as c:  # and it still serves
         assert c.complete("still there", max_tokens=4, temperature=0.0).finish_reason in ("length", "eos")
 
+
+
+def test_an_id_freed_by_a_prompt_too_long_to_run_is_reused(daemon):
+    """A text prompt is accepted before it is encoded; one too long for the
+    context then ends with invalid_request, and its id is free again. The
+    driver must book that error as the end of the first request, not as the
+    refusal of the second one under the same id."""
+    import msgspec
+
+    session = FuzzSession(daemon.socket_path)
+    too_long = {"type": "generate", "id": "a", "prompt": "\U0001F600" * CONTEXT, "max_tokens": 4}
+    session.probe(msgspec.msgpack.encode(too_long))
+    assert session.live.keys() == {"a"}, session._story()
+    time.sleep(1.0)  # encoded and refused by now: its error is on the wire before the next answer
+    session.probe(msgspec.msgpack.encode({"type": "generate", "id": "a", "prompt_ids": [5, 6], "max_tokens": 2}))
+    assert session.ends["error:invalid_request"] == 1 and session.accepted == 2, (session.ends, session.answers)
+    session.finish()
