@@ -18,7 +18,7 @@ from engine_test_support import run_checking_verify_blocks
 from overlapd.kernels.meta import FLAG_NORMAL, FLAG_SPECULATIVE, pack_step, unpack_step
 from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
-from overlapd.stages.spec.ngram import propose_ngram
+from overlapd.stages.spec.ngram import SEARCH_WINDOW, TokenHistory, propose_ngram
 from overlapd.stages.step_types import FinishReason, SamplingParams
 
 K = 4
@@ -81,6 +81,22 @@ def test_ngram_proposals_equal_a_brute_force_search():
                 want = tokens[starts[-1] + n: starts[-1] + n + k]
                 break
         assert propose_ngram(tokens, k, hi, lo) == want, (tokens, k, hi, lo)
+
+
+def test_a_token_history_proposes_what_the_token_lists_propose():
+    """The planner's per-request array, grown by outputs a few at a time (past
+    its first size and the search window), with assumed tokens after them."""
+    rng = random.Random(7)
+    prompt = [rng.randrange(6) for _ in range(50)]
+    outputs: list[int] = []
+    history = TokenHistory(prompt)
+    while len(outputs) < SEARCH_WINDOW + 300:
+        outputs.extend(rng.randrange(6) for _ in range(rng.randrange(0, 6)))
+        assumed = [rng.randrange(6) for _ in range(rng.randrange(0, 5))]
+        known = history.tokens(outputs, assumed)
+        assert known.tolist()[-200:] == (prompt + outputs + assumed)[-200:] and len(known) == len(prompt + outputs + assumed)
+        assert propose_ngram(known, 4, 3, 1) == propose_ngram(prompt + outputs + assumed, 4, 3, 1)
+    assert history.tokens(outputs).tolist() == prompt + outputs  # assumed tokens were never kept
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])

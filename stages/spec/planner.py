@@ -43,7 +43,7 @@ from overlapd.stages.step_types import ScheduledRow
 
 from .config import SpecConfig
 from .draft_plan import DraftPlanner
-from .ngram import propose_ngram
+from .ngram import TokenHistory, propose_ngram
 from .stats import SpecStats
 
 # The draft method's verify rows carry these in place of drafts: the drafter
@@ -77,6 +77,7 @@ class SpecPlanner:
         # request -> (step id of its chained row, outputs it starts before its planned index)
         self._lags: dict[int, tuple[int, int]] = {}
         self._missed: set[int] = set()  # requests whose last settled verify row rejected a draft
+        self._histories: dict[int, TokenHistory] = {}  # the ngram method's known tokens, by request
         # the draft method's chunks and draft KV bookkeeping (draft_plan.py)
         self.draft: DraftPlanner | None = None
         if cfg.method == "draft":
@@ -123,7 +124,7 @@ class SpecPlanner:
         k = min(self.cfg.num_tokens, room, limit - outputs - 1, positions_left)
         if k < 1:
             return [], outputs
-        known = req.prompt_token_ids + req.output_token_ids + last.drafts
+        known = self._history(req).tokens(req.output_token_ids, last.drafts)
         # the first proposal guesses the in-flight row's last token (the device has it); the rest are drafts
         return propose_ngram(known, k + 1, self.cfg.ngram_max, self.cfg.ngram_min)[1:], outputs
 
@@ -154,6 +155,7 @@ class SpecPlanner:
         self._chains.pop(req_id, None)
         self._lags.pop(req_id, None)
         self._missed.discard(req_id)
+        self._histories.pop(req_id, None)
 
     def drafts(self, req: Request, room: int) -> list[int]:
         """Drafts for the request's next verify row, at most `room` (the step's
@@ -167,7 +169,14 @@ class SpecPlanner:
             return []
         if self.draft is not None:  # drafted on the device, if the draft's catch-up fits this step
             return [DRAFT_PLACEHOLDER] * k if self.draft.fits(req) else []
-        return propose_ngram(req.prompt_token_ids + req.output_token_ids, k, self.cfg.ngram_max, self.cfg.ngram_min)
+        known = self._history(req).tokens(req.output_token_ids)
+        return propose_ngram(known, k, self.cfg.ngram_max, self.cfg.ngram_min)
+
+    def _history(self, req: Request) -> TokenHistory:
+        history = self._histories.get(req.req_id)
+        if history is None:
+            history = self._histories[req.req_id] = TokenHistory(req.prompt_token_ids)
+        return history
 
     def verified(self, req: Request, row: ScheduledRow, step_id: int, accept_num: int, emitted: int,
                  bm: BlockManager) -> None:
