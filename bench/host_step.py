@@ -17,8 +17,8 @@ import statistics
 import time
 
 import numpy as np
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.step_types import SamplingParams
 
 

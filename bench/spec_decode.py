@@ -35,8 +35,8 @@ import statistics
 import sys
 import time
 
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput
 
 from model_args import add_model_args, model_fields

@@ -30,8 +30,8 @@ import tracemalloc
 
 from overlapd.daemon.engine_api import GenerateParams
 from overlapd.daemon.sinks import CollectSink
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.pipeline import Pipeline
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 from overlapd.stages.step_types import SamplingParams

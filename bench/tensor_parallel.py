@@ -36,8 +36,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.step_types import SamplingParams
 
 

@@ -30,8 +30,8 @@ from overlapd.daemon.socket_setup import resolve_gid
 from overlapd.kernels.handoff import CompletionQueue
 from overlapd.kernels.ring import RingWriter
 from overlapd.stages.emit import emit_loop
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.execute import Executor
 from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
 from overlapd.stages.postprocess import postprocess_loop

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from overlapd.stages.step_types import SchedulerOutput
 
 if TYPE_CHECKING:
-    from overlapd.stages.runner.model_runner import PreparedStep
     from overlapd.stages.pipeline import Pipeline
+    from overlapd.stages.runner.model_runner import PreparedStep
 
 
 @dataclass(slots=True)

@@ -71,8 +71,8 @@ SPEC_PARAMS = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
 
 def spec_run(graphs: bool, overlap: bool) -> tuple[list[list[int]], list]:
     """Speculative decoding (ngram, k = 4): its verify steps are one-token rows, so they replay too."""
-    from overlapd.stages.engine.llm_engine import LLMEngine
     from overlapd.stages.engine.config import EngineConfig
+    from overlapd.stages.engine.llm_engine import LLMEngine
     e = LLMEngine(EngineConfig(model="tiny", runtime="torch", speculative="ngram", num_speculative_tokens=4,
                                block_size=4), overlap=overlap)
     if graphs:

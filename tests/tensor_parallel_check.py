@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.step_types import SamplingParams
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "Once upon a time, in a land", "1 2 3 4 5 6"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.model.reference import reference_logits
 from overlapd.stages.model.tiny import tiny_checkpoint
 from overlapd.stages.request import InvalidRequest

@@ -11,15 +11,15 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from engine_test_support import get_ops, tiny_in_memory
-from overlapd.stages.engine.llm_engine import LLMEngine
+from gguf_files import expected_weight, write_llama_gguf
 from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.model.config import RopeScaling
 from overlapd.stages.model.gguf_checkpoint import GGUFCheckpoint
 from overlapd.stages.model.loader import ModelLoadError, load_model
 from overlapd.stages.model.packaged import PACKAGED_MODELS, PackagedModel, packaged_model_path
 from overlapd.stages.model.reference import reference_logits
 from overlapd.stages.step_types import SamplingParams
-from gguf_files import expected_weight, write_llama_gguf
 
 Q = gguf.GGMLQuantizationType
 QUANTIZED = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]

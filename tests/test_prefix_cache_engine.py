@@ -5,8 +5,8 @@ forces cached blocks out and requests to be preempted and recomputed."""
 from __future__ import annotations
 
 import pytest
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.step_types import SamplingParams
 
 from engine_test_support import tiny_cache  # noqa: F401

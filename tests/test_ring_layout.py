@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from overlapd.kernels._native import RingError, RingReader, RingWriter
-from ring_native_support import CAP, HDR, _valid_header, children, drain, header, records
+from ring_native_support import CAP, HDR, _valid_header, children, drain, header, records  # noqa: F401 (children is a fixture)
 
 
 # ---------------------------------------------------------------- layout

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from overlapd.kernels._native import RingReader, RingWriter
-from ring_native_support import CAP, MASK64, assert_exact_cover, children, header
+from ring_native_support import CAP, MASK64, assert_exact_cover, children, header  # noqa: F401 (children is a fixture)
 
 
 # ---------------------------------------------------------------- processes

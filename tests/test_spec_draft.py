@@ -24,8 +24,8 @@ from engine_test_support import run_checking_verify_blocks
 from safetensors.numpy import load_file
 
 from overlapd.kernels.meta import FLAG_SPECULATIVE
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.model.config import LlamaConfig
 from overlapd.stages.model.loader import ModelLoadError
 from overlapd.stages.model.reference import reference_logits

@@ -16,8 +16,8 @@ import pytest
 from engine_test_support import run_checking_verify_blocks
 
 from overlapd.kernels.meta import FLAG_NORMAL, FLAG_SPECULATIVE, pack_step, unpack_step
-from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.engine.config import DEFAULT_MODEL, EngineConfig
+from overlapd.stages.engine.llm_engine import LLMEngine
 from overlapd.stages.spec.ngram import SEARCH_WINDOW, TokenHistory, propose_ngram
 from overlapd.stages.step_types import FinishReason, SamplingParams
 

@@ -13,11 +13,11 @@ import pytest
 from engine_test_support import get_ops, make_runner, tiny_cache, tiny_loaded  # noqa: F401
 from overlapd.kernels import step_kernels
 from overlapd.stages.engine.config import EngineConfig
-from overlapd.stages.runner.input_batch import BatchLimits, DeviceInputs, StagingBuffer
 from overlapd.stages.request import Request, device_stop_reason, token_stop_reason, token_stops
+from overlapd.stages.runner.input_batch import BatchLimits, DeviceInputs, StagingBuffer
+from overlapd.stages.runner.step_stager import StepStager
 from overlapd.stages.sampling.sampler import SEED_INCREMENT, SEED_MODULUS, Sampler, seed_state, uniform_from_state
 from overlapd.stages.scheduling import Scheduler
-from overlapd.stages.runner.step_stager import StepStager
 from overlapd.stages.step_types import (
     STOP_TABLE_WIDTH, FinishReason, SamplingParams, ScheduledRow, SchedulerOutput, TokenStops,
 )

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from overlapd.stages.engine.config import EngineConfig
+from overlapd.stages.engine.sizing import kv_block_bytes
 from overlapd.stages.model.config import NAMED_SHAPES, LlamaConfig
 from overlapd.stages.model.llama import param_layout
 from overlapd.stages.model.random_weights import random_weight
 from overlapd.stages.parallel.sharding import (
     Shard, even_split, max_kv_heads_per_rank, padding_rows, plan_shard, take,
 )
-from overlapd.stages.engine.sizing import kv_block_bytes
 
 # SmolLM2-135M's attention: 9 query heads over 3 KV heads (groups of 3)
 SMOL = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

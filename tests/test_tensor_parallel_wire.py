@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from overlapd.stages.runner.input_batch import BatchLimits, StagingBuffer, step_layout
 from overlapd.stages.parallel.wire import (
     NEW_SLOT_ARRAYS, TABLE_ARRAYS, StepMessage, WireArray, decode_step, encode_step, stage_into,
 )
+from overlapd.stages.runner.input_batch import BatchLimits, StagingBuffer, step_layout
 from overlapd.stages.runner.step_stager import StepStager
 from overlapd.stages.step_types import SamplingParams, ScheduledRow, SchedulerOutput, TokenStops
 

@@ -15,18 +15,18 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .config import EngineConfig
 from ..model.loader import load_model
-from ..runner.model_runner import ModelRunner, StepHandle
 from ..output.processor import OutputProcessor, RequestOutput, StepResult, TokenLogprob
 from ..parallel.supervisor import TensorParallel
+from ..runner.model_runner import ModelRunner, StepHandle
 from ..runtime import load_runtime
 from ..scheduling import Scheduler
-from .sizing import kv_cache_num_blocks
 from ..spec import SpecPlanner
 from ..spec.config import spec_config_of
 from ..spec.draft_model import load_draft_checkpoint
 from ..step_types import FinishReason, SamplingParams, SchedulerOutput
+from .config import EngineConfig
+from .sizing import kv_cache_num_blocks
 
 # Consecutive schedule() calls that produce nothing while work is left and
 # nothing is in flight before the loop calls it a scheduler bug, not a wait.

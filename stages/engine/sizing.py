@@ -6,9 +6,9 @@ The engine decides both from EngineConfig and the model's config; the loader
 
 from __future__ import annotations
 
-from .config import EngineConfig
 from ..model.config import LlamaConfig
 from ..parallel.sharding import max_kv_heads_per_rank
+from .config import EngineConfig
 
 DEFAULT_MAX_MODEL_LEN_CAP = 4096
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

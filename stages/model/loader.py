@@ -28,9 +28,9 @@ import numpy as np
 import structlog
 
 from ..engine.config import TINY_MODEL, EngineConfig
+from ..engine.sizing import DEFAULT_MAX_MODEL_LEN_CAP, resolve_max_model_len
 from ..parallel.sharding import Shard, ShardPlan, padding_rows, plan_shard, take
 from ..runtime.ops import FLOAT_DTYPES, Ops, Tensor
-from ..engine.sizing import DEFAULT_MAX_MODEL_LEN_CAP, resolve_max_model_len
 from .chat_template import ChatTemplate, ChatTemplateError
 from .config import NAMED_SHAPES, LlamaConfig, ModelConfigError, read_json_object
 from .gguf_checkpoint import GGUFCheckpoint, GGUFError

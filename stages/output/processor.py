@@ -20,11 +20,11 @@ import numpy as np
 
 from overlapd.kernels.meta import FLAG_NORMAL, FLAG_SPECULATIVE
 
-from .detokenizer import Decoder, IncrementalDetokenizer
 from ..request import Request
 from ..scheduling import SampledToken, Scheduler
 from ..spec import outputs as spec_outputs
 from ..step_types import FinishReason, SchedulerOutput, StepOutput
+from .detokenizer import Decoder, IncrementalDetokenizer
 
 
 class TokenLogprob(msgspec.Struct, frozen=True):

@@ -67,10 +67,10 @@ def worker_main(cfg_json: bytes, rank: int, size: int, store_port: int, conn: Co
 
 def _start(cfg_json: bytes, rank: int, size: int, store_port: int):  # -> ModelRunner
     from overlapd.stages.engine.config import EngineConfig
+    from overlapd.stages.engine.sizing import kv_cache_num_blocks
     from overlapd.stages.model.loader import load_model
     from overlapd.stages.runner.model_runner import ModelRunner
     from overlapd.stages.runtime import load_runtime
-    from overlapd.stages.engine.sizing import kv_cache_num_blocks
 
     from .group import cpu_threads, init_group, join_store, select_device
     from .sharding import Shard

@@ -24,15 +24,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .decode_graphs import CaptureFn, DecodeGraphs, GraphKey, logprob_width
 from ..engine.config import EngineConfig
-from .input_batch import (
-    BatchLimits,
-    DeviceInputs,
-    StagedCounts,
-    StagingBuffer,
-    StagingPool,
-)
 from ..model.loader import LoadedModel
 from ..model.paged_metadata import build_attention_metadata
 from ..runtime.ops import INT64, HostFuture, Ops
@@ -41,8 +33,16 @@ from ..spec import drafter as spec_drafter
 from ..spec import verify as spec_verify
 from ..spec.config import spec_config_of
 from ..spec.draft_model import build_draft_model
-from .step_stager import StepStager
 from ..step_types import MAX_LOGPROBS, SchedulerOutput, StepOutput
+from .decode_graphs import CaptureFn, DecodeGraphs, GraphKey, logprob_width
+from .input_batch import (
+    BatchLimits,
+    DeviceInputs,
+    StagedCounts,
+    StagingBuffer,
+    StagingPool,
+)
+from .step_stager import StepStager
 
 DEFAULT_STAGING_DEPTH = 3  # one being prepared, one launched, one being collected
 

@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from .input_batch import BatchLimits, StagedCounts, StagingBuffer
 from ..sampling.sampler import seed_state
 from ..step_types import MAX_LOGPROBS, ScheduledRow, SchedulerOutput
+from .input_batch import BatchLimits, StagedCounts, StagingBuffer
 from .stop_flags import NO_LIMIT
 
 

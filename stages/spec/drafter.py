@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from overlapd.stages.runner.input_batch import BatchLimits, DeviceInputs
 from overlapd.stages.model.paged_metadata import build_attention_metadata
+from overlapd.stages.runner.input_batch import BatchLimits, DeviceInputs
 from overlapd.stages.runtime.ops import INT64, Ops, Tensor
 from overlapd.stages.step_types import SchedulerOutput
 

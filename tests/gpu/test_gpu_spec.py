@@ -14,8 +14,8 @@ PROMPTS = [[5, 6, 7, 8, 9] * 4 + [5, 6], list(range(3, 40)) * 2 + [3, 4], [11, 1
 
 
 def _run(spec: str, overlap: bool):
-    from overlapd.stages.engine.llm_engine import LLMEngine
     from overlapd.stages.engine.config import EngineConfig
+    from overlapd.stages.engine.llm_engine import LLMEngine
     from overlapd.stages.step_types import SamplingParams
 
     e = LLMEngine(EngineConfig(model="tiny", runtime="torch", device="gpu", dtype="float32", speculative=spec,

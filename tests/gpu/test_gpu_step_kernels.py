@@ -228,8 +228,8 @@ def test_update_input_ids_equals_the_ops_path(torch, ops) -> None:
 # --- stop flags ------------------------------------------------------------------------
 
 def _stop_case(ops, seed: int, use_kernels: bool):
-    from overlapd.stages.step_types import STOP_TABLE_WIDTH
     from overlapd.stages.runner.stop_flags import NO_LIMIT, PersistentStopFlags
+    from overlapd.stages.step_types import STOP_TABLE_WIDTH
 
     rng = np.random.default_rng(seed)
     w = STOP_TABLE_WIDTH
