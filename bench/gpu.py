@@ -31,40 +31,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
-import gc
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import NamedTuple
-from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench's own modules (static_peer, ...)
-from overlapd.daemon.engine_api import GenerateParams
-from overlapd.daemon.sinks import CollectSink
 from overlapd.kernels import cuda_handoff
 from overlapd.kernels.handoff import CompletionQueue
 from overlapd.stages.engine import llm_engine as engine_mod
 from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.model.config import NAMED_SHAPES
-from overlapd.stages.pipeline import Pipeline
-from overlapd.stages.pipeline_config import PipelineConfig, RingConfig
-from overlapd.stages.step_types import SamplingParams
-
-SLEEP_CYCLES = 40_000_000  # ~20 ms at H100 clocks: longer than any step's host launch
-
-
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
-
+from gpu_engine import MODES, engine_bench, pct
+from gpu_profile import PROFILES, print_profile_summary, profile_bench
 
 # --------------------------------------------------------------------------- bandwidth
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -130,196 +114,6 @@ def handoff_latency(n: int = 300) -> dict[str, float]:
     return {f"{k}_{q}": pct(v, p) for k, v in lat.items() for q, p in (("p50_us", 50), ("p99_us", 99))}
 
 
-# --------------------------------------------------------------------------- pipeline
-@dataclass
-class StepRecord:
-    start: torch.cuda.Event
-    end: torch.cuda.Event
-    decode: bool
-    probe: bool
-    host_launch_s: float
-
-
-@dataclass
-class StepTimer:
-    """Wraps runner.launch (execute thread): CUDA events around each step's device work."""
-
-    runner: object
-    probe_every: int = 0
-    records: list[StepRecord] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._launch = self.runner.launch
-        self.runner.launch = self.launch  # the executor looks it up on every call
-
-    def launch(self, prepared):
-        n = prepared.counts
-        decode = n.num_rows > 0 and n.num_tokens == n.num_rows
-        probe = bool(self.probe_every) and decode and len(self.records) % self.probe_every == 0
-        if probe:
-            torch.cuda._sleep(SLEEP_CYCLES)  # queue the whole step behind a busy stream
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
-        s.record()
-        handle = self._launch(prepared)
-        e.record()
-        self.records.append(StepRecord(s, e, decode, probe, time.perf_counter() - t0))
-        return handle
-
-    def summary(self) -> dict[str, float]:
-        torch.cuda.synchronize()
-        r = self.records
-        probes = [x.start.elapsed_time(x.end) for x in r if x.probe]
-        gaps, periods, device = [], [], []
-        for a, b in zip(r, r[1:]):
-            if a.decode and b.decode and not a.probe and not b.probe:
-                gaps.append(a.end.elapsed_time(b.start) * 1e3)
-                periods.append(a.end.elapsed_time(b.end))
-        device = [x.start.elapsed_time(x.end) for x in r if x.decode and not x.probe]
-        host = [x.host_launch_s * 1e3 for x in r if x.decode]
-        return {
-            "decode_steps": sum(x.decode for x in r), "steps": len(r),
-            "step_period_ms_p50": pct(periods, 50), "gap_us_p50": pct(gaps, 50), "gap_us_p99": pct(gaps, 99),
-            "gap_us_mean": float(np.mean(gaps)) if gaps else float("nan"),
-            "step_events_ms_p50": pct(device, 50), "host_launch_ms_p50": pct(host, 50),
-            "device_only_ms_p50": pct(probes, 50), "probes": len(probes),
-        }
-
-
-def request_params(i: int, prompt: list[int], max_tokens: int, sampled: bool) -> GenerateParams:
-    """Greedy, or issue 13's sampled workload: temperature 0.8, top-p 0.95, a
-    seed per request, and 5 logprobs on a quarter of the requests."""
-    if not sampled:
-        return GenerateParams(prompt_ids=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return GenerateParams(prompt_ids=prompt, max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=1000 + i,
-                          logprobs=5 if i % 4 == 0 else 0, ignore_eos=True)
-
-
-async def _workload(p: Pipeline, requests: int, prompt_len: int, max_tokens: int, salt: int,
-                    sampled: bool = False) -> list[CollectSink]:
-    loop = asyncio.get_running_loop()
-    sinks = [CollectSink(loop) for _ in range(requests)]
-    for i, s in enumerate(sinks):
-        prompt = [(7 * i + 11 * salt + j) % 30000 + 3 for j in range(prompt_len)]
-        p.submit(request_params(i, prompt, max_tokens, sampled), s)
-    await asyncio.gather(*(s.done for s in sinks))
-    return sinks
-
-
-async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_len: int,
-                       max_tokens: int) -> tuple[dict, list[list[int]]]:
-    overlap, probe_every, graphs, wake, fused = mode.overlap, mode.probe, mode.graphs, mode.wake, mode.fused
-    ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
-    os.environ["OVERLAPD_FUSED"] = "" if fused else "0"  # read when the engine's TorchOps is made
-    os.environ["OVERLAPD_GEMV"] = "1" if mode.gemv else "0"
-    p = Pipeline(cfg, PipelineConfig(overlap=overlap, overlap_depth=mode.depth), ring)
-    os.environ.pop("OVERLAPD_FUSED")
-    os.environ.pop("OVERLAPD_GEMV")
-    if not graphs:
-        p.engine.runner.graphs = None
-    os.environ["OVERLAPD_WAKE"] = wake  # read by the execute stage at start
-    await p.start()
-    # Warm-up: with graphs, the same workload once, so every (rows, context)
-    # bucket is captured before the timed pass; eagerly, one short request.
-    await _workload(p, requests if graphs else 1, prompt_len, max_tokens if graphs else 8, salt=1,
-                    sampled=mode.sampled)
-    timer = StepTimer(p.engine.runner, probe_every)
-    p.times.__init__()
-    if mode.gc_freeze:  # what `overlapd serve` does once it is ready
-        gc.collect()
-        gc.freeze()
-    g = p.engine.runner.graphs
-    captures_before = g.captures if g is not None else 0
-    t0 = time.perf_counter()
-    sinks = await _workload(p, requests, prompt_len, max_tokens, salt=0, sampled=mode.sampled)
-    elapsed = time.perf_counter() - t0
-    stats = p.stats()
-    await p.drain(timeout=5)
-    os.unlink(ring.path)
-    tokens = [s.tokens for s in sinks]
-    out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "gc_freeze": mode.gc_freeze,
-           "sampled": mode.sampled, "gemv": mode.gemv,
-           "depth": mode.depth,
-           "elapsed_s": elapsed,
-           "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
-                                                                                      if g is not None else 0), "tokens": sum(map(len, tokens)),
-           "tokens_per_s": sum(map(len, tokens)) / elapsed, "probe_every": probe_every,
-           **{k: stats[k] for k in ("preprocess_ms", "launch_ms", "wait_ms", "postprocess_ms", "emit_ms",
-                                    "step_interval_ms") if k in stats},
-           **timer.summary()}
-    del p
-    if mode.gc_freeze:
-        gc.unfreeze()
-    torch.cuda.empty_cache()
-    return out, tokens
-
-
-def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> dict:
-    cfg = EngineConfig(model=args.model, load_format="dummy", runtime="torch", device="gpu", dtype="bfloat16",
-                       max_num_seqs=max(requests, 1), max_num_batched_tokens=args.max_batched_tokens,
-                       max_model_len=args.prompt_len + args.max_tokens + 16,
-                       kv_cache_bytes=kv_cache_bytes(args, requests))
-    res = {}
-    toks = {}
-    for mode in MODES:
-        name = mode.name
-        if args.modes and name not in args.modes.split(","):
-            continue
-        res[name], toks[name] = asyncio.run(pipeline_run(cfg, mode, requests, args.prompt_len, max_tokens))
-        print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
-    # bfloat16 rounds differently without the fused kernels, so near-ties may flip there
-    greedy = {n: t for n, t in toks.items() if not res[n]["sampled"] and not res[n]["gemv"]}
-    ref = next((t for n, t in greedy.items() if res[n]["fused"]), None)
-    res["identical_tokens"] = all(t == ref for n, t in greedy.items() if res[n]["fused"])
-    same = [a == b for n, t in greedy.items() if not res[n]["fused"] for a, b in zip(t, ref or [])]
-    res["unfused_same_requests"] = sum(same) / len(same) if same else float("nan")
-    # the Triton GEMV sums in another order than cuBLAS: bf16 near-ties may flip
-    same = [a == b for n, t in toks.items() if res[n]["gemv"] for a, b in zip(t, ref or [])]
-    res["gemv_same_requests"] = sum(same) / len(same) if same else float("nan")
-    # seeded sampling: the same tokens from graphs and eager, overlap and sync
-    sampled = [t for n, t in toks.items() if res[n]["sampled"]]
-    res["sampled_identical_tokens"] = all(t == sampled[0] for t in sampled) if sampled else None
-    res["sampled_modes"] = [n for n in toks if res[n]["sampled"]]
-    return res
-
-
-def kv_cache_bytes(args: argparse.Namespace, requests: int) -> int:
-    """8 GiB, or what `requests` full-length sequences need with a quarter spare."""
-    c = NAMED_SHAPES.get(args.model)
-    if c is None:
-        return 8 << 30
-    per_token = 2 * c.num_hidden_layers * c.kv_size * 2  # keys and values, bf16
-    return max(8 << 30, int(requests * (args.prompt_len + args.max_tokens + 32) * per_token * 1.25))
-
-
-class Mode(NamedTuple):
-    name: str
-    overlap: bool
-    probe: int  # queue a sleep before every n-th decode step (device-only timing); 0 = never
-    graphs: bool = True  # CUDA graphs for decode
-    wake: str = "spin"  # completion wake-up: the native spin thread or the CUDA host function
-    fused: bool = True  # the Triton decode kernels
-    gc_freeze: bool = False  # gc.freeze() before the timed pass, as `overlapd serve` does
-    depth: int = 2  # PipelineConfig.overlap_depth: steps in flight with overlap
-    sampled: bool = False  # issue 13's sampled workload (request_params) instead of greedy
-    gemv: bool = False  # batch-1 products through kernels/triton_gemv.py (OVERLAPD_GEMV=1)
-
-
-MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake="hostfunc"),
-         Mode("overlap_spin", True, 0), Mode("overlap_spin_gc", True, 0, gc_freeze=True),
-         Mode("depth3", True, 0, gc_freeze=True, depth=3),
-         Mode("probe", True, 8, wake="hostfunc"),
-         Mode("unfused", True, 0, fused=False), Mode("unfused_probe", True, 8, wake="hostfunc", fused=False),
-         Mode("sync_eager", False, 0, graphs=False, wake="hostfunc"),
-         Mode("overlap_eager", True, 0, graphs=False, wake="hostfunc"),
-         Mode("depth3_sampled", True, 0, gc_freeze=True, depth=3, sampled=True),
-         Mode("sync_sampled", False, 0, wake="hostfunc", sampled=True),
-         Mode("probe_sampled", True, 8, wake="hostfunc", sampled=True),
-         Mode("sampled_eager", True, 0, graphs=False, depth=3, sampled=True),
-         Mode("depth3_gemv", True, 0, gc_freeze=True, depth=3, gemv=True),
-         Mode("probe_gemv", True, 8, wake="hostfunc", gemv=True))
-
-
 # --------------------------------------------------------------------------- Hugging Face
 def hf_bench(args: argparse.Namespace, batch: int, max_tokens: int) -> dict:
     import transformers
@@ -355,240 +149,6 @@ def hf_bench(args: argparse.Namespace, batch: int, max_tokens: int) -> dict:
             "step_ms": (full - short) / (max_tokens - 2) * 1e3}
 
 
-# --------------------------------------------------------------------------- profile
-# Kernel classes by name: cuBLAS/cuBLASLt (nvjet on Hopper, sm90_xmma, cutlass,
-# gemv, splitK reduce), aten's matmuls on the CPU; attention is ours (Triton),
-# SDPA's or flash's; copies are the runtime's memcpy/memset activities.
-GEMM_RE = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|matmul|^aten::(mm|addmm|bmm|linear)$", re.IGNORECASE)
-ATTENTION_RE = re.compile(r"attention|attn|flash|fmha|sdpa|merge_partitions", re.IGNORECASE)
-COPY_RE = re.compile(r"^(memcpy|memset)", re.IGNORECASE)
-PROFILE_TOP = 25
-
-
-def kernel_class(name: str) -> str:
-    for cls, rx in (("copy", COPY_RE), ("gemm", GEMM_RE), ("attention", ATTENTION_RE)):
-        if rx.search(name):
-            return cls
-    return "other"
-
-
-@dataclass
-class DecodeWindow:
-    """Wraps runner.launch: profiles `steps` decode steps of the
-    full batch after `skip` of them. The profiler starts and stops here, between
-    two launches and after a synchronize, so the window holds exactly those
-    steps' device work; a mark after every such launch gives the step period
-    (CUDA events on the GPU, the host clock on the CPU where launches are synchronous)."""
-
-    runner: Any
-    rows: int
-    skip: int
-    steps: int
-    cuda: bool
-    prof: Any = None
-    stopped: bool = False
-    seen: int = 0
-    marks: list[Any] = field(default_factory=list)
-    replays: int = 0
-
-    def __post_init__(self) -> None:
-        self._launch = self.runner.launch
-        self.runner.launch = self.launch  # the executor looks it up on every call
-
-    def launch(self, prepared):
-        n = prepared.counts
-        full = n.num_rows == self.rows and n.num_tokens == n.num_rows
-        if full and self.seen == self.skip:
-            self._sync()
-            # CPU too on a GPU: the trace then shows the host side (launches, waits) beside the kernels.
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if self.cuda:
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=acts)
-            self.prof.start()
-            self.replays = -self._replays()
-        elif full and self.seen == self.skip + self.steps:
-            self.stop()
-        handle = self._launch(prepared)
-        if full:
-            self.seen += 1
-            self.marks.append(self._mark())
-        return handle
-
-    def stop(self) -> None:
-        if self.prof is not None and not self.stopped:
-            self._sync()
-            self.prof.stop()
-            self.stopped = True
-            self.replays += self._replays()
-
-    def _replays(self) -> int:
-        g = self.runner.graphs
-        return g.replays if g is not None else 0
-
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def _mark(self) -> Any:
-        if not self.cuda:
-            return time.perf_counter()
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-
-    def periods_us(self, first: int, last: int) -> list[float]:
-        """Step periods between the marks of full decode steps first..last."""
-        m = self.marks[first: last + 1]
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) * 1e3 for a, b in zip(m, m[1:])]
-        return [(b - a) * 1e6 for a, b in zip(m, m[1:])]
-
-
-def device_activities(prof: Any, cuda: bool) -> list[tuple[str, float, float]]:
-    """(name, start us, end us) of the device's work: kernels, memcpy and memset
-    on a GPU. On the CPU operators stand in for kernels, each over its self
-    time only (a matmul's time is its own, not that of the linear around it)."""
-    from torch.autograd import DeviceType
-
-    out = []
-    for e in prof.events():
-        start = float(e.time_range.start)
-        if cuda and e.device_type == DeviceType.CUDA:
-            out.append((e.name, start, float(e.time_range.end)))
-        elif not cuda and e.device_type == DeviceType.CPU and e.name.startswith("aten::"):
-            out.append((e.name, start, start + float(e.self_cpu_time_total)))
-    return out
-
-
-def trace_activities(trace: dict) -> list[tuple[str, float, float]]:
-    """The same from a Chrome trace (Kineto's categories): a second source where
-    a torch version keeps device kernels out of prof.events()."""
-    cats = {"kernel", "gpu_memcpy", "gpu_memset"}
-    return [(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
-            for e in trace.get("traceEvents", []) if e.get("cat") in cats and e.get("ph") == "X"]
-
-
-def summarize_activities(acts: list[tuple[str, float, float]], steps: int, period_us: float) -> dict:
-    """Top kernels, kernels per step, kernel time per step vs the period, and shares by class."""
-    by_name: dict[str, list[float]] = {}
-    for name, start, end in acts:
-        by_name.setdefault(name, []).append(end - start)
-    total = sum(sum(v) for v in by_name.values())
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:PROFILE_TOP]
-    classes: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for name, durs in by_name.items():
-        c = kernel_class(name)
-        classes[c] = classes.get(c, 0.0) + sum(durs)
-        counts[c] = counts.get(c, 0) + len(durs)
-    # Busy time: the union of the activity intervals (streams may overlap).
-    busy, end_so_far = 0.0, float("-inf")
-    for start, end in sorted((a[1], a[2]) for a in acts):
-        if end > end_so_far:
-            busy += end - max(start, end_so_far)
-            end_so_far = end
-    span = (max(a[2] for a in acts) - min(a[1] for a in acts)) if acts else float("nan")
-    per_step = total / steps
-    return {
-        "steps": steps, "activities": len(acts), "kernels_per_step": len(acts) / steps,
-        "kernel_us_per_step": per_step, "busy_us_per_step": busy / steps, "span_us_per_step": span / steps,
-        "step_period_us": period_us, "kernel_fraction_of_period": per_step / period_us if period_us else float("nan"),
-        "share": {c: v / total for c, v in sorted(classes.items())} if total else {},
-        "us_per_step_by_class": {c: v / steps for c, v in sorted(classes.items())},
-        "kernels_per_step_by_class": {c: v / steps for c, v in sorted(counts.items())},
-        "top": [{"name": name[:80], "class": kernel_class(name), "calls": len(d), "total_us": sum(d),
-                 "us_per_step": sum(d) / steps, "share": sum(d) / total} for name, d in top],
-    }
-
-
-def profile_run(cfg: EngineConfig, rows: int, prompt_len: int, skip: int, steps: int, graphs: bool) -> DecodeWindow:
-    """The real engine (scheduler, runner, overlap: step N+1 launched before N is
-    collected) at `rows` greedy requests, stepped from this thread: the thread
-    that imported torch is the one Kineto wants to start the profiler on, and
-    CPU ops (the smoke check's stand-in for kernels) are recorded per thread.
-    A warm-up pass captures every graph bucket the timed pass meets."""
-    engine = engine_mod.LLMEngine(cfg, overlap=True)
-    if not graphs:
-        engine.runner.graphs = None
-    vocab = engine.vocab_size
-    # The first token comes from the prefill; rows whose chunked prefill ends in a
-    # later step start decoding later, and a few spare decode steps.
-    max_tokens = skip + steps + 4 + -(-rows * prompt_len // cfg.max_num_batched_tokens)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-
-    def prompts(salt: int) -> list[list[int]]:
-        return [[(7 * i + 11 * salt + j) % (vocab - 3) + 3 for j in range(prompt_len)] for i in range(rows)]
-
-    engine.generate(prompts(1), params)
-    w = DecodeWindow(engine.runner, rows, skip, steps, cfg.device == "gpu")
-    try:
-        results = engine.generate(prompts(0), params)
-    finally:
-        engine.runner.launch = w._launch
-    if not w.stopped:
-        w.stop()
-        raise RuntimeError(f"only {w.seen} full decode steps of the {skip + steps + 1} needed")
-    assert all(len(x.token_ids) == max_tokens for x in results), [len(x.token_ids) for x in results]
-    return w
-
-
-def profile_bench(args: argparse.Namespace, rows: int, steps: int, graphs: bool, trace_path: str = "") -> dict:
-    cuda = args.device == "gpu"
-    # max_model_len as engine_bench's: the same key in _load_once, so the weights load once.
-    cfg = EngineConfig(model=args.model, load_format="dummy", runtime="torch", device=args.device, dtype=args.dtype,
-                       max_num_seqs=rows, max_num_batched_tokens=args.max_batched_tokens,
-                       max_model_len=args.prompt_len + args.max_tokens + 16, kv_cache_bytes=8 << 30)
-    skip = steps
-    w = profile_run(cfg, rows, args.prompt_len, skip, steps, graphs)
-    quiet = w.periods_us(skip // 2, skip - 1)  # before the profiler started
-    profiled = w.periods_us(skip + 1, skip + steps - 1)  # inside it, past its first step
-    acts = device_activities(w.prof, cuda)
-    source = "events"
-    if cuda and not acts:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            w.prof.export_chrome_trace(f.name)
-            with open(f.name) as trace:
-                acts = trace_activities(json.load(trace))
-        source = "chrome_trace"
-    if not acts:
-        raise RuntimeError("the profiler recorded no device activity (is CUPTI missing?)")
-    r = {"rows": rows, "graphs": graphs, "graph_replays_in_window": w.replays, "source": source,
-         "step_period_us_unprofiled": pct(quiet, 50), "step_period_us_profiled": pct(profiled, 50),
-         **summarize_activities(acts, steps, pct(quiet, 50))}
-    if trace_path:
-        w.prof.export_chrome_trace(trace_path)
-        size = os.path.getsize(trace_path)
-        r["trace"], r["trace_bytes"] = trace_path, size
-        if size > 15 << 20:  # over what comes back from the device: keep the figures, drop the file
-            os.unlink(trace_path)
-            r["trace"] = "dropped: too large"
-    del w
-    if cuda:
-        torch.cuda.empty_cache()
-    print_profile(f"batch {rows} {'graphs' if graphs else 'eager'}", r)
-    return r
-
-
-def print_profile(label: str, r: dict) -> None:
-    sh = r["share"]
-    print(f"\nprofile {label}: {r['kernels_per_step']:.0f} kernels/step, kernel time {r['kernel_us_per_step']:.0f} us"
-          f"/step (busy {r['busy_us_per_step']:.0f}) vs step period {r['step_period_us_unprofiled']:.0f} us "
-          f"({r['kernel_fraction_of_period']:.2f}; {r['step_period_us_profiled']:.0f} us under the profiler); "
-          f"GEMM/GEMV {sh.get('gemm', 0):.2f}, attention {sh.get('attention', 0):.2f}, copies {sh.get('copy', 0):.2f}, "
-          f"other {sh.get('other', 0):.2f}; graph replays in window {r['graph_replays_in_window']}", flush=True)
-    print(f"  {'kernel':<80} {'class':>9} {'calls':>6} {'total us':>10} {'us/step':>9} {'share':>6}")
-    for k in r["top"]:
-        print(f"  {k['name']:<80} {k['class']:>9} {k['calls']:>6} {k['total_us']:>10.1f} {k['us_per_step']:>9.2f} "
-              f"{k['share']:>6.3f}")
-
-
-# (result key, rows, decode steps profiled, CUDA graphs); eager batch 1 first: if
-# attaching the profiler after capture upsets graphs, its figures are in already.
-PROFILES = (("profile_b1_eager", 1, 20, False), ("profile_b1", 1, 20, True), ("profile_b64", 64, 10, True))
-
-
 # --------------------------------------------------------------------------- main
 LOAD_SECONDS: dict[str, float] = {}  # model -> seconds its (dummy) weights took to load
 
@@ -598,11 +158,11 @@ def _load_once(load):
     every engine's ops put tensors on the same device)."""
     cache: dict = {}
 
-    def wrapped(cfg: EngineConfig, ops):
-        key = (cfg.model, cfg.load_format, cfg.dtype, cfg.seed, cfg.max_model_len)
+    def wrapped(cfg: EngineConfig, ops, shard=None):
+        key = (cfg.model, cfg.load_format, cfg.dtype, cfg.seed, cfg.max_model_len, shard)
         if key not in cache:
             t0 = time.perf_counter()
-            cache[key] = load(cfg, ops)
+            cache[key] = load(cfg, ops, shard)
             ops.synchronize()  # dummy weights are drawn on the device, asynchronously
             LOAD_SECONDS[cfg.model] = time.perf_counter() - t0
             print(f"  loaded {cfg.model} in {LOAD_SECONDS[cfg.model]:.1f} s", flush=True)
@@ -749,22 +309,6 @@ def print_issue13(r: dict, batches: list[int], peer_batches: list[int]) -> None:
             print(f"batch-1 step ({mode}) {b1:.3f} ms = {r['roofline_ms'] / b1:.0%} of the HBM roofline "
                   f"({r['roofline_ms']:.3f} ms); device-only "
                   f"{r['engine_b1'].get(mode.replace('depth3', 'probe'), {}).get('device_only_ms_p50', nan):.3f} ms")
-
-
-def print_profile_summary(r: dict) -> None:
-    rows = [(k, r[k]) for k, *_ in PROFILES if k in r]
-    if not rows:
-        return
-    print(f"\n{'profile':<18}{'kernels/step':>13}{'kernel us':>10}{'busy us':>9}{'period us':>10}{'fraction':>9}"
-          f"{'gemm':>6}{'attn':>6}{'other':>6}")
-    for k, p in rows:
-        sh = p["share"]
-        print(f"{k:<18}{p['kernels_per_step']:>13.0f}{p['kernel_us_per_step']:>10.0f}{p['busy_us_per_step']:>9.0f}"
-              f"{p['step_period_us_unprofiled']:>10.0f}{p['kernel_fraction_of_period']:>9.2f}"
-              f"{sh.get('gemm', 0):>6.2f}{sh.get('attention', 0):>6.2f}{sh.get('other', 0):>6.2f}")
-    if "roofline_ms" in r and "profile_b1" in r:
-        print(f"batch-1 HBM roofline {r['roofline_ms'] * 1e3:.0f} us/step; GEMM/GEMV kernel time "
-              f"{r['profile_b1']['us_per_step_by_class'].get('gemm', 0):.0f} us/step")
 
 
 def print_table(r: dict, args: argparse.Namespace) -> None:
