@@ -57,3 +57,17 @@ def test_the_model_with_fused_kernels_gives_reference_tokens() -> None:
     r = _run_check("torch_runtime_check.py", {"TRITON_INTERPRET": "1", "OVERLAPD_FUSED": "1"})
     assert r["fused"] and r["greedy_ok"] and r["logprob_err"] < 1e-4
     assert r["seeded_same"] and r["distinct"] > 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed (optional)")
+def test_the_gpu_bench_runs_its_profile_section_on_the_cpu() -> None:
+    """bench/gpu.py's own CPU smoke path: the real engine under torch.profiler
+    through the bench's shared loader (a GPU session must not be the first to
+    find the bench broken)."""
+    bench = Path(__file__).parents[1] / "bench" / "gpu.py"
+    out = subprocess.run([sys.executable, str(bench), "--device", "cpu", "--model", "tiny", "--sections", "profile"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "section profile_b1_eager failed" not in out.stdout, out.stdout[-3000:]
+    summary = next(line for line in out.stdout.splitlines() if line.startswith("profile_b1_eager"))
+    assert int(summary.split()[1]) > 0  # kernels (CPU ops here) per step
