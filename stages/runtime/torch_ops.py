@@ -31,6 +31,7 @@ from . import composed
 from .ops import INT64, AttentionMetadata, HostFuture, Tensor
 from .torch_attention import PagedKV, AttentionGroup, AttentionPlan, attend_group, build_plan
 from .torch_collectives import TorchCollectives
+from .torch_device import HostCopy, TorchGraph
 
 _DTYPES = {
     "float32": torch.float32,
@@ -45,27 +46,6 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 # dtypes the native pinned pool hands back as numpy arrays (bfloat16 has none)
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
-
-
-class _HostCopy:
-    """A device-to-host copy: on CUDA into pinned memory, completed by an event
-    (torch's pinned allocator; the native pool is preferred where it exists)."""
-
-    def __init__(self, x: Tensor) -> None:
-        if x.is_cuda:
-            self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-            self._host.copy_(x, non_blocking=True)
-            self._event: torch.cuda.Event | None = torch.cuda.Event()
-            self._event.record()
-        else:
-            # A copy, not an alias: a replayed graph rewrites its outputs in place.
-            self._host, self._event = x.clone(), None
-
-    def result(self) -> np.ndarray:
-        if self._event is not None:
-            self._event.synchronize()
-        x = self._host if self._host.dtype != torch.bfloat16 else self._host.float()
-        return x.numpy()
 
 
 class _RopePlan:
@@ -94,28 +74,6 @@ class _RopePlan:
 
     def __getitem__(self, i: int) -> Tensor:  # (cos, sin) as the ops Protocol's plan tuple
         return self.rows()[i]
-
-
-class _TorchGraph:
-    """A captured CUDA graph and the tensors its capture returned (fixed addresses)."""
-
-    def __init__(self, fn: Callable[[], object], pool: object) -> None:
-        # Warm up on a side stream first: lazy initializations (cuBLAS
-        # workspaces, allocator growth) must not happen inside the capture.
-        # The run is real work with the step's real inputs; it writes what the
-        # replay writes again (the step's KV entries, its sampled ids).
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the loop thread may wait on events while we capture here.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.output = fn()
-
-    def replay(self) -> None:
-        self.graph.replay()
 
 
 class TorchOps(TorchCollectives):
@@ -190,7 +148,7 @@ class TorchOps(TorchCollectives):
             x = x.contiguous()
             return self._pinned.copy_async(x.data_ptr(), nbytes, _NUMPY_DTYPES[x.dtype], tuple(x.shape),
                                            self.current_stream_handle())
-        return _HostCopy(x)
+        return HostCopy(x)
 
     def host_zeros(self, shape: Sequence[int], dtype: str) -> np.ndarray:
         if not self._cuda:
@@ -390,7 +348,7 @@ class TorchOps(TorchCollectives):
         return self._fused.paged_decode_attention(qg, cache.k, cache.v, g.tables, g.seq_lens, g.kvlen, scale)
 
     # --- CUDA graphs ------------------------------------------------------------
-    def capture_graph(self, fn: Callable[[], object]) -> "_TorchGraph":
+    def capture_graph(self, fn: Callable[[], object]) -> TorchGraph:
         """Capture `fn`'s kernels once (stages/runner/decode_graphs.py decides when)."""
         if not self._cuda:
             raise RuntimeError("CUDA graphs need device='gpu'")
@@ -399,7 +357,7 @@ class TorchOps(TorchCollectives):
         # graphs were all freed (a runner dropped while this ops object lives on).
         if self._live_graphs == 0:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        g = _TorchGraph(fn, self._graph_pool)
+        g = TorchGraph(fn, self._graph_pool)
         self._live_graphs += 1
         weakref.finalize(g, self._graph_freed)
         return g
