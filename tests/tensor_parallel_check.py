@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from overlapd.stages.engine.config import EngineConfig
 from overlapd.stages.engine.llm_engine import LLMEngine
+from overlapd.stages.parallel.group import destroy_group
 from overlapd.stages.step_types import SamplingParams
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "Once upon a time, in a land", "1 2 3 4 5 6"]
@@ -116,7 +118,6 @@ def _layers(rank: int, size: int, port: int, model_dir: str) -> dict[str, Any] |
     # Both ranks leave the collectives together, and each destroys the group before
     # its interpreter finalizes: gloo's threads may still hold work whose tensors
     # need the GIL then, which aborts the process (pytorch/pytorch#179291).
-    import torch.distributed as dist
     dist.barrier()
     if rank != 0:
         return None
@@ -135,8 +136,6 @@ def _layers(rank: int, size: int, port: int, model_dir: str) -> dict[str, Any] |
 
 
 def _rank1(port: int, model_dir: str) -> None:
-    from overlapd.stages.parallel.group import destroy_group
-
     try:
         _layers(1, 2, port, model_dir)
     finally:
@@ -157,7 +156,6 @@ def check_layers(model_dir: str) -> dict[str, Any]:
         r = _layers(0, 2, _STORE.port, model_dir)
     finally:
         worker.join(60)
-        from overlapd.stages.parallel.group import destroy_group
         destroy_group()
     assert r is not None
     r["worker_exit"] = worker.exitcode
