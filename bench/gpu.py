@@ -23,7 +23,10 @@ Sections, all in one process on one GPU:
   period, and the GEMM/GEMV share; `--profile-trace` keeps batch 1's trace.
 
 On the CPU, as a smoke check of the profile section's code path (CPU ops stand
-in for kernels): python bench/gpu.py --device cpu --model tiny --sections profile
+in for kernels; CI runs it): python bench/gpu.py --device cpu --model tiny --sections profile
+
+The pipeline section is in gpu_engine.py, the profile section in gpu_profile.py,
+the sampler and GEMV sections in sampler_bench.py, the compiled peer in static_peer.py.
 """
 
 from __future__ import annotations
