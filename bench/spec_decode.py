@@ -171,6 +171,8 @@ def main() -> None:
                     help="--method draft, self-draft: only report acceptance for each draft depth (no timing)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ap.add_argument("--batch", type=int, default=1, help="requests run together")
+    ap.add_argument("--max-batch", type=int, default=0,
+                    help="speculative_max_batch: no drafts in steps with more requests running (0: no limit)")
     ap.add_argument("--copies", type=int, default=1, help="each task this many times (for large batches)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--ngram-min", type=int, default=1, help="speculative_ngram_min")
@@ -187,7 +189,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = EngineConfig(**model_fields(args), speculative=args.method, num_speculative_tokens=args.k,
-                       speculative_ngram_min=args.ngram_min,
+                       speculative_ngram_min=args.ngram_min, speculative_max_batch=args.max_batch,
                        speculative_draft_model=args.draft_model, speculative_draft_layers=args.draft_layers,
                        max_model_len=1024,
                        max_num_seqs=max(8, args.batch))
@@ -236,7 +238,8 @@ def main() -> None:
     differ = [i for i, (a, b) in enumerate(zip(outputs[False], outputs[True])) if a != b]
     tokens = sum(map(len, outputs[False]))
     delta = {key: after[key] - before[key] for key in ("spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted",
-                                                       "spec_chained_rows", "spec_lagged_rows")}
+                                                       "spec_chained_rows", "spec_lagged_rows",
+                                                       "spec_paused_steps")}
     plain_s, spec_s = statistics.median(seconds[False]), statistics.median(seconds[True])
     result = {
         "model": args.model, "runtime": args.runtime, "device": args.device, "method": args.method,
@@ -249,7 +252,8 @@ def main() -> None:
         "tokens_per_verify_row": delta["spec_emitted"] / max(delta["spec_verify_rows"], 1),
         "acceptance_rate": delta["spec_accepted"] / max(delta["spec_proposed"], 1),
         "verify_rows": delta["spec_verify_rows"], "chained_rows": delta["spec_chained_rows"],
-        "lagged_rows": delta["spec_lagged_rows"],
+        "lagged_rows": delta["spec_lagged_rows"], "max_batch": args.max_batch,
+        "paused_steps": delta["spec_paused_steps"],
         "identical_output": not differ, "differing_outputs": len(differ),
         "first_divergence": first_divergence(outputs[False], outputs[True], differ),
     }
@@ -270,7 +274,9 @@ def main() -> None:
     print(f"  speculative: {result['spec_tok_s']:8.1f} tok/s  {steps[True]} steps of {result['spec_step_ms']:.1f} ms  "
           f"({result['speedup']:.2f}x; {result['tokens_per_verify_row']:.2f} tokens per verify row, "
           f"acceptance {result['acceptance_rate']:.0%}; {result['verify_rows']} verify rows, "
-          f"{result['chained_rows']} chained, {result['lagged_rows']} after a miss)")
+          f"{result['chained_rows']} chained, {result['lagged_rows']} after a miss"
+          + (f"; {result['paused_steps']} steps paused by --max-batch {args.max_batch}" if args.max_batch else "")
+          + ")")
     if differ:
         print(f"  outputs identical: NO, {len(differ)} of {len(prompts)} differ; first divergence at output token "
               f"{result['first_divergence']} (of request {differ[0]})")

@@ -46,6 +46,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-layers", dest="speculative_draft_layers", type=int, default=None, metavar="L",
                    help="with --speculative draft and no --draft-model: the model's first L layers draft "
                         "(default: a quarter of them, at least 1)")
+    g.add_argument("--speculative-max-batch", dest="speculative_max_batch", type=int, default=None, metavar="N",
+                   help="propose no drafts in steps where more than N requests run (default 0: no limit); "
+                        "outputs are the same either way")
     g.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                    help="shard the model over N ranks: GPUs 0..N-1 (NCCL), or N processes on the CPU (gloo); "
                         "--runtime torch only (default 1)")
@@ -68,6 +71,7 @@ ENGINE_FLAGS = (
     "num_speculative_tokens",
     "speculative_draft_model",
     "speculative_draft_layers",
+    "speculative_max_batch",
     "tensor_parallel_size",
 )
 

@@ -28,6 +28,15 @@ def test_engine_keys_and_flags(tmp_path):
     assert load_daemon_config(parse()).engine.speculative == "off"  # off unless asked for
 
 
+def test_max_batch_key_and_flag(tmp_path):
+    path = tmp_path / "o.toml"
+    path.write_text('[engine]\nspeculative = "ngram"\nspeculative_max_batch = 8\n')
+    assert load_daemon_config(parse("--config", str(path))).engine.speculative_max_batch == 8
+    cfg = load_daemon_config(parse("--config", str(path), "--speculative-max-batch", "16")).engine
+    assert cfg.speculative_max_batch == 16
+    assert load_daemon_config(parse()).engine.speculative_max_batch == 0  # no limit unless asked for
+
+
 @pytest.mark.parametrize(
     "text,needle",
     [
@@ -35,6 +44,7 @@ def test_engine_keys_and_flags(tmp_path):
         ("[engine]\nnum_speculative_tokens = 9\n", "num_speculative_tokens must be between 1 and 8"),
         ("[engine]\nnum_speculative_tokens = 0\n", "num_speculative_tokens must be between 1 and 8"),
         ("[engine]\nspeculative_ngram_min = 4\n", "speculative_ngram_min (4) and speculative_ngram_max (3)"),
+        ("[engine]\nspeculative_max_batch = -1\n", "speculative_max_batch must be >= 0"),
     ],
 )
 def test_mistakes_are_named(tmp_path, text, needle):

@@ -100,6 +100,27 @@ def test_a_token_history_proposes_what_the_token_lists_propose():
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_steps_with_more_requests_than_max_batch_draft_nothing(overlap):
+    """speculative_max_batch = 2: while three or four requests run, steps decode
+    plainly; once the short ones end, the other two speculate. Same tokens."""
+    params = [greedy(16), greedy(24), greedy(48), greedy(48)]
+    plain = run(engine("off"), params)[0]
+    e = engine(overlap=overlap, speculative_max_batch=2)
+    outputs, _, rings = run(e, params)
+    assert outputs == plain
+    stats = e.spec.stats.snapshot()
+    assert stats["spec_paused_steps"] > 0 and stats["spec_verify_rows"] > 0, stats
+    verified = [r for r in rings if r.flag == FLAG_SPECULATIVE]
+    assert verified and all(r.bsz <= 2 for r in verified)  # drafts only while two requests ran
+    assert any(r.bsz > 2 for r in rings)
+
+
+def test_max_batch_is_checked():
+    with pytest.raises(ValueError, match="speculative_max_batch"):
+        EngineConfig(model="tiny", speculative="ngram", speculative_max_batch=-1)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_speculative_greedy_equals_plain_greedy(overlap, plain_outputs):
     e = engine(overlap=overlap)
     outputs, finish, rings = run(e, greedy())

@@ -26,6 +26,7 @@ COUNTER_KEYS: Final = frozenset(
         "requests", "tokens", "aborted", "overloaded", "steps", "preemptions", "failed_steps",
         "ring_records", "ring_readers_evicted", "graph_captures", "graph_replays",
         "spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted", "spec_chained_rows", "spec_lagged_rows",
+        "spec_paused_steps",
         "finished", "rejected",  # the echo engine's
         "connections_total", "connections_refused", "frames_in", "frames_out", "errors",
         "requests_accepted", "requests_rejected", "disconnect_aborts", "slow_client_disconnects",

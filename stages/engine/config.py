@@ -45,6 +45,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # layers, final norm and LM head (0 = max(1, layers // 4)).
     speculative_draft_model: str = ""
     speculative_draft_layers: int = 0
+    # Steps propose no drafts while more than this many requests run (0: no
+    # limit): large batches gain less from speculation than their verify
+    # columns cost. Outputs are the same either way (stages/spec/verify.py).
+    speculative_max_batch: int = 0
 
     # Ranks the model is sharded over (stages/parallel/, docs/tensor_parallel.md):
     # rank 0 in this process, the others in worker processes; torch runtime only.

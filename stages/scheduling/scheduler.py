@@ -72,7 +72,7 @@ class Scheduler(StepUpdates):
         # Drafts only take budget that every running request's decode leaves.
         spare = budget - len(self.running)
         if self.spec is not None:
-            self.spec.begin_step()
+            self.spec.begin_step(self.running)
 
         # Pass 1: decodes. A victim is never a row already in this step: it
         # is a request whose last output is in flight, or one later in

@@ -22,6 +22,7 @@ class SpecConfig:
     # self-draft, the target's first `draft_layers` layers (0: a quarter of them)
     draft_model: str = ""
     draft_layers: int = 0
+    max_batch: int = 0  # steps draft nothing while more requests than this run; 0 = no limit
 
     @property
     def enabled(self) -> bool:
@@ -39,7 +40,7 @@ class SpecConfig:
 
 
 def spec_config(method: str, num_tokens: int, ngram_max: int, ngram_min: int, draft_model: str = "",
-                draft_layers: int = 0) -> SpecConfig:
+                draft_layers: int = 0, max_batch: int = 0) -> SpecConfig:
     """A checked SpecConfig; ValueError names the bad key."""
     if method not in SPEC_METHODS:
         raise ValueError(f"speculative must be one of {', '.join(SPEC_METHODS)}, not {method!r}")
@@ -54,10 +55,13 @@ def spec_config(method: str, num_tokens: int, ngram_max: int, ngram_min: int, dr
     if draft_layers and draft_model:
         raise ValueError(f"speculative_draft_layers ({draft_layers}) picks the target's own first layers as the "
                          f"draft; it cannot go with speculative_draft_model ({draft_model!r})")
-    return SpecConfig(method, num_tokens, ngram_max, ngram_min, draft_model, draft_layers)
+    if max_batch < 0:
+        raise ValueError(f"speculative_max_batch must be >= 0 (0 = speculate at any batch size), not {max_batch}")
+    return SpecConfig(method, num_tokens, ngram_max, ngram_min, draft_model, draft_layers, max_batch)
 
 
 def spec_config_of(cfg: EngineConfig) -> SpecConfig:
     """The engine's speculative settings (checked when the EngineConfig was made)."""
     return spec_config(cfg.speculative, cfg.num_speculative_tokens, cfg.speculative_ngram_max,
-                       cfg.speculative_ngram_min, cfg.speculative_draft_model, cfg.speculative_draft_layers)
+                       cfg.speculative_ngram_min, cfg.speculative_draft_model, cfg.speculative_draft_layers,
+                       cfg.speculative_max_batch)

@@ -78,6 +78,7 @@ class SpecPlanner:
         self._lags: dict[int, tuple[int, int]] = {}
         self._missed: set[int] = set()  # requests whose last settled verify row rejected a draft
         self._histories: dict[int, TokenHistory] = {}  # the ngram method's known tokens, by request
+        self._paused = False  # this step drafts nothing (speculative_max_batch)
         # the draft method's chunks and draft KV bookkeeping (draft_plan.py)
         self.draft: DraftPlanner | None = None
         if cfg.method == "draft":
@@ -85,8 +86,12 @@ class SpecPlanner:
                 raise ValueError("the draft method needs the step's token budget (max_num_batched_tokens)")
             self.draft = DraftPlanner(cfg.self_draft, max_num_batched_tokens)
 
-    def begin_step(self) -> None:
-        """A new schedule() starts: per-step budgets start over."""
+    def begin_step(self, running: list[Request]) -> None:
+        """A new schedule() starts with `running`: per-step budgets start over,
+        and the step drafts nothing if they are more than max_batch."""
+        self._paused = 0 < self.cfg.max_batch < len(running)
+        if self._paused and any(self.speculates(req) for req in running):
+            self.stats.paused_steps += 1
         if self.draft is not None:
             self.draft.begin_step()
 
@@ -111,7 +116,7 @@ class SpecPlanner:
         if (last is None or last.step_id != step_id - 1 or req.num_placeholders != 1
                 or req.req_id in self._chains or positions_left < 0):
             return None
-        if last.drafts and req.req_id in self._missed:
+        if last.drafts and req.req_id in self._missed and not self._paused:
             # its last settled verify row missed, so the row in flight (chained on
             # it) carries drafts made for another context: guessing past it loses
             # more acceptance than the host's round trip costs (H200, SmolLM2:
@@ -122,7 +127,7 @@ class SpecPlanner:
         if outputs >= limit:
             return None  # it may end the request: no row after it
         k = min(self.cfg.num_tokens, room, limit - outputs - 1, positions_left)
-        if k < 1:
+        if k < 1 or self._paused:
             return [], outputs
         known = self._history(req).tokens(req.output_token_ids, last.drafts)
         # the first proposal guesses the in-flight row's last token (the device has it); the rest are drafts
@@ -161,7 +166,7 @@ class SpecPlanner:
         """Drafts for the request's next verify row, at most `room` (the step's
         spare token budget). The row emits up to drafts + 1 tokens, so drafts stop
         one short of the request's output limit."""
-        if room < 1 or not self.speculates(req):
+        if room < 1 or self._paused or not self.speculates(req):
             return []
         limit = req.stops.max_outputs if req.stops is not None else req.params.max_tokens
         k = min(self.cfg.num_tokens, room, limit - req.num_outputs - 1)
