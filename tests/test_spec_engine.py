@@ -115,6 +115,31 @@ def test_steps_with_more_requests_than_max_batch_draft_nothing(overlap):
     assert any(r.bsz > 2 for r in rings)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_a_pause_that_starts_behind_verify_rows_in_flight_keeps_the_tokens(overlap):
+    """Two requests speculate, then two more arrive: the steps after pause with
+    verify rows (and their misses) still in flight, and the rows chained on them
+    carry no drafts. Every request still gets plain decoding's tokens."""
+    def staged(e: LLMEngine) -> list[list[int]]:
+        ids = [e.add_request(p, greedy(40)) for p in PROMPTS[:2]]
+        tokens: dict[int, list[int]] = {}
+        for step in range(200):
+            if step == 6:
+                ids += [e.add_request(p, greedy(40)) for p in PROMPTS[2:]]
+            if not e.has_work():
+                break
+            for out in e.step():
+                tokens.setdefault(out.req_id, []).extend(out.new_token_ids)
+        return [tokens[i] for i in ids]
+
+    plain = staged(engine("off", overlap=overlap))
+    e = engine(overlap=overlap, speculative_max_batch=2)
+    assert staged(e) == plain
+    stats = e.spec.stats.snapshot()
+    assert stats["spec_verify_rows"] > 0 and stats["spec_paused_steps"] > 0, stats
+    assert e.scheduler.block_manager.num_used_blocks == 0
+
+
 def test_max_batch_is_checked():
     with pytest.raises(ValueError, match="speculative_max_batch"):
         EngineConfig(model="tiny", speculative="ngram", speculative_max_batch=-1)
