@@ -120,7 +120,8 @@ class SpecPlanner:
             # its last settled verify row missed, so the row in flight (chained on
             # it) carries drafts made for another context: guessing past it loses
             # more acceptance than the host's round trip costs (H200, SmolLM2:
-            # 1.57-1.61x chaining here, 1.82-1.94x waiting), so it plans from the truth
+            # 1.57-1.61x chaining here, 1.82-1.94x waiting), so it plans from the truth;
+            # a paused step proposes nothing to lose, so it chains
             return None
         limit = req.stops.max_outputs if req.stops is not None else req.params.max_tokens
         outputs = len(req.output_token_ids) + len(last.drafts) + 1  # if the row in flight keeps every draft
