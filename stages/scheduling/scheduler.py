@@ -46,7 +46,6 @@ from typing import Any, Sequence
 from ..engine.config import EngineConfig
 from ..kv.sequence_blocks import cache_full_blocks, cached_prefix
 from ..request import Request, RequestStatus
-from ..spec.planner import SpecPlanner
 from ..step_types import ScheduledRow, SchedulerOutput
 from .updates import StepUpdates
 
