@@ -33,8 +33,6 @@ from __future__ import annotations
 
 from typing import Final, Protocol, runtime_checkable
 
-import msgspec
-
 from .protocol import GenerateFields, GenerateFrame, TokenLogprob
 
 __all__ = [
