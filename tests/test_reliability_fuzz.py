@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+import msgspec
 import pytest
 from daemon_harness import serve_real
 from fuzz_driver import FuzzSession, fuzz_inband, fuzz_streams
@@ -84,8 +85,6 @@ def test_an_id_freed_by_a_prompt_too_long_to_run_is_reused(daemon):
     context then ends with invalid_request, and its id is free again. The
     driver must book that error as the end of the first request, not as the
     refusal of the second one under the same id."""
-    import msgspec
-
     session = FuzzSession(daemon.socket_path)
     too_long = {"type": "generate", "id": "a", "prompt": "\U0001F600" * CONTEXT, "max_tokens": 4}
     session.probe(msgspec.msgpack.encode(too_long))
