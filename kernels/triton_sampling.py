@@ -1,32 +1,36 @@
 """Seeded top-k / top-p / temperature sampling on a GPU without sorting the vocabulary.
 
 Why: the ops path (stages/sampling/sampler.py `_sample`) sorts every row; at batch 64
-and a 128k vocabulary that sort alone took 413 us on an H200 (bf16 keys),
-a quarter of a decode step. Here no row is sorted:
+and a 128k vocabulary that sort alone took 413 us on an H200 (bf16 keys), a
+quarter of a decode step. A first sort-free version searched each row's top-p
+threshold with 16-way passes (4 for bf16 keys) and took ~330 us, compute-bound
+on the comparisons. This one draws by rejection (FlashInfer's idea, simplified):
 
-1. stats: per chunk of a row, the max of logits / temperature and the sum of
-   exp(. - max) (an online softmax's partials);
-2. search (4 passes for bf16-valued logits, 8 for float32): the kept set is
-   {tokens whose mass above them is < top_p and count above them is <
-   top_k}, i.e. every token whose order key is above a threshold w; each pass
-   evaluates "mass above c >= top_p or count above c >= top_k" at 16
-   candidate keys c and narrows w's range 16-fold (a radix select by value);
-3. sample: an exponential race over the kept tokens, argmax of logit /
-   temperature + Gumbel noise, whose noise for token j is a fixed integer hash
-   of the row's seed state and j (`race_uniform`): an exact draw from the
-   kept, renormalized distribution that depends only on the row's logits and
-   seed state, never on the batch;
-4. finish: the first best over the row's chunks.
+The kept set K is every token whose key group (ties kept or dropped together)
+has mass < top_p and fewer than top_k tokens above it; K is an upper set by
+key. Round 1 draws j1 from the whole renormalized distribution by inverse CDF
+in vocabulary order (a uniform per row and round, a fixed hash of the row's
+seed state). If j1 is in K (one pass: mass and count above j1) it is the
+answer: conditioned on landing in K, the draw has K's renormalized
+distribution. If not, nothing at or below j1's key is in K, so round 2 draws
+from the tokens above j1's key, and so on. Each round accepts with
+probability mass(K) / mass(candidates) >= top_p when top-k is off, so three
+rounds leave a top-p 0.95 row undecided about once in 8,000; such a row (and
+rows with a small top-k on a flat distribution) ends in `_fallback_kernel`:
+one program finds the exact threshold with 16-way passes, then draws from K.
 
-Every pass splits each row over several programs (enough for the GPU at
-batch 1 too); programs write partial sums that the next pass reads back in a
-fixed order, so results do not depend on timing (no atomics).
+Launches (fixed, so a CUDA graph holds them; decided rows return at once):
+stats (per chunk: max, softmax normalizer, argmax; per block of BLOCK tokens:
+mass), locate 1, then three times check (mass per block and count above the
+last draw) + locate (accept it, or draw again: a block by the masses, then a
+token inside it), fallback. Partials are read back in a fixed order: no atomics,
+so a row's token depends only on its logits, parameters and seed state.
 
-Differences from the ops path, by design: ties at the top-p / top-k boundary
-are kept or dropped together (a threshold by value, not by sorted rank), and
-the token is drawn by the race, not by the inverse CDF of the sorted row: the
-same distribution, another token for the same seed. Graph and eager steps,
-overlap and sync all run this same code on a GPU, so they agree exactly.
+Greedy rows (temperature 0) get the argmax of the raw logits (the first
+maximum, as torch.argmax). Differences from the ops path, by design: the
+threshold is by value (ties at the boundary kept or dropped together) and the
+draw is another one for the same seed: the same distribution, another token.
+Graph and eager steps, overlap and sync all run this code, so they agree.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ import triton.language as tl
 
 BLOCK = 1024
 TARGET_PROGRAMS = 1024
-_H1, _H2 = 0x9E3779B1, 0x85EBCA77  # odd multipliers of the race's hash
+ROUNDS = 3  # rejection rounds before the fallback
+_H1, _H2 = 0x9E3779B1, 0x85EBCA77  # odd multipliers of the uniform's hash
 _HMUL = 0x45D9F3B
+KEY_ALL = -(1 << 31)  # a pivot below every non-NaN float's key: "all tokens"
+GREEDY = -1  # `rounds` marker of an argmax row
 
 
 @triton.jit
@@ -52,18 +59,15 @@ def _order_key(x, SHIFT: tl.constexpr):
 @triton.jit
 def _as_key(c):
     """An int64 candidate as an int32 key bound: every finite float's key lies
-    strictly inside int32, so clamping keeps `key > c` for every key (int32
-    compares cost half of int64 ones in the search's inner loop)."""
+    strictly inside int32, so clamping keeps `key > c` for every key."""
     return tl.minimum(tl.maximum(c, -2147483648), 2147483647).to(tl.int32)
 
 
 @triton.jit
-def _race_uniform(state, idx):
-    """Uniform in (0, 1) from a row's seed state and a token id (race_uniform's mirror)."""
-    # int64 products of values < 2**32 and constants < 2**32 stay below 2**64 only
-    # after masking, so every step is taken modulo 2**32 (the host mirror's uint32)
-    m32 = 0xFFFFFFFF
-    x = ((state.to(tl.int64) & m32) * 0x9E3779B1 + (idx.to(tl.int64) * 0x85EBCA77 & m32)) & m32
+def _uniform(state, idx):
+    """Uniform in (0, 1) from a row's seed state and a round number (`uniform`'s mirror)."""
+    m32 = 0xFFFFFFFF  # every step modulo 2**32, as the host mirror's uint32
+    x = ((state.to(tl.int64) & m32) * 0x9E3779B1 + ((idx + tl.zeros([], tl.int64)) * 0x85EBCA77 & m32)) & m32
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & m32
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & m32
     x = x ^ (x >> 16)
@@ -72,11 +76,13 @@ def _race_uniform(state, idx):
 
 @triton.jit
 def _row_params(temp_ptr, top_p_ptr, top_k_ptr, r, V):
-    """Row r's temperature (greedy rows' 0 read as 1: the caller keeps their
-    argmax), top-p, and top-k as a count (0, off, read as the whole vocabulary)."""
+    """Row r's temperature (greedy rows' 0 read as 1), top-p (1 or more: off),
+    and top-k as a count (0, off, read as the whole vocabulary)."""
     t = tl.load(temp_ptr + r)
+    top_p = tl.load(top_p_ptr + r)
     top_k = tl.load(top_k_ptr + r)
-    return tl.where(t > 0, t, 1.0), tl.load(top_p_ptr + r), tl.where(top_k > 0, tl.minimum(top_k, V), V)
+    return (tl.where(t > 0, t, 1.0), tl.where(top_p >= 1.0, 2.0, top_p),
+            tl.where(top_k > 0, tl.minimum(top_k, V), V))
 
 
 @triton.jit
@@ -92,116 +98,191 @@ def _row_softmax(part_m, part_z, r, S, S_P2: tl.constexpr):
 
 
 @triton.jit
-def _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, lo, hi, PASSES: tl.constexpr, S_P2: tl.constexpr):
-    """Replays the first PASSES search passes from their partials: (lo, hi) with
-    F(lo) true and F(hi) false, F(c) = mass above c >= top_p or count above c >= top_k."""
-    s = tl.arange(0, S_P2)
-    d = tl.arange(0, 16)
-    ok = (s < S)[:, None]
-    lo = lo.to(tl.int64)
-    hi = hi.to(tl.int64)
-    for i in tl.static_range(PASSES):
-        step = (hi - lo + 15) // 16
-        offs = ((i * rows + r) * S + s[:, None]) * 16 + d[None, :]
-        mass = tl.sum(tl.load(part_mass + offs, mask=ok, other=0.0), axis=0)
-        cnt = tl.sum(tl.load(part_cnt + offs, mask=ok, other=0), axis=0)
-        f = (mass >= top_p) | (cnt >= top_k)
-        n = tl.sum(f.to(tl.int64), axis=0)
-        new_lo = lo + tl.maximum(n - 1, 0) * step
-        hi = tl.where(n == 0, lo + 1, tl.minimum(hi, lo + n * step))
-        lo = new_lo
-    return lo, hi
+def _pick(row, start, end, pivot, t, m, inv_z, target, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """Inverse CDF over [start, end) of the tokens whose key is above `pivot`:
+    the first whose running mass exceeds `target`, else (rounding) the last such token."""
+    run = tl.zeros([], tl.float32)
+    first = tl.full([], 2147483647, tl.int32)
+    last = tl.full([], -1, tl.int32)
+    for k0 in range(start, end, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        ok = offs < end
+        x = tl.load(row + offs, mask=ok, other=float("-inf"))
+        cand = ok & (_order_key(x, SHIFT) > pivot)
+        p = tl.where(cand, tl.exp(x / t - m) * inv_z, 0.0)
+        hit = cand & (run + tl.cumsum(p, axis=0) > target)
+        first = tl.minimum(first, tl.min(tl.where(hit, offs, 2147483647), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(cand, offs, -1), axis=0))
+        run += tl.sum(p, axis=0)
+    return tl.where(first < 2147483647, first, last)
 
 
 @triton.jit
-def _stats_kernel(x_ptr, temp_ptr, part_m, part_z, V, stride, chunk, S, BLOCK: tl.constexpr):
+def _stats_kernel(x_ptr, temp_ptr, part_m, part_z, part_gm, part_gi, part_bm, rounds_ptr, V, stride, chunk, S,
+                  BLOCK: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
+    if s == 0:
+        tl.store(rounds_ptr + r, 0)  # undecided
     t = tl.load(temp_ptr + r)
     t = tl.where(t > 0, t, 1.0)
     row = x_ptr + r.to(tl.int64) * stride
     start = s * chunk
     mx = tl.full([BLOCK], float("-inf"), tl.float32)
+    mi = tl.full([BLOCK], 2147483647, tl.int32)
     for k0 in range(start, start + chunk, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        mx = tl.maximum(mx, tl.load(row + offs, mask=offs < V, other=float("-inf")) / t)
-    m = tl.max(mx, axis=0)
-    acc = tl.zeros([BLOCK], tl.float32)
+        x = tl.load(row + offs, mask=offs < V, other=float("-inf"))
+        up = x > mx  # strictly: each lane keeps its first maximum
+        mi = tl.where(up, offs, mi)
+        mx = tl.where(up, x, mx)
+    gm = tl.max(mx, axis=0)
+    m = gm / t
+    acc = tl.zeros([], tl.float32)
+    nb = chunk // BLOCK
     for k0 in range(start, start + chunk, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(row + offs, mask=offs < V, other=float("-inf")) / t
-        acc += tl.where(offs < V, tl.exp(x - m), 0.0)
+        bz = tl.sum(tl.where(offs < V, tl.exp(x - m), 0.0), axis=0)
+        tl.store(part_bm + r * S * nb + k0 // BLOCK, bz)  # per block, relative to the chunk's max
+        acc += bz
     tl.store(part_m + r * S + s, m)
-    tl.store(part_z + r * S + s, tl.sum(acc, axis=0))
+    tl.store(part_z + r * S + s, acc)
+    tl.store(part_gm + r * S + s, gm)
+    tl.store(part_gi + r * S + s, tl.min(tl.where(mx == gm, mi, 2147483647), axis=0))
 
 
 @triton.jit
-def _search_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, part_m, part_z, part_mass, part_cnt, rows, V, stride,
-                   chunk, S, LO, HI, PASS: tl.constexpr, SHIFT: tl.constexpr, S_P2: tl.constexpr,
-                   SBLOCK: tl.constexpr):
+def _check_kernel(x_ptr, temp_ptr, part_m, part_z, part_bm, part_cnt, token_ptr, rounds_ptr, V, stride, chunk,
+                  S, SHIFT: tl.constexpr, S_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """Mass (per block) and count (per chunk) of the tokens above the row's last draw."""
     r = tl.program_id(0)
     s = tl.program_id(1)
+    if tl.load(rounds_ptr + r) == 0:
+        t = tl.load(temp_ptr + r)
+        t = tl.where(t > 0, t, 1.0)
+        m, z = _row_softmax(part_m, part_z, r, S, S_P2)
+        inv_z = 1.0 / z
+        row = x_ptr + r.to(tl.int64) * stride
+        pivot = _order_key(tl.load(row + tl.load(token_ptr + r)), SHIFT)
+        start = s * chunk
+        nb = chunk // BLOCK
+        cnt = tl.zeros([BLOCK], tl.int32)
+        for k0 in range(start, start + chunk, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            ok = offs < V
+            x = tl.load(row + offs, mask=ok, other=float("-inf"))
+            above = ok & (_order_key(x, SHIFT) > pivot)
+            tl.store(part_bm + r * S * nb + k0 // BLOCK,
+                     tl.sum(tl.where(above, tl.exp(x / t - m) * inv_z, 0.0), axis=0))
+            cnt += above.to(tl.int32)
+        tl.store(part_cnt + r * S + s, tl.sum(cnt, axis=0))
+
+
+@triton.jit
+def _draw(row, state, mass, ok, b, pivot, t, m, z, V, ROUND: tl.constexpr, SHIFT: tl.constexpr,
+          NB_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """One inverse-CDF draw from the tokens above `pivot`, whose mass per block is `mass`."""
+    target = _uniform(state, ROUND) * tl.sum(mass, axis=0)
+    # the block where the running mass passes the target (else, rounding, the last with mass)
+    c = tl.min(tl.where(ok & (mass > 0) & (tl.cumsum(mass, axis=0) > target), b, NB_P2), axis=0)
+    c = tl.where(c < NB_P2, c, tl.max(tl.where(ok & (mass > 0), b, 0), axis=0))
+    before = tl.sum(tl.where(b < c, mass, 0.0), axis=0)
+    start = c * BLOCK
+    return _pick(row, start, tl.minimum(start + BLOCK, V), pivot, t, m, 1.0 / z, target - before, SHIFT, BLOCK)
+
+
+@triton.jit
+def _locate_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_m, part_z, part_gm, part_gi, part_bm,
+                   part_cnt, token_ptr, rounds_ptr, V, stride, chunk, S, ROUND: tl.constexpr, DRAW: tl.constexpr,
+                   SHIFT: tl.constexpr, S_P2: tl.constexpr, NB_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """Round ROUND for one row: accept the last draw if it is kept (ROUND > 1),
+    else draw again from the tokens above it (DRAW); round 1 draws from all."""
+    r = tl.program_id(0)
+    if tl.load(rounds_ptr + r) == 0:
+        s = tl.arange(0, S_P2)
+        ok = s < S
+        nb = chunk // BLOCK
+        b = tl.arange(0, NB_P2)
+        okb = b < S * nb
+        row = x_ptr + r.to(tl.int64) * stride
+        state = tl.load(state_ptr + r)
+        t, top_p, top_k = _row_params(temp_ptr, top_p_ptr, top_k_ptr, r, V)
+        m, z = _row_softmax(part_m, part_z, r, S, S_P2)
+        mass = tl.load(part_bm + r * S * nb + b, mask=okb, other=0.0)
+        if ROUND == 1:
+            if tl.load(temp_ptr + r) <= 0:
+                gm = tl.load(part_gm + r * S + s, mask=ok, other=float("-inf"))
+                best = tl.argmax(gm, axis=0)  # the first chunk holding the max holds its first index
+                tl.store(token_ptr + r, tl.load(part_gi + r * S + best).to(tl.int64))
+                tl.store(rounds_ptr + r, -1)
+            else:
+                # stats' block sums are relative to their chunk's max
+                cm = tl.load(part_m + r * S + b // nb, mask=okb, other=float("-inf"))
+                mass = tl.where(okb, mass * tl.exp(cm - m) / z, 0.0)
+                tok = _draw(row, state, mass, okb, b, -2147483648, t, m, z, V, ROUND, SHIFT, NB_P2, BLOCK)
+                tl.store(token_ptr + r, tok.to(tl.int64))
+        else:
+            cnt = tl.sum(tl.load(part_cnt + r * S + s, mask=ok, other=0), axis=0)
+            if (tl.sum(mass, axis=0) < top_p) & (cnt < top_k):
+                tl.store(rounds_ptr + r, ROUND - 1)
+            else:
+                if DRAW:
+                    pivot = _order_key(tl.load(row + tl.load(token_ptr + r)), SHIFT)
+                    tok = _draw(row, state, mass, okb, b, pivot, t, m, z, V, ROUND, SHIFT, NB_P2, BLOCK)
+                    tl.store(token_ptr + r, tok.to(tl.int64))
+
+
+@triton.jit
+def _fallback_row(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_m, part_z, token_ptr, rounds_ptr, r, V,
+                  stride, S, LO, HI, PASSES: tl.constexpr, ROUND: tl.constexpr, SHIFT: tl.constexpr,
+                  S_P2: tl.constexpr, SBLOCK: tl.constexpr, BLOCK: tl.constexpr):
     t, top_p, top_k = _row_params(temp_ptr, top_p_ptr, top_k_ptr, r, V)
     m, z = _row_softmax(part_m, part_z, r, S, S_P2)
     inv_z = 1.0 / z
-    lo, hi = _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, LO, HI, PASS, S_P2)
-    step = (hi - lo + 15) // 16
-    cand = _as_key(lo + tl.arange(0, 16).to(tl.int64) * step)
     row = x_ptr + r.to(tl.int64) * stride
-    start = s * chunk
-    # per-thread accumulators, reduced across the block once at the end (not per tile)
-    mass = tl.zeros([SBLOCK, 16], tl.float32)
-    cnt = tl.zeros([SBLOCK, 16], tl.int32)
-    for k0 in range(start, start + chunk, SBLOCK):
-        offs = k0 + tl.arange(0, SBLOCK)
-        ok = offs < V
-        x = tl.load(row + offs, mask=ok, other=float("-inf"))
-        p = tl.where(ok, tl.exp(x / t - m) * inv_z, 0.0)
-        above = (_order_key(x, SHIFT)[:, None] > cand[None, :]) & ok[:, None]
-        mass += tl.where(above, p[:, None], 0.0)
-        cnt += above.to(tl.int32)
-    out = ((PASS * rows + r) * S + s) * 16 + tl.arange(0, 16)
-    tl.store(part_mass + out, tl.sum(mass, axis=0))
-    tl.store(part_cnt + out, tl.sum(cnt, axis=0))
-
-
-@triton.jit
-def _race_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_mass, part_cnt, part_best, part_idx, rows,
-                 V, stride, chunk, S, LO, HI, PASSES: tl.constexpr, SHIFT: tl.constexpr, S_P2: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    r = tl.program_id(0)
-    s = tl.program_id(1)
-    t, top_p, top_k = _row_params(temp_ptr, top_p_ptr, top_k_ptr, r, V)
-    state = tl.load(state_ptr + r)
-    w, _ = _threshold(part_mass, part_cnt, r, rows, S, top_p, top_k, LO, HI, PASSES, S_P2)
-    w = _as_key(w)
-    row = x_ptr + r.to(tl.int64) * stride
-    start = s * chunk
-    best = tl.full([], float("-inf"), tl.float32)
-    best_i = tl.full([], 0, tl.int64) + start
-    for k0 in range(start, start + chunk, BLOCK):
+    lo = LO.to(tl.int64)
+    hi = HI.to(tl.int64)
+    for _ in tl.static_range(PASSES):
+        step = (hi - lo + 15) // 16
+        cand = _as_key(lo + tl.arange(0, 16).to(tl.int64) * step)
+        mass = tl.zeros([SBLOCK, 16], tl.float32)
+        cnt = tl.zeros([SBLOCK, 16], tl.int32)
+        for k0 in range(0, V, SBLOCK):
+            offs = k0 + tl.arange(0, SBLOCK)
+            ok = offs < V
+            x = tl.load(row + offs, mask=ok, other=float("-inf"))
+            p = tl.where(ok, tl.exp(x / t - m) * inv_z, 0.0)
+            above = (_order_key(x, SHIFT)[:, None] > cand[None, :]) & ok[:, None]
+            mass += tl.where(above, p[:, None], 0.0)
+            cnt += above.to(tl.int32)
+        f = (tl.sum(mass, axis=0) >= top_p) | (tl.sum(cnt, axis=0) >= top_k)
+        n = tl.sum(f.to(tl.int64), axis=0)
+        new_lo = lo + tl.maximum(n - 1, 0) * step
+        hi = tl.where(n == 0, lo + 1, tl.minimum(hi, lo + n * step))
+        lo = new_lo
+    w = _as_key(lo)
+    kept = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, V, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        ok = offs < V
-        x = tl.load(row + offs, mask=ok, other=float("-inf"))
-        kept = ok & (_order_key(x, SHIFT) > w)
-        u = _race_uniform(state, offs)
-        score = tl.where(kept, x / t - tl.log(-tl.log(u)), float("-inf"))
-        b = tl.max(score, axis=0)
-        i = tl.argmax(score, axis=0)  # the first maximum
-        take = b > best
-        best_i = tl.where(take, k0 + i.to(tl.int64), best_i)
-        best = tl.where(take, b, best)
-    tl.store(part_best + r * S + s, best)
-    tl.store(part_idx + r * S + s, best_i)
+        x = tl.load(row + offs, mask=offs < V, other=float("-inf"))
+        kept += tl.where((offs < V) & (_order_key(x, SHIFT) > w), tl.exp(x / t - m) * inv_z, 0.0)
+    target = _uniform(tl.load(state_ptr + r), ROUND) * tl.sum(kept, axis=0)
+    tl.store(token_ptr + r, _pick(row, 0, V, w, t, m, inv_z, target, SHIFT, BLOCK).to(tl.int64))
+    tl.store(rounds_ptr + r, ROUND)
 
 
 @triton.jit
-def _finish_kernel(part_best, part_idx, out_ptr, S, S_P2: tl.constexpr):
+def _fallback_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_m, part_z, token_ptr, rounds_ptr, V,
+                     stride, S, LO, HI, PASSES: tl.constexpr, ROUND: tl.constexpr, SHIFT: tl.constexpr,
+                     S_P2: tl.constexpr, SBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """A row still undecided: its exact threshold w (a radix select by value,
+    16 candidates a pass: `mass above c >= top_p or count above c >= top_k`
+    holds at lo, not at hi), then one draw from the tokens above w."""
     r = tl.program_id(0)
-    s = tl.arange(0, S_P2)
-    b = tl.load(part_best + r * S + s, mask=s < S, other=float("-inf"))
-    i = tl.argmax(b, axis=0)  # the first chunk holding the best: its lowest index
-    tl.store(out_ptr + r, tl.load(part_idx + r * S + i))
+    if tl.load(rounds_ptr + r) == 0:
+        _fallback_row(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_m, part_z, token_ptr, rounds_ptr, r, V,
+                      stride, S, LO, HI, PASSES, ROUND, SHIFT, S_P2, SBLOCK, BLOCK)
 
 
 def plan(rows: int, vocab: int) -> tuple[int, int]:
@@ -212,12 +293,19 @@ def plan(rows: int, vocab: int) -> tuple[int, int]:
     return s, triton.cdiv(triton.cdiv(vocab, s), BLOCK) * BLOCK
 
 
+LAUNCHES = ["stats", "locate1", *(f"{k}{i}" for i in range(2, ROUNDS + 2) for k in ("check", "locate")),
+            "fallback"]
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seed_state: torch.Tensor, key_bits: int = 32, launches: int = 99) -> torch.Tensor:
-    """int64 [R] tokens from float32 logits [R, V] (module docstring). Rows with
-    temperature 0 are drawn at temperature 1 (the caller keeps their argmax).
-    key_bits 16: the logits are bf16 values (the search needs 4 passes, not 8).
-    `launches` < 99 stops after that many kernels (bench/sampler_bench.py times each)."""
+           seed_state: torch.Tensor, key_bits: int = 32, launches: int = 99,
+           rounds: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [R] tokens from float32 logits [R, V] (module docstring); greedy
+    rows (temperature 0) get their argmax. key_bits 16: the logits are bf16
+    values (the fallback's search takes 4 passes, not 8). `rounds` (int32 [R]),
+    if given, receives each row's deciding round (GREEDY for argmax rows,
+    ROUNDS + 1 for the fallback). `launches` < 99 stops after that many
+    kernels (bench/sampler_bench.py times each; LAUNCHES names them)."""
     rows, v = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if not rows:
@@ -227,34 +315,42 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     passes, shift = (4, 16) if key_bits == 16 else (8, 0)
     lo, hi = (-(1 << 15) - 1, (1 << 15) - 1) if key_bits == 16 else (-(1 << 31) - 1, (1 << 31) - 1)
     dev = logits.device
-    part_m = torch.empty((rows, s), dtype=torch.float32, device=dev)
-    part_z = torch.empty((rows, s), dtype=torch.float32, device=dev)
-    part_mass = torch.empty((passes, rows, s, 16), dtype=torch.float32, device=dev)
-    part_cnt = torch.empty((passes, rows, s, 16), dtype=torch.int32, device=dev)
-    part_best = torch.empty((rows, s), dtype=torch.float32, device=dev)
-    part_idx = torch.empty((rows, s), dtype=torch.int64, device=dev)
+    f32 = torch.float32
+    part_m, part_z, part_gm = (torch.empty((rows, s), dtype=f32, device=dev) for _ in range(3))
+    part_bm = torch.empty((rows, s * chunk // BLOCK), dtype=f32, device=dev)
+    part_gi, part_cnt = (torch.empty((rows, s), dtype=torch.int32, device=dev) for _ in range(2))
+    if rounds is None:
+        rounds = torch.empty(rows, dtype=torch.int32, device=dev)
     s_p2 = triton.next_power_of_2(s)
-    grid = (rows, s)
-    _stats_kernel[grid](logits, temperature, part_m, part_z, v, logits.stride(0), chunk, s, BLOCK=BLOCK, num_warps=4)
-    for i in range(passes):
-        if launches <= 1 + i:
+    stride = logits.stride(0)
+    common = (temperature, top_p, top_k, seed_state, part_m, part_z, part_gm, part_gi, part_bm, part_cnt, out,
+              rounds, v, stride, chunk, s)
+    nb_p2 = triton.next_power_of_2(s * chunk // BLOCK)
+    _stats_kernel[(rows, s)](logits, temperature, part_m, part_z, part_gm, part_gi, part_bm, rounds, v, stride, chunk, s,
+                             BLOCK=BLOCK, num_warps=4)
+    done = 1
+    for rnd in range(1, ROUNDS + 2):
+        if rnd > 1:
+            if launches <= done:
+                return out
+            _check_kernel[(rows, s)](logits, temperature, part_m, part_z, part_bm, part_cnt, out, rounds, v,
+                                     stride, chunk, s, SHIFT=shift, S_P2=s_p2, BLOCK=BLOCK, num_warps=4)
+            done += 1
+        if launches <= done:
             return out
-        _search_kernel[grid](logits, temperature, top_p, top_k, part_m, part_z, part_mass, part_cnt, rows, v,
-                             logits.stride(0), chunk, s, lo, hi, PASS=i, SHIFT=shift, S_P2=s_p2, SBLOCK=256,
-                             num_warps=4)
-    if launches <= 1 + passes:
+        _locate_kernel[(rows,)](logits, *common, ROUND=rnd, DRAW=rnd <= ROUNDS, SHIFT=shift, S_P2=s_p2,
+                                NB_P2=nb_p2, BLOCK=BLOCK, num_warps=4)
+        done += 1
+    if launches <= done:
         return out
-    _race_kernel[grid](logits, temperature, top_p, top_k, seed_state, part_mass, part_cnt, part_best, part_idx, rows,
-                       v, logits.stride(0), chunk, s, lo, hi, PASSES=passes, SHIFT=shift, S_P2=s_p2, BLOCK=BLOCK,
-                       num_warps=4)
-    if launches <= 2 + passes:
-        return out
-    _finish_kernel[(rows,)](part_best, part_idx, out, s, S_P2=s_p2, num_warps=1)
+    _fallback_kernel[(rows,)](logits, temperature, top_p, top_k, seed_state, part_m, part_z, out, rounds, v, stride,
+                              s, lo, hi, PASSES=passes, ROUND=ROUNDS + 1, SHIFT=shift, S_P2=s_p2, SBLOCK=256,
+                              BLOCK=BLOCK, num_warps=4)
     return out
 
 
-def race_uniform(state: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Host mirror of the race's noise (tests): float32 in (0, 1)."""
+def uniform(state: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Host mirror of the rounds' uniforms (tests): float32 in (0, 1)."""
     m = 0xFFFFFFFF
     x = ((np.asarray(state, np.uint64) & m) * _H1 + ((np.asarray(idx, np.uint64) * _H2) & m)) & m
     x = ((x ^ (x >> 16)) * _HMUL) & m

@@ -96,6 +96,7 @@ def main() -> None:
         r[f"attention_{name}"] = err(out, ref)
         r[f"attention_{name}_parts"] = parts
     r.update(sampling_check())
+    r.update(logprobs_check(ops))
     r.update(gemv_check())
     print(json.dumps(r))
 
@@ -116,26 +117,63 @@ def gemv_check() -> dict:
 
 
 def sampling_check() -> dict:
-    """kernels/triton_sampling.py against race_reference on bf16-valued logits
-    (exact ties, all-tied rows) with every filter, both key widths."""
+    """kernels/triton_sampling.py against draw_reference on bf16-valued logits
+    (exact ties, all-tied rows) with every filter, both key widths: the same
+    token and deciding round on every row that float32 rounding cannot move."""
     from overlapd.kernels import triton_sampling as ts
-    from sampling_reference import race_reference
+    from sampling_reference import draw_reference
 
     g = torch.Generator().manual_seed(7)
     rows, vocab = 24, 5000  # several chunks of the row and a partial block
     logits = (3 * torch.randn(rows, vocab, generator=g)).to(torch.bfloat16).float()
     logits[0] = 0.0  # all tied
+    logits[5, [7, 4000]] = 30.0  # a greedy row whose max is tied across chunks
     t = torch.tensor([0.8, 0.05, 1.0, 2.5, 0.0, 1.3] * (rows // 6), dtype=torch.float32)
     top_p = torch.tensor([0.95, 1.0, 0.5, 0.001, 0.9, 0.3, 0.99, 0.7] * (rows // 8), dtype=torch.float32)
     top_k = torch.tensor([0, 1, 40, 3000, 0, 7000, 0, 2, 0, 0, 50, 0] * (rows // 12), dtype=torch.int64)
     state = torch.randint(0, 1 << 31, (rows,), generator=g)
-    out = {"sample_rows": rows}
+    out: dict = {"sample_rows": rows}
     for bits, shift in ((16, 16), (32, 0)):
-        got = ts.sample(logits, t, top_p, top_k, state, key_bits=bits).numpy()
-        want = race_reference(logits.numpy(), t.numpy(), top_p.numpy(), top_k.numpy(), state.numpy(), shift)
-        out[f"sample_same_{bits}"] = int((got == want).sum())
+        rounds = torch.empty(rows, dtype=torch.int32)
+        got = ts.sample(logits, t, top_p, top_k, state, key_bits=bits, rounds=rounds).numpy()
+        want, want_rounds, amb = draw_reference(logits.numpy(), t.numpy(), top_p.numpy(), top_k.numpy(),
+                                                state.numpy(), shift)
+        sure = ~amb
+        out[f"sample_same_{bits}"] = int((got == want)[sure].sum()) + int(amb.sum())
+        out[f"sample_ambiguous_{bits}"] = int(amb.sum())
+        out[f"sample_rounds_same_{bits}"] = bool((rounds.numpy() == want_rounds)[sure].all())
+        out[f"sample_rounds_{bits}"] = sorted(set(rounds.tolist()))
         out[f"sample_distinct_{bits}"] = len(set(got.tolist()))
+        out[f"sample_greedy_first_max_{bits}"] = int(got[5]) == 7
     return out
+
+def logprobs_check(ops: TorchOps) -> dict:
+    """kernels/triton_logprobs.py against the ops path's pack (log_softmax, topk,
+    gather, count) on float32 logits with a tie across tiles and a tiny
+    vocabulary's single partial tile; every width the runner asks for."""
+    from overlapd.kernels.triton_logprobs import pack
+    from overlapd.stages.sampling.sampler import Sampler
+
+    g = torch.Generator().manual_seed(5)
+    out: dict = {}
+    # lp_long has more tiles than k (the bound from the tile maxima prunes); lp_wide fewer
+    shapes = {"lp_long": (3, 60000, 20), "lp_long5": (2, 60000, 5), "lp_wide": (5, 9000, 20),
+              "lp_narrow": (3, 9000, 1), "lp_small": (4, 30, 20)}
+    for name, (rows, vocab, k) in shapes.items():
+        logits = 4 * torch.randn(rows, vocab, generator=g)
+        tie = [100, 50000] if vocab > 50000 else [100, 5000] if vocab > 5000 else [3, 20]
+        logits[0, tie] = 40.0  # tied maxima (in two tiles where there are two): ids in vocabulary order
+        sampled = torch.randint(0, vocab, (rows,), generator=g)
+        finish = torch.arange(rows, dtype=torch.int64)
+        want = Sampler(ops, vocab).pack(logits, sampled, finish, k)
+        ints, lps = pack(logits, sampled, finish, k)
+        # torch.topk orders ties as it likes (reversed here): row 0 is compared as a set
+        out[name + "_ints_same"] = bool(torch.equal(ints[1:], want.ints[1:])
+                                        and torch.equal(ints[0].sort().values, want.ints[0].sort().values))
+        out[name + "_err"] = err(lps, want.logprobs)
+        out[name + "_tie_order"] = ints[0, 3:3 + min(k, 2)].tolist() == tie[:k]
+    return out
+
 
 if __name__ == "__main__":
     main()

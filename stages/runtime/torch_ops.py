@@ -97,6 +97,9 @@ class TorchOps(TorchCollectives):
         self._fused = _fused_kernels(self._cuda)
         # sort-free seeded sampling (kernels/triton_sampling.py), with the decode kernels
         self.fused_sample = _fused_sampling(self._fused)
+        # logprob outputs without a log_softmax tensor (kernels/triton_logprobs.py)
+        self.fused_logprobs = importlib.import_module("overlapd.kernels.triton_logprobs").pack \
+            if self._fused is not None else None
         # batch-1 matrix-vector products in Triton (kernels/triton_gemv.py): OVERLAPD_GEMV=1, with the fused kernels
         self._gemv = importlib.import_module("overlapd.kernels.triton_gemv").gemv \
             if self._fused is not None and os.environ.get("OVERLAPD_GEMV", "0") == "1" else None

@@ -16,10 +16,11 @@ Every row takes the same computation (a full sort of its scaled logits, then
 top-k and top-p as prefix masks), whatever the other rows ask for, so the
 path cannot depend on the batch. Greedy rows (temperature 0) take the argmax
 of the raw logits. Where the runtime has a fused sampler (`fused_sample`:
-kernels/triton_sampling.py on a GPU) it replaces the sort: the same kept set
-up to ties at its boundary, drawn by an exponential race keyed by the same
-seed state, so the same distribution but not the ops path's token for a
-seed; every step of a runtime takes the same path, graphs or not.
+kernels/triton_sampling.py on a GPU) it replaces the sort and the argmax:
+the same kept set up to ties at its boundary, drawn by rejection rounds keyed
+by the same seed state, so the same distribution but not the ops path's
+token for a seed; every step of a runtime takes the same path, graphs or not.
+Its logprobs come from kernels/triton_logprobs.py (`fused_logprobs`).
 
 Logprobs are those of the model's raw distribution (log_softmax of the
 unscaled, unfiltered logits), as vLLM returns by default: they describe the
@@ -163,6 +164,10 @@ class Sampler:
         """int64 [R] from float32 logits [R, V]. `any_random` is a host fact about
         the step (it chooses which work runs, never a row's result)."""
         ops = self.ops
+        kernel = getattr(ops, "fused_sample", None)
+        if any_random and kernel is not None:  # no sort, and greedy rows' argmax inside
+            return kernel(logits, params.temperature, params.top_p, params.top_k, params.seed_state,
+                          key_bits=16 if self.sort_dtype == "bfloat16" else 32)
         greedy = ops.argmax(logits, axis=-1)
         return ops.where(ops.gt(params.temperature, 0.0), self._sample(logits, params), greedy) \
             if any_random else greedy
@@ -176,6 +181,10 @@ class Sampler:
         stops = ops.reshape(finish, [rows, 1])
         if num_logprobs == 0:
             return SamplerOutput(sampled, ops.concat([column, stops], axis=1), None)
+        fused = getattr(ops, "fused_logprobs", None)
+        if fused is not None:  # kernels/triton_logprobs.py: the same layout, no [R, V] log_softmax
+            ints, lps = fused(logits, sampled, finish, num_logprobs)
+            return SamplerOutput(sampled, ints, lps)
         lp = ops.log_softmax(logits, axis=-1)
         top_lp, top_ids = ops.topk(lp, num_logprobs)
         sampled_lp = ops.gather(lp, column, axis=-1)
@@ -185,10 +194,6 @@ class Sampler:
 
     def _sample(self, logits: Tensor, p: SamplingTensors) -> Tensor:
         ops = self.ops
-        kernel = getattr(ops, "fused_sample", None)
-        if kernel is not None:  # no sort: kernels/triton_sampling.py (same distribution, its own draw)
-            return kernel(logits, p.temperature, p.top_p, p.top_k, p.seed_state,
-                          key_bits=16 if self.sort_dtype == "bfloat16" else 32)
         u = p.uniform if p.uniform is not None else self.uniforms(p.seed_state)
         rows, vocab = logits.shape[0], self.vocab_size
         temp = ops.where(ops.gt(p.temperature, 0.0), p.temperature, 1.0)

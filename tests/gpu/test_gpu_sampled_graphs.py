@@ -98,7 +98,7 @@ def test_sort_free_sampler_draws_the_kept_distribution(torch, ops) -> None:
     lies in the kept set, and the frequencies follow the renormalized kept
     probabilities (chi-square over the kept tokens, far below what a wrong
     distribution gives). Then the 128k vocabulary, batch 1 and 64, against the
-    float64 reference on the same seeds."""
+    float64 reference on the same seeds (rows float32 rounding could move aside)."""
     from overlapd.kernels import triton_sampling as ts
 
     n, vocab = 20000, 4096
@@ -109,7 +109,7 @@ def test_sort_free_sampler_draws_the_kept_distribution(torch, ops) -> None:
     full = lambda v: torch.full((n,), v, device="cuda")  # noqa: E731
     state = torch.randint(0, 1 << 31, (n,), generator=g, device="cuda")
     got = ts.sample(logits, full(0.7), full(0.8), full(30).long(), state, key_bits=16)
-    from sampling_reference import kept_mask, race_reference  # the definition in numpy
+    from sampling_reference import draw_reference, kept_mask  # the definition in numpy
 
     p = torch.softmax(row.double() / 0.7, dim=0)
     kept = torch.from_numpy(kept_mask(row.cpu().numpy(), 0.7, 0.8, 30, 16)).cuda()
@@ -125,9 +125,38 @@ def test_sort_free_sampler_draws_the_kept_distribution(torch, ops) -> None:
         big = (3 * torch.randn(rows, 128256, generator=g, device="cuda")).to(torch.bfloat16).float()
         t, tp = full(0.8)[:rows], full(0.95)[:rows]
         tk, st = torch.zeros(rows, dtype=torch.int64, device="cuda"), state[:rows]
-        want = race_reference(big.cpu().numpy(), t.cpu().numpy(), tp.cpu().numpy(), tk.cpu().numpy(),
-                              st.cpu().numpy(), 16)
-        assert (ts.sample(big, t, tp, tk, st, key_bits=16).cpu().numpy() == want).all()
+        want, _, amb = draw_reference(big.cpu().numpy(), t.cpu().numpy(), tp.cpu().numpy(), tk.cpu().numpy(),
+                                      st.cpu().numpy(), 16)
+        got = ts.sample(big, t, tp, tk, st, key_bits=16).cpu().numpy()
+        assert (got == want)[~amb].all() and amb.sum() <= rows // 8, (rows, (got != want).sum(), amb.sum())
+
+
+def test_logprob_kernels_give_the_ops_pack_on_the_128k_vocabulary(torch, ops) -> None:
+    """kernels/triton_logprobs.py against the ops path (log_softmax, topk) on bf16-valued
+    logits, batch 64, width 20: the same ranks and stop codes, the same top values
+    (ties are common in bf16, and topk may pick other members of a tie: the values
+    of the ids are compared), ids in vocabulary order within a tie."""
+    from overlapd.kernels.triton_logprobs import pack
+    from overlapd.stages.runtime.torch_ops import TorchOps
+    from overlapd.stages.sampling.sampler import Sampler
+
+    g = torch.Generator(device="cuda")
+    g.manual_seed(3)
+    rows, vocab = 64, 128256
+    logits = (3 * torch.randn(rows, vocab, generator=g, device="cuda")).to(torch.bfloat16).float()
+    sampled = torch.randint(0, vocab, (rows,), generator=g, device="cuda")
+    finish = torch.arange(rows, device="cuda")
+    plain = TorchOps("gpu")
+    plain.fused_logprobs = None
+    want = Sampler(plain, vocab).pack(logits, sampled, finish, 20)
+    ints, lps = pack(logits, sampled, finish, 20)
+    assert torch.equal(ints[:, :3], want.ints[:, :3])
+    assert float((lps - want.logprobs).abs().max()) < 1e-5
+    ids, want_ids = ints[:, 3:], want.ints[:, 3:]
+    assert torch.equal(logits.gather(1, ids), logits.gather(1, want_ids))
+    vals = logits.gather(1, ids)
+    tied = vals[:, 1:] == vals[:, :-1]
+    assert bool((ids[:, 1:] > ids[:, :-1])[tied].all()) and int(tied.sum()) > 0
 
 
 def test_the_8b_shape_is_drawn_on_the_device_with_its_real_shape(torch, ops) -> None:
