@@ -46,11 +46,11 @@ def test_fused_decode_kernels_match_the_ops_they_replace() -> None:
     for name in ("gemv_wide", "gemv_split", "gemv_ragged"):  # relative to the largest output
         assert r[name] < 1e-6, (name, r[name])
     assert r["gemv_wide_split"] == 1 and r["gemv_split_split"] > 1
-    # the sort-free sampler draws draw_reference's token on every row, with either key width, deciding
-    # in the same round (greedy rows -1, rejection rounds, the fallback's 4)
+    # the sort-free sampler draws draw_reference's token, with either key width, deciding in the same
+    # round (greedy rows -1, rejection rounds, the fallback's 4), on every row rounding cannot move
     for bits in (16, 32):
-        assert r[f"sample_same_{bits}"] == r["sample_rows"] and r[f"sample_distinct_{bits}"] > 15, (bits, r)
-        assert r[f"sample_rounds_same_{bits}"] and r[f"sample_ambiguous_{bits}"] <= 3, (bits, r)
+        assert r[f"sample_same_{bits}"] == r[f"sample_sure_{bits}"] >= r["sample_rows"] - 3, (bits, r)
+        assert r[f"sample_rounds_same_{bits}"] and r[f"sample_distinct_{bits}"] > 15, (bits, r)
         assert {-1, 1, 2, 4} <= set(r[f"sample_rounds_{bits}"]) and r[f"sample_greedy_first_max_{bits}"], (bits, r)
     # the logprob kernels give the ops path's ids, ranks and stop codes, values within float32 rounding
     for name in ("lp_long", "lp_long5", "lp_wide", "lp_narrow", "lp_small"):
