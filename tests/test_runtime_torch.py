@@ -55,6 +55,7 @@ def test_fused_decode_kernels_match_the_ops_they_replace() -> None:
     # the logprob kernels give the ops path's ids, ranks and stop codes, values within float32 rounding
     for name in ("lp_long", "lp_long5", "lp_wide", "lp_narrow", "lp_small"):
         assert r[name + "_ints_same"] and r[name + "_err"] < 1e-5 and r[name + "_tie_order"], (name, r)
+    assert r["metadata_same"]  # a decode step's attention metadata in one kernel, equal to the op path
 
 
 @pytest.mark.skipif(_NO_TRITON, reason="torch and triton are not installed (optional)")

@@ -97,6 +97,7 @@ def main() -> None:
         r[f"attention_{name}_parts"] = parts
     r.update(sampling_check())
     r.update(logprobs_check(ops))
+    r.update(metadata_check(ops))
     r.update(gemv_check())
     print(json.dumps(r))
 
@@ -146,6 +147,27 @@ def sampling_check() -> dict:
         out[f"sample_distinct_{bits}"] = len(set(got.tolist()))
         out[f"sample_greedy_first_max_{bits}"] = int(got[5]) == 7
     return out
+
+def metadata_check(ops: TorchOps) -> dict:
+    """kernels/triton_metadata.py against build_attention_metadata's op path on a
+    decode step: rows in another order than their persistent rows, positions at
+    block starts, ends and middles."""
+    from overlapd.kernels.triton_metadata import decode_metadata
+    from overlapd.stages.model.paged_metadata import build_attention_metadata
+
+    g = torch.Generator().manual_seed(9)
+    rows, max_rows, max_blocks, bs = 6, 10, 40, 16
+    tables = torch.randint(0, 5000, (max_rows, max_blocks), generator=g)
+    slots = torch.tensor([7, 2, 9, 0, 4, 5])
+    start = torch.tensor([0, 15, 16, 31, 300, max_blocks * bs - 1])
+    want = build_attention_metadata(ops, num_tokens=rows, block_size=bs, query_start_loc=torch.arange(rows + 1),
+                                    start_pos=start, seq_lens=start + 1, row_slots=slots, block_tables=tables,
+                                    query_lens_host=np.ones(rows, np.int64), seq_lens_host=(start + 1).numpy())
+    got = decode_metadata(start, slots, tables, bs)
+    same = [torch.equal(a, b) for a, b in zip(got, (want.positions, want.token_rows, want.block_tables,
+                                                    want.slot_mapping))]
+    return {"metadata_same": all(same)}
+
 
 def logprobs_check(ops: TorchOps) -> dict:
     """kernels/triton_logprobs.py against the ops path's pack (log_softmax, topk,

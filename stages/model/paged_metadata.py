@@ -29,15 +29,19 @@ def build_attention_metadata(
 ) -> AttentionMetadata:
     num_rows = len(query_lens_host)
     max_blocks = block_tables.shape[1]
-    tokens = ops.arange(num_tokens, INT64)
-    # token t belongs to the row whose [start, end) holds it: count the row ends <= t
-    token_rows = ops.searchsorted(query_start_loc[1:], tokens, right=True)
-    offsets = ops.sub(tokens, ops.index_select(query_start_loc, token_rows))
-    positions = ops.add(ops.index_select(start_pos, token_rows), offsets)
-    step_tables = ops.index_select(block_tables, row_slots)  # [R, max_blocks] in step order
-    flat = ops.add(ops.mul(token_rows, max_blocks), ops.floor_divide(positions, block_size))
-    blocks = ops.index_select(ops.reshape(step_tables, [num_rows * max_blocks]), flat)
-    slot_mapping = ops.add(ops.mul(blocks, block_size), ops.remainder(positions, block_size))
+    fused = getattr(ops, "fused_decode_metadata", None)
+    if fused is not None and num_tokens == num_rows:  # one token a row: one kernel (kernels/triton_metadata.py)
+        positions, token_rows, step_tables, slot_mapping = fused(start_pos, row_slots, block_tables, block_size)
+    else:
+        tokens = ops.arange(num_tokens, INT64)
+        # token t belongs to the row whose [start, end) holds it: count the row ends <= t
+        token_rows = ops.searchsorted(query_start_loc[1:], tokens, right=True)
+        offsets = ops.sub(tokens, ops.index_select(query_start_loc, token_rows))
+        positions = ops.add(ops.index_select(start_pos, token_rows), offsets)
+        step_tables = ops.index_select(block_tables, row_slots)  # [R, max_blocks] in step order
+        flat = ops.add(ops.mul(token_rows, max_blocks), ops.floor_divide(positions, block_size))
+        blocks = ops.index_select(ops.reshape(step_tables, [num_rows * max_blocks]), flat)
+        slot_mapping = ops.add(ops.mul(blocks, block_size), ops.remainder(positions, block_size))
     return AttentionMetadata(
         num_tokens=num_tokens,
         num_rows=num_rows,

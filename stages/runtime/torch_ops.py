@@ -19,7 +19,7 @@ import importlib
 import os
 import weakref
 from types import ModuleType
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -96,10 +96,10 @@ class TorchOps(TorchCollectives):
         self._pinned = cuda_handoff.PinnedCopies() if self._cuda and cuda_handoff.native() is not None else None
         self._fused = _fused_kernels(self._cuda)
         # sort-free seeded sampling (kernels/triton_sampling.py), with the decode kernels
-        self.fused_sample = _fused_sampling(self._fused)
-        # logprob outputs without a log_softmax tensor (kernels/triton_logprobs.py)
-        self.fused_logprobs = importlib.import_module("overlapd.kernels.triton_logprobs").pack \
-            if self._fused is not None else None
+        self.fused_sample = _fused_entry(self._fused, "triton_sampling", "sample")
+        # logprob outputs without a log_softmax tensor, a decode step's attention metadata in one launch
+        self.fused_logprobs = _fused_entry(self._fused, "triton_logprobs", "pack")
+        self.fused_decode_metadata = _fused_entry(self._fused, "triton_metadata", "decode_metadata")
         # batch-1 matrix-vector products in Triton (kernels/triton_gemv.py): OVERLAPD_GEMV=1, with the fused kernels
         self._gemv = importlib.import_module("overlapd.kernels.triton_gemv").gemv \
             if self._fused is not None and os.environ.get("OVERLAPD_GEMV", "0") == "1" else None
@@ -399,11 +399,11 @@ def _fused_kernels(cuda: bool) -> ModuleType | None:
         return None
 
 
-def _fused_sampling(fused: ModuleType | None) -> Callable[..., Tensor] | None:
-    """kernels/triton_sampling.py's sample wherever the decode kernels load."""
+def _fused_entry(fused: ModuleType | None, module: str, name: str) -> Callable[..., Any] | None:
+    """kernels/<module>.py's `name` wherever the decode kernels load."""
     if fused is None:
         return None
-    return importlib.import_module("overlapd.kernels.triton_sampling").sample
+    return getattr(importlib.import_module(f"overlapd.kernels.{module}"), name)
 
 
 __all__ = ["PagedKV", "TorchOps"]
