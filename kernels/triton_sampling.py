@@ -326,8 +326,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     common = (temperature, top_p, top_k, seed_state, part_m, part_z, part_gm, part_gi, part_bm, part_cnt, out,
               rounds, v, stride, chunk, s)
     nb_p2 = triton.next_power_of_2(s * chunk // BLOCK)
-    _stats_kernel[(rows, s)](logits, temperature, part_m, part_z, part_gm, part_gi, part_bm, rounds, v, stride, chunk, s,
-                             BLOCK=BLOCK, num_warps=4)
+    _stats_kernel[(rows, s)](logits, temperature, part_m, part_z, part_gm, part_gi, part_bm, rounds, v, stride,
+                             chunk, s, BLOCK=BLOCK, num_warps=4)
     done = 1
     for rnd in range(1, ROUNDS + 2):
         if rnd > 1:
