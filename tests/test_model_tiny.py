@@ -83,6 +83,9 @@ def test_reference_matches_hugging_face_transformers(tmp_path: Path) -> None:
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
         pytest.skip("torch and transformers are not installed")
     path = ensure_tiny_checkpoint(tmp_path)
-    out = subprocess.run([sys.executable, "-c", _HF_CHECK, str(path)], capture_output=True, text=True, timeout=120)
+    # cwd outside the checkout: `-c` puts the cwd first on sys.path, where our top-level kernels/ would
+    # shadow Hugging Face's `kernels` package, which transformers 5.25 imports
+    out = subprocess.run([sys.executable, "-c", _HF_CHECK, str(path)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 1e-4
