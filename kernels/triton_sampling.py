@@ -45,7 +45,6 @@ TARGET_PROGRAMS = 1024
 ROUNDS = 3  # rejection rounds before the fallback
 _H1, _H2 = 0x9E3779B1, 0x85EBCA77  # odd multipliers of the uniform's hash
 _HMUL = 0x45D9F3B
-KEY_ALL = -(1 << 31)  # a pivot below every non-NaN float's key: "all tokens"
 GREEDY = -1  # `rounds` marker of an argmax row
 
 
@@ -215,11 +214,12 @@ def _locate_kernel(x_ptr, temp_ptr, top_p_ptr, top_k_ptr, state_ptr, part_m, par
                 gm = tl.load(part_gm + r * S + s, mask=ok, other=float("-inf"))
                 best = tl.argmax(gm, axis=0)  # the first chunk holding the max holds its first index
                 tl.store(token_ptr + r, tl.load(part_gi + r * S + best).to(tl.int64))
-                tl.store(rounds_ptr + r, -1)
+                tl.store(rounds_ptr + r, -1)  # GREEDY
             else:
                 # stats' block sums are relative to their chunk's max
                 cm = tl.load(part_m + r * S + b // nb, mask=okb, other=float("-inf"))
                 mass = tl.where(okb, mass * tl.exp(cm - m) / z, 0.0)
+                # pivot int32's minimum: below every non-NaN float's key, so every token is a candidate
                 tok = _draw(row, state, mass, okb, b, -2147483648, t, m, z, V, ROUND, SHIFT, NB_P2, BLOCK)
                 tl.store(token_ptr + r, tok.to(tl.int64))
         else:
