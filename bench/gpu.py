@@ -26,7 +26,8 @@ On the CPU, as a smoke check of the profile section's code path (CPU ops stand
 in for kernels; CI runs it): python bench/gpu.py --device cpu --model tiny --sections profile
 
 The pipeline section is in gpu_engine.py, the profile section in gpu_profile.py,
-the sampler and GEMV sections in sampler_bench.py, the compiled peer in static_peer.py.
+the sampler section in sampler_bench.py, the GEMV and chain sections in
+gemv_bench.py, the compiled peer in static_peer.py.
 """
 
 from __future__ import annotations
@@ -245,13 +246,24 @@ def main() -> None:
         print("sampler", r.get("sampler_b64"), flush=True)
         save()
     if "gemv" in sections and args.model in NAMED_SHAPES:
-        from sampler_bench import gemv_bench
+        from gemv_bench import gemv_bench
 
         _section(r, "gemv", gemv_bench, args.model)
         for name, g in r.get("gemv", {}).items():
-            print(f"gemv {name:8} {g['n']:>6}x{g['k']:<6} split {g['split']:>2}: cuBLAS {g['cublas_us']:7.1f} us "
+            sweep = " ".join(f"{k[8:-3]} {v:.1f}" for k, v in g.items() if k.startswith("triton_bn"))
+            print(f"gemv {name:8} {g['n']:>6}x{g['k']:<6} plan {g['plan']}: cuBLAS {g['cublas_us']:7.1f} us "
                   f"{g['cublas_TBps']:.2f} TB/s | Triton {g['triton_us']:7.1f} us {g['triton_TBps']:.2f} TB/s "
-                  f"(rel err {g['rel_err']:.1e})", flush=True)
+                  f"(rel err {g['rel_err']:.1e}) | rows per program: {sweep}", flush=True)
+        save()
+    if "chain" in sections and args.model in NAMED_SHAPES:
+        from gemv_bench import chain_bench
+
+        _section(r, "chain", chain_bench, args.model)
+        ch = r.get("chain", {})
+        for name in ("ops", "fused", "fused_pdl"):
+            if f"{name}_us" in ch:
+                print(f"chain {name:9} {ch[f'{name}_us']:8.1f} us {ch[f'{name}_TBps']:.2f} TB/s "
+                      f"(rel err {ch[f'{name}_rel_err']:.1e})", flush=True)
         save()
     if "engine" in sections:
         for b in batches:
@@ -307,7 +319,7 @@ def print_issue13(r: dict, batches: list[int], peer_batches: list[int]) -> None:
             print(f"        greedy identical in every fused mode: {e.get('identical_tokens')}; seeded sampled "
                   f"identical across {e.get('sampled_modes')}: {e.get('sampled_identical_tokens')}")
     if "roofline_ms" in r and "engine_b1" in r:
-        for mode in ("depth3", "depth3_gemv"):
+        for mode in ("depth3", "depth3_nopdl", "depth3_cublas"):
             b1 = r["engine_b1"].get(mode, {}).get("step_period_ms_p50", nan)
             print(f"batch-1 step ({mode}) {b1:.3f} ms = {r['roofline_ms'] / b1:.0%} of the HBM roofline "
                   f"({r['roofline_ms']:.3f} ms); device-only "

@@ -111,9 +111,10 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     ring = RingConfig(path=os.path.join(tempfile.gettempdir(), f"overlapd-gpu-bench-{os.getpid()}.ring"))
     os.environ["OVERLAPD_FUSED"] = "" if fused else "0"  # read when the engine's TorchOps is made
     os.environ["OVERLAPD_GEMV"] = "1" if mode.gemv else "0"
+    os.environ["OVERLAPD_PDL"] = "1" if mode.pdl else "0"
     p = Pipeline(cfg, PipelineConfig(overlap=overlap, overlap_depth=mode.depth), ring)
-    os.environ.pop("OVERLAPD_FUSED")
-    os.environ.pop("OVERLAPD_GEMV")
+    for name in ("OVERLAPD_FUSED", "OVERLAPD_GEMV", "OVERLAPD_PDL"):
+        os.environ.pop(name)
     if not graphs:
         p.engine.runner.graphs = None
     os.environ["OVERLAPD_WAKE"] = wake  # read by the execute stage at start
@@ -137,7 +138,7 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
     out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "gc_freeze": mode.gc_freeze,
-           "sampled": mode.sampled, "gemv": mode.gemv,
+           "sampled": mode.sampled, "gemv": mode.gemv, "pdl": mode.pdl,
            "depth": mode.depth,
            "elapsed_s": elapsed,
            "graph_captures": (g.captures if g is not None else 0), "timed_captures": (g.captures - captures_before
@@ -167,14 +168,14 @@ def engine_bench(args: argparse.Namespace, requests: int, max_tokens: int) -> di
         res[name], toks[name] = asyncio.run(pipeline_run(cfg, mode, requests, args.prompt_len, max_tokens))
         print(f"  batch {requests} {name}: {res[name]['tokens_per_s']:.0f} tok/s", flush=True)
     # bfloat16 rounds differently without the fused kernels, so near-ties may flip there
-    greedy = {n: t for n, t in toks.items() if not res[n]["sampled"] and not res[n]["gemv"]}
+    greedy = {n: t for n, t in toks.items() if not res[n]["sampled"] and res[n]["gemv"]}
     ref = next((t for n, t in greedy.items() if res[n]["fused"]), None)
     res["identical_tokens"] = all(t == ref for n, t in greedy.items() if res[n]["fused"])
     same = [a == b for n, t in greedy.items() if not res[n]["fused"] for a, b in zip(t, ref or [])]
     res["unfused_same_requests"] = sum(same) / len(same) if same else float("nan")
-    # the Triton GEMV sums in another order than cuBLAS: bf16 near-ties may flip
-    same = [a == b for n, t in toks.items() if res[n]["gemv"] for a, b in zip(t, ref or [])]
-    res["gemv_same_requests"] = sum(same) / len(same) if same else float("nan")
+    # cuBLAS sums the batch-1 products in another order than kernels/triton_gemv.py: bf16 near-ties may flip
+    same = [a == b for n, t in toks.items() if not res[n]["gemv"] for a, b in zip(t, ref or [])]
+    res["cublas_same_requests"] = sum(same) / len(same) if same else float("nan")
     # seeded sampling: the same tokens from graphs and eager, overlap and sync
     sampled = [t for n, t in toks.items() if res[n]["sampled"]]
     res["sampled_identical_tokens"] = all(t == sampled[0] for t in sampled) if sampled else None
@@ -201,7 +202,8 @@ class Mode(NamedTuple):
     gc_freeze: bool = False  # gc.freeze() before the timed pass, as `overlapd serve` does
     depth: int = 2  # PipelineConfig.overlap_depth: steps in flight with overlap
     sampled: bool = False  # issue 13's sampled workload (request_params) instead of greedy
-    gemv: bool = False  # batch-1 products through kernels/triton_gemv.py (OVERLAPD_GEMV=1)
+    gemv: bool = True  # one-token steps through kernels/triton_gemv.py (False: cuBLAS, OVERLAPD_GEMV=0)
+    pdl: bool = True  # programmatic dependent launch where the GPU has it (False: OVERLAPD_PDL=0)
 
 
 MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake="hostfunc"),
@@ -215,6 +217,8 @@ MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake=
          Mode("sync_sampled", False, 0, wake="hostfunc", sampled=True),
          Mode("probe_sampled", True, 8, wake="hostfunc", sampled=True),
          Mode("sampled_eager", True, 0, graphs=False, depth=3, sampled=True),
-         Mode("depth3_gemv", True, 0, gc_freeze=True, depth=3, gemv=True),
-         Mode("probe_gemv", True, 8, wake="hostfunc", gemv=True))
+         Mode("depth3_cublas", True, 0, gc_freeze=True, depth=3, gemv=False),
+         Mode("probe_cublas", True, 8, wake="hostfunc", gemv=False),
+         Mode("depth3_nopdl", True, 0, gc_freeze=True, depth=3, pdl=False),
+         Mode("probe_nopdl", True, 8, wake="hostfunc", pdl=False))
 

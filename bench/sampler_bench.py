@@ -100,33 +100,3 @@ def sampler_bench(rows: int = 64, vocab: int = 128256) -> dict:
     out["fused_in_top_p_set"] = bool(kept.gather(1, c.view(-1, 1)).all())
     out["distinct_tokens"] = int(np.unique(c.cpu().numpy()).size)
     return out
-
-
-def gemv_bench(model: str) -> dict:
-    """Batch-1 matrix-vector products of `model`'s matrices: cuBLAS (F.linear)
-    against kernels/triton_gemv.py, bytes of the weight per second; copies of
-    each matrix rotate so that every timed product reads from HBM, not L2."""
-    from overlapd.kernels.triton_gemv import gemv, plan
-    from overlapd.stages.model.config import NAMED_SHAPES
-
-    c = NAMED_SHAPES[model]
-    h, i = c.hidden_size, c.intermediate_size
-    shapes = {"qkv": (c.q_size + 2 * c.kv_size, h), "o": (h, c.q_size), "gate_up": (2 * i, h), "down": (h, i),
-              "lm_head": (c.vocab_size, h)}
-    out: dict = {}
-    for name, (n, k) in shapes.items():
-        copies = max(2, -(-256 << 20) // (n * k * 2))
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ref = torch.nn.functional.linear(x, ws[0]).float()
-        got = gemv(x, ws[0]).float()
-        row: dict = {"n": n, "k": k, "split": plan(n, k, 16 if n >= 4096 else 8),
-                     "rel_err": float((got - ref).norm() / ref.norm())}
-        for impl, fn in (("cublas", torch.nn.functional.linear), ("triton", gemv)):
-            us = _time_graph(lambda: [fn(x, w) for w in ws]) / copies
-            row[f"{impl}_us"] = us
-            row[f"{impl}_TBps"] = n * k * 2 / us / 1e6
-        out[name] = row
-        del ws
-    torch.cuda.empty_cache()
-    return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # --------------------------------------------------------------------------- RMSNorm
 
@@ -70,7 +71,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 def _rope_cache_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                           stride_qkv_t, stride_qkv_h, stride_cs, stride_qo_t, stride_qo_h,
                           stride_c_slot, stride_c_h,
-                          HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+                          HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                          PDL: tl.constexpr):
+    if PDL:  # launched early by the product before it (kernels/triton_gemv.py): wait for its qkv
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, D)[None, :]
@@ -95,10 +100,11 @@ def _rope_cache_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_pt
 
 def rope_and_cache_kv(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, positions: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
-                      k_flat: torch.Tensor, v_flat: torch.Tensor) -> torch.Tensor:
+                      k_flat: torch.Tensor, v_flat: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """qkv [T, Hq + 2 Hk, D] -> rotated q [T, Hq, D]; rotated k and v go to
     k_flat / v_flat [slots, Hk, D] at `slot_mapping`. cos / sin: [max_pos, D]
-    float32 tables with the sign of rotate-half folded into sin."""
+    float32 tables with the sign of rotate-half folded into sin. `pdl`: launch
+    with programmatic dependent launch (kernels/triton_gemv.py says why)."""
     t, heads, d = qkv.shape
     assert heads == num_q_heads + 2 * num_kv_heads and qkv.stride(2) == 1 and k_flat.stride(2) == 1
     q = torch.empty((t, num_q_heads, d), dtype=qkv.dtype, device=qkv.device)
@@ -107,7 +113,8 @@ def rope_and_cache_kv(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, po
             qkv, positions, cos, sin, slot_mapping, q, k_flat, v_flat,
             qkv.stride(0), qkv.stride(1), cos.stride(0), q.stride(0), q.stride(1),
             k_flat.stride(0), k_flat.stride(1),
-            HQ=num_q_heads, HK=num_kv_heads, D=d, BLOCK_H=triton.next_power_of_2(heads), num_warps=4)
+            HQ=num_q_heads, HK=num_kv_heads, D=d, BLOCK_H=triton.next_power_of_2(heads), PDL=pdl, num_warps=4,
+            launch_pdl=pdl)
     return q
 
 
@@ -173,8 +180,12 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_
                              stride_q_t, stride_q_h, stride_tables, stride_k_blk, stride_k_tok, stride_k_h,
                              stride_o_t, scale, part_len, num_parts,
                              G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                             BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr):
+                             BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+                             PDL: tl.constexpr):
     # part_len and num_parts are run-time values: a new context length needs no new compile
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -221,7 +232,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_
 
 @triton.jit
 def _merge_partitions_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_o_t, num_heads, num_parts,
-                             D: tl.constexpr, BLOCK_P: tl.constexpr):
+                             D: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     p = tl.arange(0, BLOCK_P)
@@ -249,7 +263,7 @@ def decode_partitions(rows: int, kv_heads: int, max_context: int, target_program
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, max_context: int, scale: float,
-                           target_programs: int | None = None) -> torch.Tensor:
+                           target_programs: int | None = None, pdl: bool = False) -> torch.Tensor:
     """q [R, Hq, D] (one token per row) against each row's first seq_lens[r]
     keys; caches [blocks, block_size, Hk, D]; block_tables [R, >= blocks per
     row]; `max_context` (a host fact, >= every seq_len) sizes the grid, so a
@@ -274,10 +288,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), scale, per, parts,
-        G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=BLOCK_N, DIRECT=direct, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), D=d, BS=bs, BLOCK_N=BLOCK_N, DIRECT=direct,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4, launch_pdl=pdl)
     if not direct:
         _merge_partitions_kernel[(rows, hq)](part_out, part_lse, out, out.stride(0), hq, parts, D=d,
-                                            BLOCK_P=triton.next_power_of_2(parts), num_warps=4)
+                                            BLOCK_P=triton.next_power_of_2(parts), PDL=pdl, num_warps=4,
+                                            launch_pdl=pdl)
     return out
 
 

@@ -37,6 +37,11 @@ def main() -> None:
               for i, p in enumerate(PROMPTS)]
     d.run()
     greedy_ok = all(r.outputs == reference_greedy_tokens(r.prompt, 8) for r in greedy)
+    # one request alone: its decode steps are one token (the fused-products path where the ops have it)
+    d = Driver(runner())
+    one = d.add(Req(9, PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=8)))
+    d.run()
+    greedy_one_ok = one.outputs == reference_greedy_tokens(one.prompt, 8)
     config, weights, _ = tiny_in_memory()
     ref = log_softmax(reference_logits(config, weights, greedy[0].prompt)[-1])
     lp_err = float(abs(greedy[0].logprob_rows[0][0][0] - ref[greedy[0].outputs[0]]))
@@ -55,10 +60,12 @@ def main() -> None:
     d.run_overlapped()
     print(json.dumps({
         "greedy_ok": greedy_ok,
+        "greedy_one_ok": greedy_one_ok,
         "logprob_err": lp_err,
         "seeded_same": batched.outputs == alone.outputs,
         "distinct": len(set(alone.outputs)),
         "fused": ops._fused is not None,
+        "fused_products": getattr(ops, "fused_products", None) is not None,
     }))
 
 

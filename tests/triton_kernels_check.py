@@ -103,17 +103,32 @@ def main() -> None:
 
 
 def gemv_check() -> dict:
-    """kernels/triton_gemv.py in float32 against a float64 product: one split
-    and several, an even K and a ragged one, rows not a multiple of the block."""
+    """kernels/triton_gemv.py in float32 against float64 products, relative to
+    the largest output: one split and several, an even K and a ragged one,
+    rows not a multiple of the block; each prologue and epilogue against the
+    ops it replaces (rms_norm, silu_and_mul, the residual add)."""
     from overlapd.kernels import triton_gemv as tg
 
     g = torch.Generator().manual_seed(3)
-    out = {}
-    for name, (n, k) in {"gemv_wide": (9000, 1024), "gemv_split": (40, 2048), "gemv_ragged": (24, 1000)}.items():
+    out: dict[str, object] = {}
+    for name, (n, k) in {"gemv_wide": (9000, 1024), "gemv_split": (40, 8192), "gemv_ragged": (24, 1000)}.items():
         x, w = torch.randn(1, k, generator=g), torch.randn(n, k, generator=g)
+        nw, gu = torch.rand(k, generator=g) + 0.5, torch.randn(1, 2 * k, generator=g)
+        r0 = torch.randn(1, n, generator=g)
         want = x.double() @ w.double().T
-        out[name] = err(tg.gemv(x, w), want) / float(want.abs().max())
-        out[name + "_split"] = tg.plan(n, k, 16 if n >= 4096 else 8)
+        scale = float(want.abs().max())
+        out[name] = err(tg.gemv(x, w), want) / scale
+        normed = td.add_rms_norm(x, None, nw, 1e-5)[0].double()
+        out[name + "_norm"] = err(tg.norm_linear(x, nw, 1e-5, w), normed @ w.double().T) / scale
+        r = r0.clone()
+        same = tg.linear_add_(r, x, w)
+        out[name + "_add"] = err(r, r0.double() + want) / scale
+        out[name + "_add_in_place"] = same is r
+        r = r0.clone()
+        tg.swiglu_linear_add_(r, gu, w)
+        act = td.silu_and_mul(gu).double()
+        out[name + "_swiglu"] = err(r, r0.double() + act @ w.double().T) / scale
+        out[name + "_split"] = tg.plan(n, k)[2]
     return out
 
 

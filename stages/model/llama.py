@@ -104,6 +104,9 @@ class LlamaModel:
         rope = ops.rope_plan(meta.positions, self.rope)
         eps = self.config.rms_norm_eps
         h = self._embed(input_ids)
+        products = getattr(ops, "fused_products", None)
+        if products is not None and meta.num_tokens == 1 and self.shard is None:
+            return self._forward_one_token(products, h, meta, kv_caches, plan, rope)
         residual = None  # the running sum of the residual stream; h is each block's output
         for layer, cache in zip(self.layers, kv_caches):
             x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm, eps)
@@ -111,6 +114,23 @@ class LlamaModel:
             x, residual = ops.add_rms_norm(h, residual, layer.post_attention_layernorm, eps)
             h = self._mlp(x, layer)
         return ops.add(residual, h)
+
+    def _forward_one_token(self, products: Any, r: Tensor, meta: AttentionMetadata, kv_caches: list[Any],
+                           plan: Any, rope: Any) -> Tensor:
+        """forward() for a step of one token (batch-1 decode), where the ops have
+        products with a layer's glue fused in (kernels/triton_gemv.py): a layer is
+        five kernels and the attention's instead of about twelve. `r`, the
+        embedding, is the residual stream, updated in place by each block's last
+        product; the same sums and roundings as forward()."""
+        c, eps = self.config, self.config.rms_norm_eps
+        for layer, cache in zip(self.layers, kv_caches):
+            qkv = products.norm_linear(r, layer.input_layernorm, eps, layer.qkv_proj)
+            qkv = self.ops.reshape(qkv, [1, self.num_q_heads + 2 * self.num_kv_heads, c.head_dim])
+            q = self.ops.rope_and_cache_kv(qkv, self.num_q_heads, self.num_kv_heads, rope, cache, plan)
+            products.linear_add_(r, self.ops.paged_attention(q, cache, plan, self.scale), layer.o_proj)
+            gate_up = products.norm_linear(r, layer.post_attention_layernorm, eps, layer.gate_up_proj)
+            products.swiglu_linear_add_(r, gate_up, layer.down_proj)
+        return r
 
     def compute_logits(self, hidden: Tensor, logits_indices: Tensor) -> Tensor:
         """float32 logits [R, vocab] of the tokens at `logits_indices` (each row's last)."""

@@ -100,9 +100,13 @@ class TorchOps(TorchCollectives):
         # logprob outputs without a log_softmax tensor, a decode step's attention metadata in one launch
         self.fused_logprobs = _fused_entry(self._fused, "triton_logprobs", "pack")
         self.fused_decode_metadata = _fused_entry(self._fused, "triton_metadata", "decode_metadata")
-        # batch-1 matrix-vector products in Triton (kernels/triton_gemv.py): OVERLAPD_GEMV=1, with the fused kernels
-        self._gemv = importlib.import_module("overlapd.kernels.triton_gemv").gemv \
-            if self._fused is not None and os.environ.get("OVERLAPD_GEMV", "0") == "1" else None
+        # One-token steps through kernels/triton_gemv.py's products with the norms, SwiGLU and residual
+        # adds fused in (LlamaModel.forward); OVERLAPD_GEMV=0 keeps cuBLAS. The decode kernels of that
+        # chain launch with programmatic dependent launch where the GPU has it (OVERLAPD_PDL=0: never).
+        gemv = importlib.import_module("overlapd.kernels.triton_gemv") if self._fused is not None else None
+        self._pdl = gemv is not None and gemv.pdl_supported(self._dev)
+        self.fused_products = FusedProducts(gemv, self._pdl) \
+            if gemv is not None and os.environ.get("OVERLAPD_GEMV", "1") != "0" else None
 
     def _to_device(self, a: np.ndarray) -> Tensor:
         """A new device tensor from host data without synchronizing the stream:
@@ -281,8 +285,6 @@ class TorchOps(TorchCollectives):
         return F.embedding(ids, weight)
 
     def linear(self, x: Tensor, weight: Tensor) -> Tensor:
-        if self._gemv is not None and x.dim() == 2 and x.shape[0] == 1 and weight.is_contiguous():
-            return self._gemv(x, weight)
         return F.linear(x, weight)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -302,7 +304,7 @@ class TorchOps(TorchCollectives):
         if self._fused is not None:
             cos, sin = rope.tables
             return self._fused.rope_and_cache_kv(qkv, num_q_heads, num_kv_heads, rope.positions, cos, sin,
-                                                 plan.slot_mapping, cache.k_flat, cache.v_flat)
+                                                 plan.slot_mapping, cache.k_flat, cache.v_flat, pdl=self._pdl)
         return composed.rope_and_cache_kv(self, qkv, num_q_heads, num_kv_heads, rope, cache, plan)
 
     def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -348,7 +350,8 @@ class TorchOps(TorchCollectives):
     def _decode_group(self, q: Tensor, cache: PagedKV, g: AttentionGroup, scale: float) -> Tensor:
         assert self._fused is not None and g.tables is not None and g.seq_lens is not None
         qg = q if g.tok_idx is None else q.index_select(0, g.tok_idx)
-        return self._fused.paged_decode_attention(qg, cache.k, cache.v, g.tables, g.seq_lens, g.kvlen, scale)
+        return self._fused.paged_decode_attention(qg, cache.k, cache.v, g.tables, g.seq_lens, g.kvlen, scale,
+                                                  pdl=self._pdl)
 
     # --- CUDA graphs ------------------------------------------------------------
     def capture_graph(self, fn: Callable[[], object]) -> TorchGraph:
@@ -379,6 +382,28 @@ class TorchOps(TorchCollectives):
     def current_stream_handle(self) -> int:
         # the raw current stream (a capture's stream while a graph is captured)
         return torch._C._cuda_getCurrentRawStream(self._device_index) if self._cuda else 0
+
+
+class FusedProducts:
+    """kernels/triton_gemv.py's batch-1 products with a layer's glue fused in
+    (one-token steps: LlamaModel.forward uses them where an ops object has them)."""
+
+    __slots__ = ("_k", "pdl")
+
+    def __init__(self, kernels: ModuleType, pdl: bool) -> None:
+        self._k, self.pdl = kernels, pdl
+
+    def norm_linear(self, r: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+        """(rms_norm(r) * norm_weight) @ weight.T"""
+        return self._k.norm_linear(r, norm_weight, eps, weight, self.pdl)
+
+    def linear_add_(self, r: Tensor, x: Tensor, weight: Tensor) -> None:
+        """r += x @ weight.T, in place"""
+        self._k.linear_add_(r, x, weight, self.pdl)
+
+    def swiglu_linear_add_(self, r: Tensor, gate_up: Tensor, weight: Tensor) -> None:
+        """r += silu_and_mul(gate_up) @ weight.T, in place"""
+        self._k.swiglu_linear_add_(r, gate_up, weight, self.pdl)
 
 
 def _fused_kernels(cuda: bool) -> ModuleType | None:

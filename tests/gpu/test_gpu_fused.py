@@ -129,19 +129,95 @@ def test_greedy_argmax_takes_the_first_maximum_like_torch(torch, fused):
                                  (6144, 4096), (4096, 14336), (1000, 1000)])
 def test_triton_gemv_matches_cublas_within_bf16_rounding(torch, n, k):
     """kernels/triton_gemv.py (batch-1 products) on the 1B and 8B shapes' matrices
-    and a ragged one: bf16 within 1e-2 relative of cuBLAS (both sum bf16 products
-    in float32, in different orders, then round once); float32 within 1e-5 of
-    a float64 product; repeated calls give the same bits (no atomics)."""
-    from overlapd.kernels.triton_gemv import gemv
+    and a ragged one, each prologue and epilogue launched with programmatic
+    dependent launch: bf16 within 1e-2 relative of the cuBLAS composition (both
+    sum bf16 products in float32, in different orders, then round once); float32
+    within 1e-5 of a float64 product; repeated calls give the same bits (no atomics)."""
+    from overlapd.kernels import triton_decode as td
+    from overlapd.kernels import triton_gemv as tg
 
+    pdl = tg.pdl_supported(torch.device("cuda"))
     g = torch.Generator(device="cuda")
     g.manual_seed(n + k)
     w = torch.randn(n, k, generator=g, device="cuda")
     x = torch.randn(1, k, generator=g, device="cuda")
-    got = gemv(x.bfloat16(), w.bfloat16())
-    want = torch.nn.functional.linear(x.bfloat16(), w.bfloat16())
+    wb, xb = w.bfloat16(), x.bfloat16()
+    got = tg.gemv(xb, wb, pdl)
+    want = torch.nn.functional.linear(xb, wb)
     assert got.dtype == torch.bfloat16 and got.shape == (1, n)
     assert _rel(got, want) < 1e-2
-    assert torch.equal(got, gemv(x.bfloat16(), w.bfloat16()))
+    assert torch.equal(got, tg.gemv(xb, wb, pdl))
     ref = x.double() @ w.double().T
-    assert float((gemv(x, w).double() - ref).norm() / ref.norm()) < 1e-5
+    assert float((tg.gemv(x, w, pdl).double() - ref).norm() / ref.norm()) < 1e-5
+    nw = (1 + 0.1 * torch.randn(k, generator=g, device="cuda")).bfloat16()
+    normed = td.add_rms_norm(xb, None, nw, 1e-5)[0]
+    assert _rel(tg.norm_linear(xb, nw, 1e-5, wb, pdl), torch.nn.functional.linear(normed, wb)) < 1e-2
+    r0 = torch.randn(1, n, generator=g, device="cuda").bfloat16()
+    r = r0.clone()
+    tg.linear_add_(r, xb, wb, pdl)
+    assert _rel(r, r0 + want) < 1e-2
+    gu = torch.randn(1, 2 * k, generator=g, device="cuda").bfloat16()
+    r = r0.clone()
+    tg.swiglu_linear_add_(r, gu, wb, pdl)
+    assert _rel(r, r0 + torch.nn.functional.linear(td.silu_and_mul(gu), wb)) < 1e-2
+
+
+def test_one_token_layers_replay_from_a_graph_with_programmatic_launch(torch):
+    """Four 1B-shaped layers of the one-token chain (products, RoPE + KV write,
+    attention) captured in a CUDA graph with programmatic dependent launch:
+    every replay gives the eager chain's bits, and the chain stays within bf16
+    rounding of the same layers without PDL (each kernel waits before it reads
+    what the one before wrote, or a replay would race)."""
+    from overlapd.kernels import triton_decode as td
+    from overlapd.kernels import triton_gemv as tg
+
+    if not tg.pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    g = torch.Generator(device="cuda")
+    g.manual_seed(5)
+    h, hq, hk, d, inter, bs, ctx = 2048, 32, 8, 64, 8192, 16, 300
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, device="cuda") / shape[-1] ** 0.5).bfloat16()
+
+    layers = [(rnd((hq + 2 * hk) * d, h), rnd(h, hq * d), rnd(2 * inter, h), rnd(h, inter)) for _ in range(4)]
+    nw = (1 + 0.1 * torch.randn(h, generator=g, device="cuda")).bfloat16()
+    blocks = -(-ctx // bs)
+    caches = [(torch.randn(blocks, bs, hk, d, generator=g, device="cuda").bfloat16(),
+               torch.randn(blocks, bs, hk, d, generator=g, device="cuda").bfloat16()) for _ in layers]
+    tables = torch.arange(blocks, device="cuda").view(1, -1)
+    seq = torch.tensor([ctx], device="cuda")
+    pos, slot = seq - 1, seq - 1
+    cos = torch.randn(ctx, d, generator=g, device="cuda")
+    sin = torch.randn(ctx, d, generator=g, device="cuda")
+    r0 = torch.randn(1, h, generator=g, device="cuda").bfloat16()
+    out = torch.empty_like(r0)
+
+    def chain(pdl: bool) -> None:
+        r = r0.clone()
+        for (wqkv, wo, wgu, wd), (kc, vc) in zip(layers, caches):
+            qkv = tg.norm_linear(r, nw, 1e-5, wqkv, pdl).view(1, hq + 2 * hk, d)
+            q = td.rope_and_cache_kv(qkv, hq, hk, pos, cos, sin, slot, kc.view(-1, hk, d), vc.view(-1, hk, d),
+                                     pdl=pdl)
+            tg.linear_add_(r, td.paged_decode_attention(q, kc, vc, tables, seq, ctx, 0.125, pdl=pdl), wo, pdl)
+            tg.swiglu_linear_add_(r, tg.norm_linear(r, nw, 1e-5, wgu, pdl), wd, pdl)
+        out.copy_(r)
+
+    chain(False)
+    plain = out.clone()
+    chain(True)
+    eager = out.clone()
+    assert _rel(eager, plain) < 1e-2
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain(True)
+    for _ in range(20):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)

@@ -29,7 +29,7 @@ def _requests(greedy_only: bool = False):
     return out
 
 
-async def _run(overlap: bool, dtype: str, greedy_only: bool = False, graphs: bool = True):
+async def _run(overlap: bool, dtype: str, greedy_only: bool = False, graphs: bool = True, requests=None):
     from overlapd.kernels.ring import RingReader, Step
     from overlapd.stages.engine.config import EngineConfig
     from overlapd.stages.pipeline import Pipeline
@@ -45,7 +45,7 @@ async def _run(overlap: bool, dtype: str, greedy_only: bool = False, graphs: boo
     reader = RingReader(ring.path, from_head=True)
     loop = asyncio.get_running_loop()
     sinks, ids = [], []
-    for params in _requests(greedy_only):
+    for params in requests if requests is not None else _requests(greedy_only):
         s = CollectSink(loop)
         ids.append(p.submit(params, s))
         sinks.append(s)
@@ -87,3 +87,23 @@ def test_cuda_graph_replay_gives_the_eager_tokens_in_both_modes():
     sync, _, _, sync_replays = asyncio.run(_run(False, "float32", greedy_only=True))
     assert replays > 20 and sync_replays > 20
     assert ovl == eager and sync == eager
+
+
+def test_a_request_alone_gives_the_same_tokens_through_the_fused_products(monkeypatch):
+    """A request alone decodes one token a step: LlamaModel's one-token path
+    (kernels/triton_gemv.py, programmatic dependent launch on Hopper) gives
+    cuBLAS's tokens in float32, replayed from graphs and eagerly, overlapped
+    and not."""
+    cuda_torch()
+    from overlapd.daemon.engine_api import GenerateParams
+
+    alone = [GenerateParams(prompt_ids=[(7 * j) % 500 + 3 for j in range(40)], max_tokens=60, ignore_eos=True,
+                            temperature=0.0)]
+    monkeypatch.setenv("OVERLAPD_GEMV", "0")
+    cublas, *_ = asyncio.run(_run(True, "float32", requests=alone))
+    monkeypatch.delenv("OVERLAPD_GEMV")
+    graphs, _, ring, replays = asyncio.run(_run(True, "float32", requests=alone))
+    eager, *_ = asyncio.run(_run(False, "float32", requests=alone, graphs=False))
+    assert replays > 40 and len(graphs[0]) == 60
+    assert graphs == cublas and eager == cublas
+    assert list(ring.values()) == graphs
