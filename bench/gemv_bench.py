@@ -4,6 +4,9 @@
 against kernels/triton_gemv.py at a few rows-per-program choices; copies of
 each matrix rotate so every timed product reads from HBM, not L2.
 
+`pdl_probe`: whether a kernel launched with programmatic dependent launch
+starts before the kernel ahead of it ends, eagerly and replayed from a graph.
+
 `chain_bench`: the products of all layers of a one-token step, in order, as
 LlamaModel's one-token path runs them (attention left out: the chain of
 products and their glue is what is measured), each layer with its own
@@ -20,6 +23,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait, globaltimer
 
 from sampler_bench import _time_graph
 
@@ -102,13 +108,61 @@ def chain_bench(model: str, layers: int | None = None, reps: int = 30) -> dict:
 
     out: dict = {"layers": layers, "weight_bytes": nbytes}
     want = ops_chain().float()
-    for name, fn in (("ops", ops_chain), ("fused", fused_chain(False)), ("fused_pdl", fused_chain(True))):
-        got = fn().float()
-        out[f"{name}_rel_err"] = float((got - want).norm() / want.norm())
-        us = statistics.median(_time_graph(fn, reps) for _ in range(3))
+    runs = (("ops", ops_chain, {}), ("fused", fused_chain(False), {}), ("fused_pdl", fused_chain(True), {}),
+            ("fused_pdl_tile8k", fused_chain(True), {"OVERLAPD_GEMV_TILE": "8192"}),
+            ("fused_pdl_bn4", fused_chain(True), {"OVERLAPD_GEMV_BLOCK_N": "4"}))
+    for name, fn, env in runs:  # plan() reads the overrides when the graph is captured
+        os.environ.update(env)
+        try:
+            got = fn().float()
+            out[f"{name}_rel_err"] = float((got - want).norm() / want.norm())
+            us = statistics.median(_time_graph(fn, reps) for _ in range(3))
+        finally:
+            for k in env:
+                os.environ.pop(k)
         out[f"{name}_us"], out[f"{name}_TBps"] = us, nbytes / us / 1e6
-    for name in ("fused", "fused_pdl"):
-        out[f"{name}_speedup"] = out["ops_us"] / out[f"{name}_us"]
+        out[f"{name}_speedup"] = out["ops_us"] / us
     ws.clear()
     torch.cuda.empty_cache()
+    return out
+
+
+@triton.jit
+def _spin_kernel(t_ptr, ns):
+    gdc_launch_dependents()
+    start = globaltimer()
+    now = start
+    while now - start < ns:
+        now = globaltimer()
+    tl.store(t_ptr, globaltimer())
+
+
+@triton.jit
+def _stamp_kernel(t_ptr):
+    tl.store(t_ptr + 1, globaltimer())  # before the wait: a probe's own slot, nothing the spin writes
+    gdc_wait()
+    tl.store(t_ptr + 2, globaltimer())
+
+
+def pdl_probe(spin_us: int = 20) -> dict:
+    """(spin end - stamp start) in us: positive when the second kernel started
+    while the first still ran (PDL took effect), eagerly and from a graph."""
+    t = torch.zeros(3, dtype=torch.int64, device="cuda")
+
+    def pair() -> None:
+        _spin_kernel[(1,)](t, spin_us * 1000, num_warps=1)
+        _stamp_kernel[(1,)](t, num_warps=1, launch_pdl=True)
+
+    out: dict = {}
+    pair()
+    torch.cuda.synchronize()
+    out["eager_overlap_us"] = float(t[0] - t[1]) / 1e3
+    out["eager_wait_after_end_us"] = float(t[2] - t[0]) / 1e3
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        pair()
+    g.replay()
+    torch.cuda.synchronize()
+    out["graph_overlap_us"] = float(t[0] - t[1]) / 1e3
+    out["graph_wait_after_end_us"] = float(t[2] - t[0]) / 1e3
     return out

@@ -256,11 +256,14 @@ def main() -> None:
                   f"(rel err {g['rel_err']:.1e}) | rows per program: {sweep}", flush=True)
         save()
     if "chain" in sections and args.model in NAMED_SHAPES:
-        from gemv_bench import chain_bench
+        from gemv_bench import chain_bench, pdl_probe
+
+        _section(r, "pdl_probe", pdl_probe)
+        print("pdl probe", r.get("pdl_probe"), flush=True)
 
         _section(r, "chain", chain_bench, args.model)
         ch = r.get("chain", {})
-        for name in ("ops", "fused", "fused_pdl"):
+        for name in [k[:-3] for k in ch if k.endswith("_us")]:
             if f"{name}_us" in ch:
                 print(f"chain {name:9} {ch[f'{name}_us']:8.1f} us {ch[f'{name}_TBps']:.2f} TB/s "
                       f"(rel err {ch[f'{name}_rel_err']:.1e})", flush=True)

@@ -106,17 +106,16 @@ def _gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_w, k_per_
         y += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         w = w_next
     if SPLIT == 1:
-        dt = out_ptr.dtype.element_ty
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as a product in the activations' dtype
         if ADD:
-            r = tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            y = r + y.to(dt).to(tl.float32)
-        tl.store(out_ptr + rows, y.to(dt), mask=row_ok)
+            y += tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
         tl.store(part_ptr + pid_k * N + rows, y, mask=row_ok)
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, N, SPLIT: tl.constexpr, ADD: tl.constexpr, BLOCK: tl.constexpr,
+def _sum_splits_kernel(part_ptr, x_ptr, out_ptr, N, SPLIT: tl.constexpr, ADD: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
@@ -126,17 +125,19 @@ def _sum_splits_kernel(part_ptr, out_ptr, N, SPLIT: tl.constexpr, ADD: tl.conste
     acc = tl.zeros([BLOCK], tl.float32)
     for s in range(SPLIT):  # a fixed order: the same sum on every run
         acc += tl.load(part_ptr + s * N + rows, mask=ok, other=0.0)
-    dt = out_ptr.dtype.element_ty
+    acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
     if ADD:
-        acc = tl.load(out_ptr + rows, mask=ok, other=0.0).to(tl.float32) + acc.to(dt).to(tl.float32)
-    tl.store(out_ptr + rows, acc.to(dt), mask=ok)
+        acc += tl.load(out_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def plan(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, split): rows per program, the K tile, and how many
     pieces K is split into (enough programs to keep every multiprocessor
     streaming, each piece a whole number of tiles)."""
-    block_n = 16 if n >= 8192 else 8 if n >= 3072 else 4
+    # Fewer rows a program (more, shorter programs) streamed best on the H200 for the
+    # products of a few tens of MB; the largest and smallest matrices took 4 (bench/gemv_bench.py).
+    block_n = 2 if k >= 8192 or 8192 <= n <= 32768 else 4
     block_n = int(os.environ.get("OVERLAPD_GEMV_BLOCK_N", block_n))  # for bench sweeps
     block_k = min(int(os.environ.get("OVERLAPD_GEMV_TILE", TILE)) // block_n, triton.next_power_of_2(k))
     tiles = triton.cdiv(k, block_k)
@@ -160,7 +161,7 @@ def _launch(x: torch.Tensor, norm_w: torch.Tensor | None, weight: torch.Tensor, 
         BLOCK_X=triton.next_power_of_2(k) if prologue == NORM else 16, SPLIT=split, EVEN_K=k % block_k == 0,
         PDL=pdl, num_warps=4, launch_pdl=pdl)
     if split > 1:
-        _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLIT=split, ADD=add, BLOCK=1024, PDL=pdl,
+        _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, x, out, n, SPLIT=split, ADD=add, BLOCK=1024, PDL=pdl,
                                                     num_warps=4, launch_pdl=pdl)
     return out
 
@@ -174,11 +175,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool = False) -> torch.Tens
 
 
 def norm_linear(r: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                pdl: bool = False) -> torch.Tensor:
-    """(rms_norm(r) * norm_weight) @ weight.T for r [1, K] -> [1, N]."""
+                pdl: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(rms_norm(r) * norm_weight) @ weight.T for r [1, K] -> [1, N], rounded to
+    r's dtype and returned in `out_dtype` (r's by default; float32 logits)."""
     n, k = weight.shape
     assert r.shape == (1, k) and norm_weight.shape == (k,), (r.shape, norm_weight.shape, weight.shape)
-    out = torch.empty((1, n), dtype=r.dtype, device=r.device)
+    out = torch.empty((1, n), dtype=out_dtype or r.dtype, device=r.device)
     return _launch(r, norm_weight, weight, out, NORM, False, eps, pdl)
 
 

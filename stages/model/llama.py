@@ -135,6 +135,9 @@ class LlamaModel:
     def compute_logits(self, hidden: Tensor, logits_indices: Tensor) -> Tensor:
         """float32 logits [R, vocab] of the tokens at `logits_indices` (each row's last)."""
         ops = self.ops
+        products = getattr(ops, "fused_products", None)
+        if products is not None and hidden.shape[0] == 1 == logits_indices.shape[0] and self.shard is None:
+            return products.norm_linear(hidden, self.norm, self.config.rms_norm_eps, self.lm_head, FLOAT32)
         x = ops.rms_norm(ops.index_select(hidden, logits_indices), self.norm, self.config.rms_norm_eps)
         logits = ops.linear(x, self.lm_head)
         if self.shard is not None:  # every rank gets the whole vocabulary's logits, so all sample alike

@@ -393,9 +393,11 @@ class FusedProducts:
     def __init__(self, kernels: ModuleType, pdl: bool) -> None:
         self._k, self.pdl = kernels, pdl
 
-    def norm_linear(self, r: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
-        """(rms_norm(r) * norm_weight) @ weight.T"""
-        return self._k.norm_linear(r, norm_weight, eps, weight, self.pdl)
+    def norm_linear(self, r: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
+                    out_dtype: str | None = None) -> Tensor:
+        """(rms_norm(r) * norm_weight) @ weight.T, rounded to r's dtype, in `out_dtype`"""
+        return self._k.norm_linear(r, norm_weight, eps, weight, self.pdl,
+                                   None if out_dtype is None else _DTYPES[out_dtype])
 
     def linear_add_(self, r: Tensor, x: Tensor, weight: Tensor) -> None:
         """r += x @ weight.T, in place"""

@@ -151,7 +151,10 @@ def test_triton_gemv_matches_cublas_within_bf16_rounding(torch, n, k):
     assert float((tg.gemv(x, w, pdl).double() - ref).norm() / ref.norm()) < 1e-5
     nw = (1 + 0.1 * torch.randn(k, generator=g, device="cuda")).bfloat16()
     normed = td.add_rms_norm(xb, None, nw, 1e-5)[0]
-    assert _rel(tg.norm_linear(xb, nw, 1e-5, wb, pdl), torch.nn.functional.linear(normed, wb)) < 1e-2
+    normed_out = tg.norm_linear(xb, nw, 1e-5, wb, pdl)
+    assert _rel(normed_out, torch.nn.functional.linear(normed, wb)) < 1e-2
+    logits = tg.norm_linear(xb, nw, 1e-5, wb, pdl, torch.float32)  # the lm_head's: bf16 values in float32
+    assert logits.dtype == torch.float32 and torch.equal(logits, normed_out.float())
     r0 = torch.randn(1, n, generator=g, device="cuda").bfloat16()
     r = r0.clone()
     tg.linear_add_(r, xb, wb, pdl)
