@@ -250,10 +250,10 @@ def main() -> None:
 
         _section(r, "gemv", gemv_bench, args.model)
         for name, g in r.get("gemv", {}).items():
-            sweep = " ".join(f"{k[8:-3]} {v:.1f}" for k, v in g.items() if k.startswith("triton_bn"))
+            sweep = " ".join(f"{k[6:-3]} {v:.1f}" for k, v in g.items() if k.startswith("sweep_"))
             print(f"gemv {name:8} {g['n']:>6}x{g['k']:<6} plan {g['plan']}: cuBLAS {g['cublas_us']:7.1f} us "
                   f"{g['cublas_TBps']:.2f} TB/s | Triton {g['triton_us']:7.1f} us {g['triton_TBps']:.2f} TB/s "
-                  f"(rel err {g['rel_err']:.1e}) | rows per program: {sweep}", flush=True)
+                  f"(rel err {g['rel_err']:.1e}) | {sweep}", flush=True)
         save()
     if "chain" in sections and args.model in NAMED_SHAPES:
         from gemv_bench import chain_bench, pdl_probe
