@@ -41,7 +41,8 @@ def _shapes(model: str) -> dict[str, tuple[int, int]]:
 
 
 SWEEP = {"per_sm2": {"OVERLAPD_GEMV_PER_SM": "2"}, "per_sm4": {"OVERLAPD_GEMV_PER_SM": "4"},
-         "per_sm6": {"OVERLAPD_GEMV_PER_SM": "6"}, "tile8k": {"OVERLAPD_GEMV_TILE": "8192"}}
+         "per_sm6": {"OVERLAPD_GEMV_PER_SM": "6"}, "tile8k": {"OVERLAPD_GEMV_TILE": "8192"},
+         "stages6": {"OVERLAPD_GEMV_STAGES": "6"}}
 
 
 def gemv_bench(model: str) -> dict:

@@ -44,6 +44,7 @@ from .triton_decode import sm_count as _sm_count
 TILE = 4096  # weights a program multiplies at a time: 8 KB of bf16, 32 values a thread at 4 warps
 MAX_BLOCK_K = 4096  # longer rows are split along K (partial sums added by a second kernel)
 PER_SM = 3  # persistent programs a multiprocessor
+STAGES = 4  # row blocks in flight a program, plus the one it multiplies
 
 PLAIN, NORM, SWIGLU = 0, 1, 2  # the prologue applied to x
 
@@ -77,17 +78,31 @@ def _input(x_ptr, nw_ptr, cols, K, rstd, PROLOGUE: tl.constexpr, EVEN_K: tl.cons
 
 @triton.jit
 def _tile(w_ptr, rows, cols, N, K, stride_w, EVEN_K: tl.constexpr):
-    """Rows x cols of W; weights are read once a step, so they are not kept in L2."""
+    """Rows x cols of W."""
     at = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
     if EVEN_K:
-        return tl.load(at, mask=(rows < N)[:, None], other=0.0, eviction_policy="evict_first")
-    return tl.load(at, mask=(rows < N)[:, None] & (cols < K)[None, :], other=0.0, eviction_policy="evict_first")
+        return tl.load(at, mask=(rows < N)[:, None], other=0.0)
+    return tl.load(at, mask=(rows < N)[:, None] & (cols < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _block(w, xv, x_ptr, out_ptr, part_ptr, rows, N, split, SPLIT: tl.constexpr, ADD: tl.constexpr):
+    """One row block's products and their epilogue (or split-K partial sums)."""
+    y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+    if SPLIT == 1:
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as a product in the activations' dtype
+        if ADD:
+            y += tl.load(out_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
+    else:
+        tl.store(part_ptr + split * N + rows, y, mask=rows < N)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_w, eps,
                  PROLOGUE: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_X: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_X: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                 STAGES: tl.constexpr):
     # Persistent: program p of K-split s takes the row blocks p, p + P, p + 2P, ... (P
     # programs) over the columns [s * BLOCK_K, (s + 1) * BLOCK_K); its input slice, with
     # the prologue applied, is computed once and stays in registers.
@@ -98,10 +113,9 @@ def _gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_w, eps,
     split = tl.program_id(1)
     cols = split * BLOCK_K + tl.arange(0, BLOCK_K)
     r = tl.arange(0, BLOCK_N)
-    # The first two row blocks of weights are requested before the wait: they do
-    # not depend on the previous kernel, so they stream during its tail.
+    # The first row block of weights is requested before the wait: it does not
+    # depend on the previous kernel, so it streams during that kernel's tail.
     w = _tile(w_ptr, pid * BLOCK_N + r, cols, N, K, stride_w, EVEN_K)
-    w_next = _tile(w_ptr, (pid + step) * BLOCK_N + r, cols, N, K, stride_w, EVEN_K)
     if PDL:
         gdc_wait()
     rstd = 1.0
@@ -110,19 +124,11 @@ def _gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_w, eps,
         xa = tl.load(x_ptr + xs, mask=xs < K, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xa * xa, axis=0) / K + eps)
     xv = _input(x_ptr, nw_ptr, cols, K, rstd, PROLOGUE, EVEN_K)
-    for b in range(pid, tl.cdiv(N, BLOCK_N), step):
-        w_after = _tile(w_ptr, (b + 2 * step) * BLOCK_N + r, cols, N, K, stride_w, EVEN_K)  # three in flight
-        rows = b * BLOCK_N + r
-        y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
-        if SPLIT == 1:
-            y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as a product in the activations' dtype
-            if ADD:
-                y += tl.load(out_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
-        else:
-            tl.store(part_ptr + split * N + rows, y, mask=rows < N)
-        w = w_next
-        w_next = w_after
+    _block(w, xv, x_ptr, out_ptr, part_ptr, pid * BLOCK_N + r, N, split, SPLIT, ADD)
+    # the rest through Triton's pipeliner: STAGES - 1 row blocks in flight (asynchronous copies)
+    for b in tl.range(pid + step, tl.cdiv(N, BLOCK_N), step, num_stages=STAGES):
+        w = _tile(w_ptr, b * BLOCK_N + r, cols, N, K, stride_w, EVEN_K)
+        _block(w, xv, x_ptr, out_ptr, part_ptr, b * BLOCK_N + r, N, split, SPLIT, ADD)
 
 
 @triton.jit
@@ -161,12 +167,13 @@ def _launch(x: torch.Tensor, norm_w: torch.Tensor | None, weight: torch.Tensor, 
     n, k = weight.shape
     assert weight.stride(1) == 1 and x.is_contiguous() and out.is_contiguous(), (x.shape, weight.shape)
     block_n, block_k, split, programs = plan(n, k, _sm_count(x.device))
+    stages = int(os.environ.get("OVERLAPD_GEMV_STAGES", STAGES))
     part = torch.empty((split, n), dtype=torch.float32, device=x.device) if split > 1 else out
     _gemv_kernel[(programs, split)](
         x, norm_w if norm_w is not None else x, weight, out, part, n, k, weight.stride(0), eps,
         PROLOGUE=prologue, ADD=add, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_X=triton.next_power_of_2(k) if prologue == NORM else 16, SPLIT=split, EVEN_K=k % block_k == 0,
-        PDL=pdl, num_warps=4, launch_pdl=pdl)
+        PDL=pdl, STAGES=stages, num_warps=4, launch_pdl=pdl)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, x, out, n, SPLIT=split, ADD=add, BLOCK=1024, PDL=pdl,
                                                     num_warps=4, launch_pdl=pdl)
