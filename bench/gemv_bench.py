@@ -40,9 +40,9 @@ def _shapes(model: str) -> dict[str, tuple[int, int]]:
             "lm_head": (c.vocab_size, h)}
 
 
-SWEEP = {"per_sm2": {"OVERLAPD_GEMV_PER_SM": "2"}, "per_sm4": {"OVERLAPD_GEMV_PER_SM": "4"},
-         "per_sm6": {"OVERLAPD_GEMV_PER_SM": "6"}, "tile8k": {"OVERLAPD_GEMV_TILE": "8192"},
-         "stages6": {"OVERLAPD_GEMV_STAGES": "6"}}
+SWEEP = {"per_sm4": {"OVERLAPD_GEMV_PER_SM": "4"}, "per_sm6": {"OVERLAPD_GEMV_PER_SM": "6"},
+         "flat": {"OVERLAPD_GEMV_PER_SM": "0"}, "late": {"OVERLAPD_PDL_TRIGGER": "late"},
+         "flat_late": {"OVERLAPD_GEMV_PER_SM": "0", "OVERLAPD_PDL_TRIGGER": "late"}}
 
 
 def gemv_bench(model: str) -> dict:

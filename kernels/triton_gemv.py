@@ -102,11 +102,11 @@ def _block(w, xv, x_ptr, out_ptr, part_ptr, rows, N, split, SPLIT: tl.constexpr,
 def _gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_w, eps,
                  PROLOGUE: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  BLOCK_X: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                 STAGES: tl.constexpr):
+                 STAGES: tl.constexpr, LATE: tl.constexpr):
     # Persistent: program p of K-split s takes the row blocks p, p + P, p + 2P, ... (P
     # programs) over the columns [s * BLOCK_K, (s + 1) * BLOCK_K); its input slice, with
     # the prologue applied, is computed once and stays in registers.
-    if PDL:
+    if PDL and not LATE:
         gdc_launch_dependents()
     pid = tl.program_id(0)
     step = tl.num_programs(0)
@@ -129,6 +129,8 @@ def _gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_w, eps,
     for b in tl.range(pid + step, tl.cdiv(N, BLOCK_N), step, num_stages=STAGES):
         w = _tile(w_ptr, b * BLOCK_N + r, cols, N, K, stride_w, EVEN_K)
         _block(w, xv, x_ptr, out_ptr, part_ptr, b * BLOCK_N + r, N, split, SPLIT, ADD)
+    if PDL and LATE:  # the next kernel launches at this one's tail, not beside all of it
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -158,7 +160,8 @@ def plan(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
     block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
     block_n = max(1, tile // block_k)
     split = triton.cdiv(k, block_k)
-    programs = max(1, min(triton.cdiv(n, block_n), int(per_sm * sms) // split))
+    blocks = triton.cdiv(n, block_n)
+    programs = blocks if per_sm <= 0 else max(1, min(blocks, int(per_sm * sms) // split))  # 0: one block each
     return block_n, block_k, split, programs
 
 
@@ -173,7 +176,8 @@ def _launch(x: torch.Tensor, norm_w: torch.Tensor | None, weight: torch.Tensor, 
         x, norm_w if norm_w is not None else x, weight, out, part, n, k, weight.stride(0), eps,
         PROLOGUE=prologue, ADD=add, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_X=triton.next_power_of_2(k) if prologue == NORM else 16, SPLIT=split, EVEN_K=k % block_k == 0,
-        PDL=pdl, STAGES=stages, num_warps=4, launch_pdl=pdl)
+        PDL=pdl, STAGES=stages, LATE=os.environ.get("OVERLAPD_PDL_TRIGGER", "") == "late", num_warps=4,
+        launch_pdl=pdl)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, x, out, n, SPLIT=split, ADD=add, BLOCK=1024, PDL=pdl,
                                                     num_warps=4, launch_pdl=pdl)
