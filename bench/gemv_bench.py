@@ -40,9 +40,8 @@ def _shapes(model: str) -> dict[str, tuple[int, int]]:
             "lm_head": (c.vocab_size, h)}
 
 
-SWEEP = {"per_sm4": {"OVERLAPD_GEMV_PER_SM": "4"}, "per_sm6": {"OVERLAPD_GEMV_PER_SM": "6"},
-         "flat": {"OVERLAPD_GEMV_PER_SM": "0"}, "late": {"OVERLAPD_PDL_TRIGGER": "late"},
-         "flat_late": {"OVERLAPD_GEMV_PER_SM": "0", "OVERLAPD_PDL_TRIGGER": "late"}}
+SWEEP = {"per_sm2": {"OVERLAPD_GEMV_PER_SM": "2"}, "per_sm4": {"OVERLAPD_GEMV_PER_SM": "4"},
+         "early": {"OVERLAPD_PDL_TRIGGER": "early"}}
 
 
 def gemv_bench(model: str) -> dict:

@@ -322,7 +322,7 @@ def print_issue13(r: dict, batches: list[int], peer_batches: list[int]) -> None:
             print(f"        greedy identical in every fused mode: {e.get('identical_tokens')}; seeded sampled "
                   f"identical across {e.get('sampled_modes')}: {e.get('sampled_identical_tokens')}")
     if "roofline_ms" in r and "engine_b1" in r:
-        for mode in ("depth3", "depth3_nopdl", "depth3_cublas"):
+        for mode in ("depth3", "depth3_early", "depth3_nopdl", "depth3_cublas"):
             b1 = r["engine_b1"].get(mode, {}).get("step_period_ms_p50", nan)
             print(f"batch-1 step ({mode}) {b1:.3f} ms = {r['roofline_ms'] / b1:.0%} of the HBM roofline "
                   f"({r['roofline_ms']:.3f} ms); device-only "

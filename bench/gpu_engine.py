@@ -225,9 +225,6 @@ MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake=
          Mode("probe_cublas", True, 8, wake="hostfunc", gemv=False),
          Mode("depth3_nopdl", True, 0, gc_freeze=True, depth=3, pdl=False),
          Mode("probe_nopdl", True, 8, wake="hostfunc", pdl=False),
-         Mode("depth3_flat", True, 0, gc_freeze=True, depth=3, env={"OVERLAPD_GEMV_PER_SM": "0"}),
-         Mode("depth3_late", True, 0, gc_freeze=True, depth=3, env={"OVERLAPD_PDL_TRIGGER": "late"}),
-         Mode("depth3_flat_late", True, 0, gc_freeze=True, depth=3,
-              env={"OVERLAPD_GEMV_PER_SM": "0", "OVERLAPD_PDL_TRIGGER": "late"}),
+         Mode("depth3_early", True, 0, gc_freeze=True, depth=3, env={"OVERLAPD_PDL_TRIGGER": "early"}),
          Mode("depth3_sm6", True, 0, gc_freeze=True, depth=3, env={"OVERLAPD_GEMV_PER_SM": "6"}))
 

@@ -160,8 +160,7 @@ def plan(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
     block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
     block_n = max(1, tile // block_k)
     split = triton.cdiv(k, block_k)
-    blocks = triton.cdiv(n, block_n)
-    programs = blocks if per_sm <= 0 else max(1, min(blocks, int(per_sm * sms) // split))  # 0: one block each
+    programs = max(1, min(triton.cdiv(n, block_n), int(per_sm * sms) // split))
     return block_n, block_k, split, programs
 
 
@@ -176,7 +175,7 @@ def _launch(x: torch.Tensor, norm_w: torch.Tensor | None, weight: torch.Tensor, 
         x, norm_w if norm_w is not None else x, weight, out, part, n, k, weight.stride(0), eps,
         PROLOGUE=prologue, ADD=add, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_X=triton.next_power_of_2(k) if prologue == NORM else 16, SPLIT=split, EVEN_K=k % block_k == 0,
-        PDL=pdl, STAGES=stages, LATE=os.environ.get("OVERLAPD_PDL_TRIGGER", "") == "late", num_warps=4,
+        PDL=pdl, STAGES=stages, LATE=os.environ.get("OVERLAPD_PDL_TRIGGER", "late") != "early", num_warps=4,
         launch_pdl=pdl)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, x, out, n, SPLIT=split, ADD=add, BLOCK=1024, PDL=pdl,
