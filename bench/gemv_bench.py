@@ -1,8 +1,7 @@
 """Batch-1 products on the device, for bench/gpu.py's `gemv` and `chain` sections.
 
 `gemv_bench`: one product of each of a model's matrices, cuBLAS (F.linear)
-against kernels/triton_gemv.py, and its plan's alternatives (programs a
-multiprocessor, tile size); copies of
+against kernels/triton_gemv.py at a few rows-per-program choices; copies of
 each matrix rotate so every timed product reads from HBM, not L2.
 
 `pdl_probe`: whether a kernel launched with programmatic dependent launch
@@ -40,11 +39,7 @@ def _shapes(model: str) -> dict[str, tuple[int, int]]:
             "lm_head": (c.vocab_size, h)}
 
 
-SWEEP = {"per_sm2": {"OVERLAPD_GEMV_PER_SM": "2"}, "per_sm4": {"OVERLAPD_GEMV_PER_SM": "4"},
-         "early": {"OVERLAPD_PDL_TRIGGER": "early"}}
-
-
-def gemv_bench(model: str) -> dict:
+def gemv_bench(model: str, block_ns: tuple[int, ...] = (2, 4, 8, 16)) -> dict:
     from overlapd.kernels.triton_gemv import gemv, plan
 
     out: dict = {}
@@ -59,13 +54,12 @@ def gemv_bench(model: str) -> dict:
         row["cublas_us"], row["cublas_TBps"] = us, n * k * 2 / us / 1e6
         us = _time_graph(lambda: [gemv(x, w) for w in ws]) / copies
         row["triton_us"], row["triton_TBps"] = us, n * k * 2 / us / 1e6
-        for name_, env in SWEEP.items():  # plan() reads the overrides per call
-            os.environ.update(env)
+        for bn in block_ns:  # the rows-per-program sweep (plan() reads the override per call)
+            os.environ["OVERLAPD_GEMV_BLOCK_N"] = str(bn)
             try:
-                row[f"sweep_{name_}_us"] = _time_graph(lambda: [gemv(x, w) for w in ws]) / copies
+                row[f"triton_bn{bn}_us"] = _time_graph(lambda: [gemv(x, w) for w in ws]) / copies
             finally:
-                for key in env:
-                    os.environ.pop(key)
+                os.environ.pop("OVERLAPD_GEMV_BLOCK_N")
         out[name] = row
         ws.clear()
     torch.cuda.empty_cache()
@@ -115,7 +109,8 @@ def chain_bench(model: str, layers: int | None = None, reps: int = 30) -> dict:
     out: dict = {"layers": layers, "weight_bytes": nbytes}
     want = ops_chain().float()
     runs = (("ops", ops_chain, {}), ("fused", fused_chain(False), {}), ("fused_pdl", fused_chain(True), {}),
-            *((f"fused_pdl_{name}", fused_chain(True), env) for name, env in SWEEP.items()))
+            ("fused_pdl_tile8k", fused_chain(True), {"OVERLAPD_GEMV_TILE": "8192"}),
+            ("fused_pdl_bn4", fused_chain(True), {"OVERLAPD_GEMV_BLOCK_N": "4"}))
     for name, fn, env in runs:  # plan() reads the overrides when the graph is captured
         os.environ.update(env)
         try:

@@ -250,10 +250,10 @@ def main() -> None:
 
         _section(r, "gemv", gemv_bench, args.model)
         for name, g in r.get("gemv", {}).items():
-            sweep = " ".join(f"{k[6:-3]} {v:.1f}" for k, v in g.items() if k.startswith("sweep_"))
+            sweep = " ".join(f"{k[8:-3]} {v:.1f}" for k, v in g.items() if k.startswith("triton_bn"))
             print(f"gemv {name:8} {g['n']:>6}x{g['k']:<6} plan {g['plan']}: cuBLAS {g['cublas_us']:7.1f} us "
                   f"{g['cublas_TBps']:.2f} TB/s | Triton {g['triton_us']:7.1f} us {g['triton_TBps']:.2f} TB/s "
-                  f"(rel err {g['rel_err']:.1e}) | {sweep}", flush=True)
+                  f"(rel err {g['rel_err']:.1e}) | rows per program: {sweep}", flush=True)
         save()
     if "chain" in sections and args.model in NAMED_SHAPES:
         from gemv_bench import chain_bench, pdl_probe
@@ -322,7 +322,7 @@ def print_issue13(r: dict, batches: list[int], peer_batches: list[int]) -> None:
             print(f"        greedy identical in every fused mode: {e.get('identical_tokens')}; seeded sampled "
                   f"identical across {e.get('sampled_modes')}: {e.get('sampled_identical_tokens')}")
     if "roofline_ms" in r and "engine_b1" in r:
-        for mode in ("depth3", "depth3_early", "depth3_nopdl", "depth3_cublas"):
+        for mode in ("depth3", "depth3_nopdl", "depth3_cublas"):
             b1 = r["engine_b1"].get(mode, {}).get("step_period_ms_p50", nan)
             print(f"batch-1 step ({mode}) {b1:.3f} ms = {r['roofline_ms'] / b1:.0%} of the HBM roofline "
                   f"({r['roofline_ms']:.3f} ms); device-only "

@@ -112,7 +112,6 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     os.environ["OVERLAPD_FUSED"] = "" if fused else "0"  # read when the engine's TorchOps is made
     os.environ["OVERLAPD_GEMV"] = "1" if mode.gemv else "0"
     os.environ["OVERLAPD_PDL"] = "1" if mode.pdl else "0"
-    os.environ.update(mode.env)  # kernels/triton_gemv.py's plan overrides, read when graphs are captured
     p = Pipeline(cfg, PipelineConfig(overlap=overlap, overlap_depth=mode.depth), ring)
     for name in ("OVERLAPD_FUSED", "OVERLAPD_GEMV", "OVERLAPD_PDL"):
         os.environ.pop(name)
@@ -136,8 +135,6 @@ async def pipeline_run(cfg: EngineConfig, mode: "Mode", requests: int, prompt_le
     elapsed = time.perf_counter() - t0
     stats = p.stats()
     await p.drain(timeout=5)
-    for name in mode.env:
-        os.environ.pop(name)
     os.unlink(ring.path)
     tokens = [s.tokens for s in sinks]
     out = {"overlap": overlap, "graphs": graphs, "wake": wake, "fused": fused, "gc_freeze": mode.gc_freeze,
@@ -207,7 +204,6 @@ class Mode(NamedTuple):
     sampled: bool = False  # issue 13's sampled workload (request_params) instead of greedy
     gemv: bool = True  # one-token steps through kernels/triton_gemv.py (False: cuBLAS, OVERLAPD_GEMV=0)
     pdl: bool = True  # programmatic dependent launch where the GPU has it (False: OVERLAPD_PDL=0)
-    env: dict[str, str] = {}  # more environment for the run (kernels/triton_gemv.py's plan overrides)
 
 
 MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake="hostfunc"),
@@ -224,7 +220,5 @@ MODES = (Mode("sync", False, 0, wake="hostfunc"), Mode("overlap", True, 0, wake=
          Mode("depth3_cublas", True, 0, gc_freeze=True, depth=3, gemv=False),
          Mode("probe_cublas", True, 8, wake="hostfunc", gemv=False),
          Mode("depth3_nopdl", True, 0, gc_freeze=True, depth=3, pdl=False),
-         Mode("probe_nopdl", True, 8, wake="hostfunc", pdl=False),
-         Mode("depth3_early", True, 0, gc_freeze=True, depth=3, env={"OVERLAPD_PDL_TRIGGER": "early"}),
-         Mode("depth3_sm6", True, 0, gc_freeze=True, depth=3, env={"OVERLAPD_GEMV_PER_SM": "6"}))
+         Mode("probe_nopdl", True, 8, wake="hostfunc", pdl=False))
 

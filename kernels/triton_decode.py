@@ -276,7 +276,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if rows == 0:
         return out
     if target_programs is None:
-        target_programs = 2 * sm_count(q.device)
+        target_programs = 2 * _sm_count(q.device)
     per, parts = decode_partitions(rows, hk, max_context, target_programs)
     direct = parts == 1
     if direct:
@@ -307,7 +307,7 @@ def _warps(block: int) -> int:
 _SMS: dict[int, int] = {}
 
 
-def sm_count(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter on the CPU: small, so tests exercise the partitioned path
     i = device.index if device.index is not None else torch.cuda.current_device()

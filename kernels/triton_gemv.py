@@ -39,12 +39,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .triton_decode import sm_count as _sm_count
-
-TILE = 4096  # weights a program multiplies at a time: 8 KB of bf16, 32 values a thread at 4 warps
-MAX_BLOCK_K = 4096  # longer rows are split along K (partial sums added by a second kernel)
-PER_SM = 3  # persistent programs a multiprocessor
-STAGES = 4  # row blocks in flight a program, plus the one it multiplies
+TILE = 4096  # weights per program per iteration: 8 KB of bf16, 32 values a thread at 4 warps
+TARGET_PROGRAMS = 384  # ~3 resident programs per multiprocessor of an H100/H200 (132)
 
 PLAIN, NORM, SWIGLU = 0, 1, 2  # the prologue applied to x
 
@@ -77,60 +73,45 @@ def _input(x_ptr, nw_ptr, cols, K, rstd, PROLOGUE: tl.constexpr, EVEN_K: tl.cons
 
 
 @triton.jit
-def _tile(w_ptr, rows, cols, N, K, stride_w, EVEN_K: tl.constexpr):
-    """Rows x cols of W."""
-    at = w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
-    if EVEN_K:
-        return tl.load(at, mask=(rows < N)[:, None], other=0.0)
-    return tl.load(at, mask=(rows < N)[:, None] & (cols < K)[None, :], other=0.0)
-
-
-@triton.jit
-def _block(w, xv, x_ptr, out_ptr, part_ptr, rows, N, split, SPLIT: tl.constexpr, ADD: tl.constexpr):
-    """One row block's products and their epilogue (or split-K partial sums)."""
-    y = tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
-    if SPLIT == 1:
-        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as a product in the activations' dtype
-        if ADD:
-            y += tl.load(out_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
-    else:
-        tl.store(part_ptr + split * N + rows, y, mask=rows < N)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_w, eps,
+def _gemv_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, part_ptr, N, K, stride_w, k_per_split, eps,
                  PROLOGUE: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_X: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                 STAGES: tl.constexpr, LATE: tl.constexpr):
-    # Persistent: program p of K-split s takes the row blocks p, p + P, p + 2P, ... (P
-    # programs) over the columns [s * BLOCK_K, (s + 1) * BLOCK_K); its input slice, with
-    # the prologue applied, is computed once and stays in registers.
-    if PDL and not LATE:
+                 BLOCK_X: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
         gdc_launch_dependents()
-    pid = tl.program_id(0)
-    step = tl.num_programs(0)
-    split = tl.program_id(1)
-    cols = split * BLOCK_K + tl.arange(0, BLOCK_K)
-    r = tl.arange(0, BLOCK_N)
-    # The first row block of weights is requested before the wait: it does not
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    c = tl.arange(0, BLOCK_K)
+    # The first tile of weights is requested before the wait: it does not
     # depend on the previous kernel, so it streams during that kernel's tail.
-    w = _tile(w_ptr, pid * BLOCK_N + r, cols, N, K, stride_w, EVEN_K)
+    w = tl.load(w_rows + (k_start + c)[None, :], mask=row_ok[:, None] & ((k_start + c) < k_end)[None, :],
+                other=0.0)
     if PDL:
         gdc_wait()
     rstd = 1.0
-    if PROLOGUE == 1:  # the norm needs the whole vector (4-16 KB, from L2)
+    if PROLOGUE == 1:  # the norm needs the whole vector; each program reads it (4-16 KB, from L2)
         xs = tl.arange(0, BLOCK_X)
         xa = tl.load(x_ptr + xs, mask=xs < K, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xa * xa, axis=0) / K + eps)
-    xv = _input(x_ptr, nw_ptr, cols, K, rstd, PROLOGUE, EVEN_K)
-    _block(w, xv, x_ptr, out_ptr, part_ptr, pid * BLOCK_N + r, N, split, SPLIT, ADD)
-    # the rest through Triton's pipeliner: STAGES - 1 row blocks in flight (asynchronous copies)
-    for b in tl.range(pid + step, tl.cdiv(N, BLOCK_N), step, num_stages=STAGES):
-        w = _tile(w_ptr, b * BLOCK_N + r, cols, N, K, stride_w, EVEN_K)
-        _block(w, xv, x_ptr, out_ptr, part_ptr, b * BLOCK_N + r, N, split, SPLIT, ADD)
-    if PDL and LATE:  # the next kernel launches at this one's tail, not beside all of it
-        gdc_launch_dependents()
+    y = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        # the next tile is requested before this one is used (two tiles in flight)
+        nxt = k0 + BLOCK_K + c
+        w_next = tl.load(w_rows + nxt[None, :], mask=row_ok[:, None] & (nxt < k_end)[None, :], other=0.0)
+        xv = _input(x_ptr, nw_ptr, k0 + c, K, rstd, PROLOGUE, EVEN_K)
+        y += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        w = w_next
+    if SPLIT == 1:
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded as a product in the activations' dtype
+        if ADD:
+            y += tl.load(out_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.store(part_ptr + pid_k * N + rows, y, mask=row_ok)
 
 
 @triton.jit
@@ -150,33 +131,35 @@ def _sum_splits_kernel(part_ptr, x_ptr, out_ptr, N, SPLIT: tl.constexpr, ADD: tl
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def plan(n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, split, programs): a tile of TILE weights (rows x a whole
-    K split of up to 4,096 columns), K split into BLOCK_K pieces, and about
-    PER_SM persistent programs a multiprocessor over all splits (few enough
-    that the next kernel's programs fit beside them and load their weights)."""
-    tile = int(os.environ.get("OVERLAPD_GEMV_TILE", TILE))  # overrides for bench/gemv_bench.py's sweeps
-    per_sm = float(os.environ.get("OVERLAPD_GEMV_PER_SM", PER_SM))
-    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
-    block_n = max(1, tile // block_k)
-    split = triton.cdiv(k, block_k)
-    programs = max(1, min(triton.cdiv(n, block_n), int(per_sm * sms) // split))
-    return block_n, block_k, split, programs
+def plan(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, split): rows per program, the K tile, and how many
+    pieces K is split into (enough programs to keep every multiprocessor
+    streaming, each piece a whole number of tiles)."""
+    # Fewer rows a program (more, shorter programs) streamed best on the H200 for the
+    # products of a few tens of MB; the largest and smallest matrices took 4 (bench/gemv_bench.py).
+    block_n = 2 if k >= 8192 or 8192 <= n <= 32768 else 4
+    block_n = int(os.environ.get("OVERLAPD_GEMV_BLOCK_N", block_n))  # for bench sweeps
+    block_k = min(int(os.environ.get("OVERLAPD_GEMV_TILE", TILE)) // block_n, triton.next_power_of_2(k))
+    tiles = triton.cdiv(k, block_k)
+    split = 1
+    target = int(os.environ.get("OVERLAPD_GEMV_PROGRAMS", TARGET_PROGRAMS))
+    while triton.cdiv(n, block_n) * split < target and tiles % (split * 2) == 0 and split < 16:
+        split *= 2
+    return block_n, block_k, split
 
 
 def _launch(x: torch.Tensor, norm_w: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor,
             prologue: int, add: bool, eps: float, pdl: bool) -> torch.Tensor:
     n, k = weight.shape
     assert weight.stride(1) == 1 and x.is_contiguous() and out.is_contiguous(), (x.shape, weight.shape)
-    block_n, block_k, split, programs = plan(n, k, _sm_count(x.device))
-    stages = int(os.environ.get("OVERLAPD_GEMV_STAGES", STAGES))
+    block_n, block_k, split = plan(n, k)
     part = torch.empty((split, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    _gemv_kernel[(programs, split)](
-        x, norm_w if norm_w is not None else x, weight, out, part, n, k, weight.stride(0), eps,
+    k_per = triton.cdiv(triton.cdiv(k, block_k), split) * block_k
+    _gemv_kernel[(triton.cdiv(n, block_n), split)](
+        x, norm_w if norm_w is not None else x, weight, out, part, n, k, weight.stride(0), k_per, eps,
         PROLOGUE=prologue, ADD=add, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_X=triton.next_power_of_2(k) if prologue == NORM else 16, SPLIT=split, EVEN_K=k % block_k == 0,
-        PDL=pdl, STAGES=stages, LATE=os.environ.get("OVERLAPD_PDL_TRIGGER", "late") != "early", num_warps=4,
-        launch_pdl=pdl)
+        PDL=pdl, num_warps=4, launch_pdl=pdl)
     if split > 1:
         _sum_splits_kernel[(triton.cdiv(n, 1024),)](part, x, out, n, SPLIT=split, ADD=add, BLOCK=1024, PDL=pdl,
                                                     num_warps=4, launch_pdl=pdl)
