@@ -101,8 +101,9 @@ class TorchOps(TorchCollectives):
         self.fused_logprobs = _fused_entry(self._fused, "triton_logprobs", "pack")
         self.fused_decode_metadata = _fused_entry(self._fused, "triton_metadata", "decode_metadata")
         # One-token steps through kernels/triton_gemv.py's products with the norms, SwiGLU and residual
-        # adds fused in (LlamaModel.forward); OVERLAPD_GEMV=0 keeps cuBLAS. The decode kernels of that
-        # chain launch with programmatic dependent launch where the GPU has it (OVERLAPD_PDL=0: never).
+        # adds fused in (LlamaModel.forward); OVERLAPD_GEMV=0 keeps cuBLAS. The kernels of that chain
+        # (RoPE and attention of one-token steps too) launch with programmatic dependent launch where the
+        # GPU has it (OVERLAPD_PDL=0: never).
         gemv = importlib.import_module("overlapd.kernels.triton_gemv") if self._fused is not None else None
         self._pdl = gemv is not None and gemv.pdl_supported(self._dev)
         self.fused_products = FusedProducts(gemv, self._pdl) \
@@ -304,7 +305,8 @@ class TorchOps(TorchCollectives):
         if self._fused is not None:
             cos, sin = rope.tables
             return self._fused.rope_and_cache_kv(qkv, num_q_heads, num_kv_heads, rope.positions, cos, sin,
-                                                 plan.slot_mapping, cache.k_flat, cache.v_flat, pdl=self._pdl)
+                                                 plan.slot_mapping, cache.k_flat, cache.v_flat,
+                                                 pdl=self._pdl and qkv.shape[0] == 1)
         return composed.rope_and_cache_kv(self, qkv, num_q_heads, num_kv_heads, rope, cache, plan)
 
     def rope_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -351,7 +353,7 @@ class TorchOps(TorchCollectives):
         assert self._fused is not None and g.tables is not None and g.seq_lens is not None
         qg = q if g.tok_idx is None else q.index_select(0, g.tok_idx)
         return self._fused.paged_decode_attention(qg, cache.k, cache.v, g.tables, g.seq_lens, g.kvlen, scale,
-                                                  pdl=self._pdl)
+                                                  pdl=self._pdl and qg.shape[0] == 1)
 
     # --- CUDA graphs ------------------------------------------------------------
     def capture_graph(self, fn: Callable[[], object]) -> TorchGraph:
