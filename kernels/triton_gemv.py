@@ -142,8 +142,7 @@ def plan(n: int, k: int) -> tuple[int, int, int]:
     block_k = min(int(os.environ.get("OVERLAPD_GEMV_TILE", TILE)) // block_n, triton.next_power_of_2(k))
     tiles = triton.cdiv(k, block_k)
     split = 1
-    target = int(os.environ.get("OVERLAPD_GEMV_PROGRAMS", TARGET_PROGRAMS))
-    while triton.cdiv(n, block_n) * split < target and tiles % (split * 2) == 0 and split < 16:
+    while triton.cdiv(n, block_n) * split < TARGET_PROGRAMS and tiles % (split * 2) == 0 and split < 16:
         split *= 2
     return block_n, block_k, split
 

@@ -119,9 +119,10 @@ class LlamaModel:
                            plan: Any, rope: Any) -> Tensor:
         """forward() for a step of one token (batch-1 decode), where the ops have
         products with a layer's glue fused in (kernels/triton_gemv.py): a layer is
-        five kernels and the attention's instead of about twelve. `r`, the
-        embedding, is the residual stream, updated in place by each block's last
-        product; the same sums and roundings as forward()."""
+        four products, RoPE + KV write and the attention (seven kernels on a GPU,
+        eleven through forward()'s ops). `r`, the embedding, is the residual
+        stream, updated in place by each block's last product; the same sums and
+        roundings as forward() up to summation order."""
         c, eps = self.config, self.config.rms_norm_eps
         for layer, cache in zip(self.layers, kv_caches):
             qkv = products.norm_linear(r, layer.input_layernorm, eps, layer.qkv_proj)

@@ -18,20 +18,19 @@ from __future__ import annotations
 import importlib
 import os
 import weakref
-from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from overlapd.kernels import cuda_handoff
 
-from ..model.tiny import cache_root
 from . import composed
 from .ops import INT64, AttentionMetadata, HostFuture, Tensor
 from .torch_attention import PagedKV, AttentionGroup, AttentionPlan, attend_group, build_plan
 from .torch_collectives import TorchCollectives
 from .torch_device import HostCopy, TorchGraph
+from .torch_fused import FusedProducts, fused_entry, fused_kernels
 
 _DTYPES = {
     "float32": torch.float32,
@@ -94,19 +93,19 @@ class TorchOps(TorchCollectives):
         # Landing buffers for step outputs: 8 x 1 MiB covers max_inflight steps'
         # ints and logprobs with room; a larger tensor takes torch's pinned path.
         self._pinned = cuda_handoff.PinnedCopies() if self._cuda and cuda_handoff.native() is not None else None
-        self._fused = _fused_kernels(self._cuda)
+        self._fused = fused_kernels(self._cuda)
         # sort-free seeded sampling (kernels/triton_sampling.py), with the decode kernels
-        self.fused_sample = _fused_entry(self._fused, "triton_sampling", "sample")
+        self.fused_sample = fused_entry(self._fused, "triton_sampling", "sample")
         # logprob outputs without a log_softmax tensor, a decode step's attention metadata in one launch
-        self.fused_logprobs = _fused_entry(self._fused, "triton_logprobs", "pack")
-        self.fused_decode_metadata = _fused_entry(self._fused, "triton_metadata", "decode_metadata")
+        self.fused_logprobs = fused_entry(self._fused, "triton_logprobs", "pack")
+        self.fused_decode_metadata = fused_entry(self._fused, "triton_metadata", "decode_metadata")
         # One-token steps through kernels/triton_gemv.py's products with the norms, SwiGLU and residual
         # adds fused in (LlamaModel.forward); OVERLAPD_GEMV=0 keeps cuBLAS. The kernels of that chain
         # (RoPE and attention of one-token steps too) launch with programmatic dependent launch where the
         # GPU has it (OVERLAPD_PDL=0: never).
         gemv = importlib.import_module("overlapd.kernels.triton_gemv") if self._fused is not None else None
         self._pdl = gemv is not None and gemv.pdl_supported(self._dev)
-        self.fused_products = FusedProducts(gemv, self._pdl) \
+        self.fused_products = FusedProducts(gemv, self._pdl, _DTYPES) \
             if gemv is not None and os.environ.get("OVERLAPD_GEMV", "1") != "0" else None
 
     def _to_device(self, a: np.ndarray) -> Tensor:
@@ -384,55 +383,6 @@ class TorchOps(TorchCollectives):
     def current_stream_handle(self) -> int:
         # the raw current stream (a capture's stream while a graph is captured)
         return torch._C._cuda_getCurrentRawStream(self._device_index) if self._cuda else 0
-
-
-class FusedProducts:
-    """kernels/triton_gemv.py's batch-1 products with a layer's glue fused in
-    (one-token steps: LlamaModel.forward uses them where an ops object has them)."""
-
-    __slots__ = ("_k", "pdl")
-
-    def __init__(self, kernels: ModuleType, pdl: bool) -> None:
-        self._k, self.pdl = kernels, pdl
-
-    def norm_linear(self, r: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
-                    out_dtype: str | None = None) -> Tensor:
-        """(rms_norm(r) * norm_weight) @ weight.T, rounded to r's dtype, in `out_dtype`"""
-        return self._k.norm_linear(r, norm_weight, eps, weight, self.pdl,
-                                   None if out_dtype is None else _DTYPES[out_dtype])
-
-    def linear_add_(self, r: Tensor, x: Tensor, weight: Tensor) -> None:
-        """r += x @ weight.T, in place"""
-        self._k.linear_add_(r, x, weight, self.pdl)
-
-    def swiglu_linear_add_(self, r: Tensor, gate_up: Tensor, weight: Tensor) -> None:
-        """r += silu_and_mul(gate_up) @ weight.T, in place"""
-        self._k.swiglu_linear_add_(r, gate_up, weight, self.pdl)
-
-
-def _fused_kernels(cuda: bool) -> ModuleType | None:
-    """kernels/triton_decode.py where it can run: on a GPU with Triton
-    installed, unless OVERLAPD_FUSED=0; OVERLAPD_FUSED=1 also takes it on the
-    CPU (tests, under TRITON_INTERPRET=1)."""
-    want = os.environ.get("OVERLAPD_FUSED", "")
-    if want == "0" or not (cuda or want == "1"):
-        return None
-    # Compiled kernels are cached on disk; under the systemd unit the home
-    # directory is hidden (ProtectHome), so the cache goes to overlapd's own.
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache_root() / "triton"))
-    try:
-        return importlib.import_module("overlapd.kernels.triton_decode")
-    except ImportError:
-        if want == "1":
-            raise
-        return None
-
-
-def _fused_entry(fused: ModuleType | None, module: str, name: str) -> Callable[..., Any] | None:
-    """kernels/<module>.py's `name` wherever the decode kernels load."""
-    if fused is None:
-        return None
-    return getattr(importlib.import_module(f"overlapd.kernels.{module}"), name)
 
 
 __all__ = ["PagedKV", "TorchOps"]
