@@ -4,8 +4,9 @@ Why: at batch 1 a decode step reads every weight once, so it can be no faster
 than the weights' bytes over the memory bandwidth (0.59 ms for the 1B shape
 on an H200). cuBLAS's products alone reach that on the 525 MB lm_head, but
 the 1B shape's layer matrices are 8-67 MB: a 6 us product of an 8 MB matrix
-is mostly launch, ramp-up and tail, and each layer added nine small kernels
-(norms, SwiGLU, residual adds, a split-K sum) with a gap before each.
+is mostly launch, ramp-up and tail, and each layer added four small kernels
+around its products (two norms with the residual adds, SwiGLU, a split-K
+sum), with a gap before each.
 
 Here one kernel does what a chain did:
 - `norm_linear`:        W @ rms_norm(r) * w_norm      (the norm in the prologue)
