@@ -264,9 +264,8 @@ def main() -> None:
         _section(r, "chain", chain_bench, args.model)
         ch = r.get("chain", {})
         for name in [k[:-3] for k in ch if k.endswith("_us")]:
-            if f"{name}_us" in ch:
-                print(f"chain {name:9} {ch[f'{name}_us']:8.1f} us {ch[f'{name}_TBps']:.2f} TB/s "
-                      f"(rel err {ch[f'{name}_rel_err']:.1e})", flush=True)
+            print(f"chain {name:9} {ch[f'{name}_us']:8.1f} us {ch[f'{name}_TBps']:.2f} TB/s "
+                  f"(rel err {ch[f'{name}_rel_err']:.1e})", flush=True)
         save()
     if "engine" in sections:
         for b in batches:
