@@ -4,6 +4,7 @@ CPU a host copy is a clone (a replayed graph rewrites its outputs in place)."""
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import numpy as np
@@ -47,9 +48,20 @@ class TorchGraph:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the loop thread may wait on events while we capture here.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.output = fn()
+        # No garbage collection inside the capture: a collection there could free
+        # an older graph held by a dead cycle, and destroying one is not allowed
+        # while this thread captures (torch warns "operation not permitted when
+        # stream is capturing" from CUDAGraph::reset). The garbage waits for the
+        # next collection outside.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            # thread_local: the loop thread may wait on events while we capture here.
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.output = fn()
+        finally:
+            if collecting:
+                gc.enable()
 
     def replay(self) -> None:
         self.graph.replay()
