@@ -89,6 +89,8 @@ class LlamaModel:
         self.max_positions = max_positions
         self.rope = ops.rope_tables(*cos_sin_tables(config, max_positions))
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        # batch-1 products with a layer's glue fused in, where the ops have them (one-token steps, unsharded)
+        self.products = getattr(ops, "fused_products", None) if shard is None else None
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int) -> list[Any]:
         c = self.config
@@ -104,9 +106,8 @@ class LlamaModel:
         rope = ops.rope_plan(meta.positions, self.rope)
         eps = self.config.rms_norm_eps
         h = self._embed(input_ids)
-        products = getattr(ops, "fused_products", None)
-        if products is not None and meta.num_tokens == 1 and self.shard is None:
-            return self._forward_one_token(products, h, meta, kv_caches, plan, rope)
+        if self.products is not None and meta.num_tokens == 1:
+            return self._forward_one_token(h, kv_caches, plan, rope)
         residual = None  # the running sum of the residual stream; h is each block's output
         for layer, cache in zip(self.layers, kv_caches):
             x, residual = ops.add_rms_norm(h, residual, layer.input_layernorm, eps)
@@ -115,15 +116,14 @@ class LlamaModel:
             h = self._mlp(x, layer)
         return ops.add(residual, h)
 
-    def _forward_one_token(self, products: Any, r: Tensor, meta: AttentionMetadata, kv_caches: list[Any],
-                           plan: Any, rope: Any) -> Tensor:
+    def _forward_one_token(self, r: Tensor, kv_caches: list[Any], plan: Any, rope: Any) -> Tensor:
         """forward() for a step of one token (batch-1 decode), where the ops have
         products with a layer's glue fused in (kernels/triton_gemv.py): a layer is
         four products, RoPE + KV write and the attention (seven kernels on a GPU,
         eleven through forward()'s ops). `r`, the embedding, is the residual
         stream, updated in place by each block's last product; the same sums and
         roundings as forward() up to summation order."""
-        c, eps = self.config, self.config.rms_norm_eps
+        c, eps, products = self.config, self.config.rms_norm_eps, self.products
         for layer, cache in zip(self.layers, kv_caches):
             qkv = products.norm_linear(r, layer.input_layernorm, eps, layer.qkv_proj)
             qkv = self.ops.reshape(qkv, [1, self.num_q_heads + 2 * self.num_kv_heads, c.head_dim])
@@ -136,9 +136,8 @@ class LlamaModel:
     def compute_logits(self, hidden: Tensor, logits_indices: Tensor) -> Tensor:
         """float32 logits [R, vocab] of the tokens at `logits_indices` (each row's last)."""
         ops = self.ops
-        products = getattr(ops, "fused_products", None)
-        if products is not None and hidden.shape[0] == 1 == logits_indices.shape[0] and self.shard is None:
-            return products.norm_linear(hidden, self.norm, self.config.rms_norm_eps, self.lm_head, FLOAT32)
+        if self.products is not None and hidden.shape[0] == 1 == logits_indices.shape[0]:
+            return self.products.norm_linear(hidden, self.norm, self.config.rms_norm_eps, self.lm_head, FLOAT32)
         x = ops.rms_norm(ops.index_select(hidden, logits_indices), self.norm, self.config.rms_norm_eps)
         logits = ops.linear(x, self.lm_head)
         if self.shard is not None:  # every rank gets the whole vocabulary's logits, so all sample alike

@@ -18,16 +18,17 @@ class FusedProducts:
     """kernels/triton_gemv.py's batch-1 products with a layer's glue fused in
     (one-token steps: LlamaModel.forward uses them where an ops object has them)."""
 
-    __slots__ = ("_k", "pdl", "_dtypes")
+    __slots__ = ("_k", "pdl")
 
-    def __init__(self, kernels: ModuleType, pdl: bool, dtypes: dict[str, torch.dtype]) -> None:
-        self._k, self.pdl, self._dtypes = kernels, pdl, dtypes
+    def __init__(self, kernels: ModuleType, pdl: bool) -> None:
+        self._k, self.pdl = kernels, pdl
 
     def norm_linear(self, r: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
                     out_dtype: str | None = None) -> Tensor:
-        """(rms_norm(r) * norm_weight) @ weight.T, rounded to r's dtype, in `out_dtype`"""
+        """(rms_norm(r) * norm_weight) @ weight.T, rounded to r's dtype, in `out_dtype`
+        (an ops dtype name, which is torch's)"""
         return self._k.norm_linear(r, norm_weight, eps, weight, self.pdl,
-                                   None if out_dtype is None else self._dtypes[out_dtype])
+                                   None if out_dtype is None else getattr(torch, out_dtype))
 
     def linear_add_(self, r: Tensor, x: Tensor, weight: Tensor) -> None:
         """r += x @ weight.T, in place"""

@@ -105,7 +105,7 @@ class TorchOps(TorchCollectives):
         # GPU has it (OVERLAPD_PDL=0: never).
         gemv = importlib.import_module("overlapd.kernels.triton_gemv") if self._fused is not None else None
         self._pdl = gemv is not None and gemv.pdl_supported(self._dev)
-        self.fused_products = FusedProducts(gemv, self._pdl, _DTYPES) \
+        self.fused_products = FusedProducts(gemv, self._pdl) \
             if gemv is not None and os.environ.get("OVERLAPD_GEMV", "1") != "0" else None
 
     def _to_device(self, a: np.ndarray) -> Tensor:
