@@ -276,9 +276,16 @@ class AsyncRawConn:
             self.writer.write(encode_frame(frame))
 
     async def recv(self, timeout: float = 30.0) -> DaemonFrame | None:
-        """The next frame, or None once the daemon closed the connection."""
+        """The next frame, or None once the daemon closed the connection.
+
+        A write that found the connection already closed (the daemon drained
+        and hung up between two requests) fails later, here, as a broken pipe
+        or a reset: that is a close too, not an error of the daemon's."""
         while not self._frames:
-            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            try:
+                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            except (BrokenPipeError, ConnectionResetError):
+                return None
             if not data:
                 return None
             self._frames = [decode_daemon_frame(b) for b in self._dec.feed(data)]
