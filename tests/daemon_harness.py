@@ -157,8 +157,8 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 def real_argv(tmp: Path, *flags: str, config: str | None = None) -> list[str]:
     """`overlapd serve` on tmp/d.sock and tmp/d.ring, with an optional TOML config."""
-    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--socket", str(tmp / "d.sock"), "--ring", str(tmp / "d.ring"),
-            "--model", "tiny"]
+    argv = [sys.executable, "-m", "overlapd.daemon", "serve", "--socket", str(tmp / "d.sock"),
+            "--ring", str(tmp / "d.ring"), "--model", "tiny"]
     if config is not None:
         cfg = tmp / "d.toml"
         cfg.write_text(config)
